@@ -1,0 +1,84 @@
+"""``broadcast()``: one message to many connections, encoded once per wire format.
+
+Uncompressed connections share one frame; deflate connections that agreed to
+``server_no_context_takeover`` with the same settings share one compressed frame. Only
+connections that keep compression context get a frame of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .connection import Data, ServerConnection
+from .deflate import compress_message
+from .exceptions import ConcurrencyError
+from .frames import Opcode, encode_frame
+from .protocol import OPEN
+
+__all__ = ["broadcast", "encode_once"]
+
+
+def broadcast(
+    connections: Iterable[ServerConnection], message: Data, raise_exceptions: bool = False
+) -> None:
+    """Send ``message`` to every open connection without waiting for any of them.
+
+    Connections that are not open, or are in the middle of sending a fragmented message, are
+    skipped; with ``raise_exceptions`` the skips are raised together as an ``ExceptionGroup``.
+    Slow connections are not skipped: their write buffers grow (the hub applies its own limit).
+    """
+    if isinstance(message, str):
+        opcode, data = Opcode.TEXT, message.encode()
+    elif isinstance(message, (bytes, bytearray, memoryview)):
+        opcode, data = Opcode.BINARY, bytes(message)
+    else:
+        raise TypeError("data must be str or bytes-like")
+
+    errors: list[Exception] = []
+    frames = encode_once(opcode, data)
+    for connection in connections:
+        protocol = connection.protocol
+        if protocol.state is not OPEN:
+            if raise_exceptions:
+                errors.append(protocol.close_exc)
+            continue
+        if connection._sending_fragments:
+            if raise_exceptions:
+                errors.append(ConcurrencyError("sending a fragmented message"))
+            continue
+        connection._write(frames.for_connection(connection))
+    if errors:
+        raise ExceptionGroup("skipped broadcast", errors)
+
+
+class encode_once:
+    """Frames of one message, built lazily, at most once per wire format."""
+
+    __slots__ = ("_compressed", "_plain", "data", "opcode")
+
+    def __init__(self, opcode: int, data: bytes) -> None:
+        self.opcode = opcode
+        self.data = data
+        self._plain: bytes | None = None
+        self._compressed: dict[tuple[int, int, int], bytes] = {}
+
+    @property
+    def plain(self) -> bytes:
+        frame = self._plain
+        if frame is None:
+            frame = self._plain = encode_frame(self.opcode, self.data)
+        return frame
+
+    def for_connection(self, connection: ServerConnection) -> bytes:
+        deflate = connection.protocol.deflate
+        if deflate is None or not deflate.should_compress(len(self.data)):
+            frame = self._plain
+            return frame if frame is not None else self.plain
+        key = deflate.wire_key
+        if key is None:  # this connection keeps context: it needs its own compression
+            return connection.protocol.encode_data(self.opcode, self.data)
+        frame = self._compressed.get(key)
+        if frame is None:
+            payload = compress_message(self.data, *key)
+            frame = self._compressed[key] = encode_frame(self.opcode, payload, rsv1=True)
+        return frame

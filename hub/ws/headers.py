@@ -1,0 +1,214 @@
+"""HTTP headers: a case-insensitive multi-map, and the parsers for the WebSocket header grammars
+(comma-separated tokens, ``Sec-WebSocket-Extensions`` with parameters; RFC 7230 section 3.2.6)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+
+from .exceptions import InvalidHeaderFormat
+
+__all__ = ["Headers", "HeadersLike", "MultipleValuesError", "parse_extensions", "parse_tokens"]
+
+
+class MultipleValuesError(LookupError):
+    """``headers[name]`` is ambiguous because the header appears more than once."""
+
+
+class Headers:
+    """Case-insensitive multi-map that keeps the order and spelling of the headers it holds.
+
+    ``headers[name]`` returns the single value (``KeyError`` when absent, ``MultipleValuesError``
+    when repeated); ``get_all(name)`` returns every value; ``headers[name] = value`` appends.
+    """
+
+    __slots__ = ("_dict", "_list")
+
+    def __init__(self, *args: HeadersLike, **kwargs: str) -> None:
+        self._dict: dict[str, list[str]] = {}
+        self._list: list[tuple[str, str]] = []
+        self.update(*args, **kwargs)
+
+    def __str__(self) -> str:
+        return "".join(f"{k}: {v}\r\n" for k, v in self._list) + "\r\n"
+
+    def __repr__(self) -> str:
+        return f"Headers({self._list!r})"
+
+    def copy(self) -> Headers:
+        return Headers(self._list)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in self._dict
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict)
+
+    def __len__(self) -> int:
+        return len(self._dict)
+
+    def __getitem__(self, key: str) -> str:
+        values = self._dict[key.lower()]
+        if len(values) == 1:
+            return values[0]
+        raise MultipleValuesError(key)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self._dict.setdefault(key.lower(), []).append(value)
+        self._list.append((key, value))
+
+    def __delitem__(self, key: str) -> None:
+        lower = key.lower()
+        del self._dict[lower]
+        self._list = [(k, v) for k, v in self._list if k.lower() != lower]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and self._dict == other._dict
+
+    def clear(self) -> None:
+        self._dict.clear()
+        self._list.clear()
+
+    def update(self, *args: HeadersLike, **kwargs: str) -> None:
+        for arg in args:
+            for key, value in _pairs(arg):
+                self[key] = value
+        for key, value in kwargs.items():
+            self[key] = value
+
+    def get_all(self, key: str) -> list[str]:
+        return self._dict.get(key.lower(), [])
+
+    def keys(self) -> Iterable[str]:
+        return [k for k, _ in self._list]
+
+    def items(self) -> Iterable[tuple[str, str]]:
+        return list(self._list)
+
+    raw_items = items
+
+    def serialize(self) -> bytes:
+        return str(self).encode()
+
+
+HeadersLike = Headers | Mapping[str, str] | Iterable[tuple[str, str]]
+
+
+def _pairs(headers: HeadersLike) -> Iterable[tuple[str, str]]:
+    if isinstance(headers, Headers):
+        return headers.raw_items()
+    if isinstance(headers, Mapping):
+        return headers.items()
+    return headers
+
+
+# RFC 7230 token and quoted-string.
+_TOKEN = re.compile(r"[-!#$%&\'*+.^_`|~0-9a-zA-Z]+")
+_QUOTED = re.compile(r'"(?:[\x09\x20-\x21\x23-\x5b\x5d-\x7e]|\\[\x09\x20-\x7e\x80-\xff])*"')
+_OWS = re.compile(r"[\t ]*")
+
+
+def _skip_ows(header: str, pos: int) -> int:
+    match = _OWS.match(header, pos)
+    assert match is not None
+    return match.end()
+
+
+def _token(header: str, pos: int, name: str) -> tuple[str, int]:
+    match = _TOKEN.match(header, pos)
+    if match is None:
+        raise InvalidHeaderFormat(name, "expected token", header, pos)
+    return match.group(), match.end()
+
+
+def _expect(header: str, pos: int, char: str, name: str) -> int:
+    if header[pos : pos + 1] != char:
+        raise InvalidHeaderFormat(name, f"expected '{char}'", header, pos)
+    return pos + 1
+
+
+def _list(header: str, name: str, parse_item) -> list:  # type: ignore[no-untyped-def]
+    """Parse ``#rule`` lists: empty elements are allowed and skipped (RFC 7230 7)."""
+    items = []
+    pos = 0
+    while True:
+        pos = _skip_ows(header, pos)
+        while header[pos : pos + 1] == ",":
+            pos = _skip_ows(header, pos + 1)
+        if pos == len(header):
+            return items
+        item, pos = parse_item(header, pos, name)
+        items.append(item)
+        pos = _skip_ows(header, pos)
+        if pos == len(header):
+            return items
+        pos = _expect(header, pos, ",", name)
+
+
+def parse_tokens(header: str, name: str) -> list[str]:
+    """Parse a comma-separated list of tokens (``Connection``, ``Sec-WebSocket-Protocol``)."""
+    return _list(header, name, _token)
+
+
+def parse_upgrade(header: str, name: str) -> list[str]:
+    """Parse ``Upgrade``: protocols are ``token ["/" token]``."""
+
+    def item(h: str, pos: int, n: str) -> tuple[str, int]:
+        value, pos = _token(h, pos, n)
+        if h[pos : pos + 1] == "/":
+            version, pos = _token(h, pos + 1, n)
+            value = f"{value}/{version}"
+        return value, pos
+
+    return _list(header, name, item)
+
+
+ExtensionParams = list[tuple[str, str | None]]
+
+
+def parse_extensions(header: str, name: str) -> list:
+    """Parse ``Sec-WebSocket-Extensions`` into ``[(extension, [(param, value | None), ...])]``."""
+
+    def param(h: str, pos: int) -> tuple[tuple[str, str | None], int]:
+        key, pos = _token(h, pos, name)
+        pos = _skip_ows(h, pos)
+        value: str | None = None
+        if h[pos : pos + 1] == "=":
+            pos = _skip_ows(h, pos + 1)
+            if h[pos : pos + 1] == '"':
+                match = _QUOTED.match(h, pos)
+                if match is None:
+                    raise InvalidHeaderFormat(name, "expected quoted string", h, pos)
+                value = re.sub(r"\\(.)", r"\1", match.group()[1:-1])
+                pos = match.end()
+                if _TOKEN.fullmatch(value) is None:  # RFC 6455 9.1: quoted values are tokens
+                    raise InvalidHeaderFormat(name, "invalid quoted value", h, pos)
+            else:
+                value, pos = _token(h, pos, name)
+        return (key, value), pos
+
+    def item(h: str, pos: int, n: str) -> tuple[tuple[str, ExtensionParams], int]:
+        ext, pos = _token(h, pos, n)
+        params: ExtensionParams = []
+        while True:
+            pos = _skip_ows(h, pos)
+            if h[pos : pos + 1] != ";":
+                return (ext, params), pos
+            pos = _skip_ows(h, pos + 1)
+            p, pos = param(h, pos)
+            params.append(p)
+
+    return _list(header, name, item)
+
+
+def build_extensions(extensions: Iterable[tuple[str, ExtensionParams]]) -> str:
+    return ", ".join(
+        "; ".join([ext] + [k if v is None else f"{k}={v}" for k, v in params])
+        for ext, params in extensions
+    )

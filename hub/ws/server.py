@@ -1,0 +1,399 @@
+"""``serve()`` and :class:`Server`: accept TCP connections, run the opening handshake, hand each
+connection to the handler, and shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import inspect
+import logging
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import Any
+
+from .connection import ServerConnection, WriteCoalescer
+from .deflate import ServerPerMessageDeflateFactory
+from .headers import Headers, HeadersLike
+from .http11 import Limits, Request, Response
+from .protocol import CONNECTING, OPEN, ServerProtocol
+
+__all__ = ["Server", "serve", "unix_serve"]
+
+VERSION = "0.1"
+USER_AGENT = f"Python/{sys.version_info.major}.{sys.version_info.minor} hub.ws/{VERSION}"
+
+Handler = Callable[..., Awaitable[Any]]
+ProcessRequest = Callable[..., Any]
+ProcessResponse = Callable[[ServerConnection, Request, Response], Any]
+
+
+def _takes_legacy_path(func: Callable[..., Any]) -> bool:
+    """True for the older ``(path, request_headers)`` hook signature (first parameter ``path``)."""
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].name == "path"
+
+
+def _handler_wants_path(handler: Handler) -> bool:
+    """True for the older two-argument handler ``(websocket, path)``."""
+    try:
+        params = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(positional) == 2
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class Server:
+    """A running WebSocket server: what ``await serve(...)`` returns."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        origins: Sequence[str | None] | None,
+        extensions: Sequence[ServerPerMessageDeflateFactory],
+        subprotocols: Sequence[str] | None,
+        select_subprotocol: Callable[[ServerConnection, Sequence[str]], str | None] | None,
+        process_request: ProcessRequest | None,
+        process_response: ProcessResponse | None,
+        extra_headers: HeadersLike | Callable[..., HeadersLike] | None,
+        server_header: str | None,
+        open_timeout: float | None,
+        ping_interval: float | None,
+        ping_timeout: float | None,
+        close_timeout: float | None,
+        max_size: int | None,
+        max_queue: int | tuple[int | None, int | None] | None,
+        write_limit: int | tuple[int, int | None],
+        limits: Limits | None,
+        logger: logging.Logger | logging.LoggerAdapter | None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handler = handler
+        self._handler_path = _handler_wants_path(handler)
+        auth = getattr(handler, "_hub_process_request", None)  # set by @basic_auth(...)
+        self.process_requests = [p for p in (auth, process_request) if p is not None]
+        self.process_response = process_response
+        self.origins = origins
+        self.extensions = list(extensions)
+        self.subprotocols = subprotocols
+        self.select_subprotocol = select_subprotocol
+        self.extra_headers = extra_headers
+        self.server_header = server_header
+        self.open_timeout = open_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.close_timeout = close_timeout
+        self.max_size = max_size
+        if isinstance(max_queue, tuple):
+            high, low = max_queue
+        else:
+            high, low = max_queue, None
+        self.max_queue_high = high
+        self.max_queue_low = (high // 4 if low is None and high is not None else low) or 0
+        self.write_limit = write_limit[0] if isinstance(write_limit, tuple) else write_limit
+        self.limits = limits or Limits()
+        self.logger = logger or logging.getLogger("hub.ws.server")
+        self._coalescer = WriteCoalescer(self.loop)
+        self._server: asyncio.Server | None = None
+        self._all: set[ServerConnection] = set()
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
+        self._drained: asyncio.Event | None = None
+
+    # -- connection lifecycle ------------------------------------------------------------------
+
+    def _new_connection(self) -> ServerConnection:
+        user_select = self.select_subprotocol
+        select = None
+        if user_select is not None:
+
+            def select(protocol: ServerProtocol, subprotocols: Sequence[str]) -> str | None:
+                return user_select(connection, subprotocols)
+
+        protocol = ServerProtocol(
+            origins=self.origins,
+            extensions=self.extensions,
+            subprotocols=self.subprotocols,
+            select_subprotocol=select,
+            max_size=self.max_size,
+            limits=self.limits,
+            logger=self.logger,
+        )
+        connection = ServerConnection(self, protocol)
+        return connection
+
+    def _register(self, connection: ServerConnection) -> None:
+        self._all.add(connection)
+
+    def _unregister(self, connection: ServerConnection) -> None:
+        self._all.discard(connection)
+
+    async def _handshake(self, connection: ServerConnection, request: Request) -> Response:
+        protocol = connection.protocol
+        if self._closing:
+            return protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down.\n")
+        for hook in self.process_requests:
+            if _takes_legacy_path(hook):
+                result = await _maybe_await(hook(request.path, request.headers))
+            else:
+                result = await _maybe_await(hook(connection, request))
+            if result is not None:
+                response = result if isinstance(result, Response) else Response.build(*result)
+                break
+        else:
+            response = protocol.accept(request)
+        if self._closing and response.status_code == 101:
+            return protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down.\n")
+
+        headers = response.headers
+        if self.server_header is not None and "Server" not in headers:
+            headers["Server"] = self.server_header
+        extra = self.extra_headers
+        if extra is not None:
+            if callable(extra):
+                if _takes_legacy_path(extra):
+                    extra = extra(request.path, request.headers)
+                else:
+                    extra = extra(connection, request)
+            for name, value in Headers(extra).raw_items():  # type: ignore[arg-type]
+                if name.lower() == "server" and "Server" in headers:
+                    del headers["Server"]
+                headers[name] = value
+        if self.process_response is not None:
+            replaced = await _maybe_await(self.process_response(connection, request, response))
+            if replaced is not None:
+                response = replaced
+        return response
+
+    async def _run(self, connection: ServerConnection, request: Request) -> None:
+        """Run one connection: handshake, then the handler, then the closing handshake."""
+        protocol = connection.protocol
+        try:
+            response = await self._handshake(connection, request)
+        except Exception:
+            self.logger.error("opening handshake failed", exc_info=True)
+            response = protocol.reject(
+                http.HTTPStatus.INTERNAL_SERVER_ERROR,
+                "failed to open a websocket connection.\nsee server log for more information.\n",
+            )
+        if connection.transport.is_closing() or protocol.state is not CONNECTING:
+            return  # timed out or the client went away while we decided
+        connection.response = response
+        protocol.send_response(response)
+        if connection._timer is not None:
+            connection._timer.cancel()
+            connection._timer = None
+        connection._send_protocol_data()
+        if protocol.state is not OPEN:
+            return
+        connection._start_keepalive()
+        try:
+            if self._handler_path:
+                await self.handler(connection, request.path)
+            else:
+                await self.handler(connection)
+        except Exception:
+            self.logger.error("connection handler failed", exc_info=True)
+            code = 1011
+        else:
+            code = 1000
+        try:
+            await connection.close(code)
+        except Exception:
+            self.logger.error("closing handshake failed", exc_info=True)
+            connection.transport.abort()
+
+    # -- public API ----------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> set[ServerConnection]:
+        """Open connections (the opening handshake is complete, the closing one not started)."""
+        return {c for c in self._all if c.protocol.state is OPEN}
+
+    websockets = connections
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return () if self._server is None else tuple(self._server.sockets)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self.loop
+
+    def is_serving(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    async def start_serving(self) -> None:
+        assert self._server is not None
+        await self._server.start_serving()
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        try:
+            await self._server.serve_forever()
+        except asyncio.CancelledError:
+            self.close()
+            await self.wait_closed()
+            raise
+
+    def close(self, close_connections: bool = True) -> asyncio.Task[None]:
+        """Stop accepting connections; close open ones with 1001 unless told not to.
+
+        Handshakes still in flight are answered with HTTP 503. Returns a task, so both
+        ``server.close()`` and ``await server.close()`` work.
+        """
+        if self._close_task is None:
+            self._close_task = self.loop.create_task(self._close(close_connections))
+        return self._close_task
+
+    async def _close(self, close_connections: bool) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        # A connection that has not sent its request yet gets no more time than that.
+        for connection in list(self._all):
+            if connection.protocol.state is CONNECTING and connection.request is None:
+                connection.transport.close()
+        if close_connections:
+            open_connections = [c for c in self._all if c.protocol.state is OPEN]
+            if open_connections:
+                await asyncio.gather(
+                    *(c.close(1001) for c in open_connections), return_exceptions=True
+                )
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def wait_closed(self) -> None:
+        """Wait until the server is closed, all TCP connections ended and all handlers returned."""
+        if self._close_task is not None:
+            await asyncio.shield(self._close_task)
+        elif self._server is not None:
+            await self._server.wait_closed()
+        while True:
+            tasks = [c._task for c in self._all if c._task is not None and not c._task.done()]
+            waiters = [c.wait_closed() for c in self._all]
+            if not tasks and not waiters:
+                break
+            await asyncio.gather(*tasks, *waiters, return_exceptions=True)
+        await asyncio.sleep(0)
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+class serve:
+    """Start a WebSocket server; await it for a :class:`Server`, or use it with ``async with``.
+
+    Keyword arguments not listed are passed to ``loop.create_server`` (``sock``, ``ssl``,
+    ``reuse_port``, ``backlog``, ``family``, ``start_serving``...).
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        host: str | Sequence[str] | None = None,
+        port: int | None = None,
+        *,
+        origins: Sequence[str | None] | None = None,
+        extensions: Sequence[ServerPerMessageDeflateFactory] | None = None,
+        compression: str | None = "deflate",
+        subprotocols: Sequence[str] | None = None,
+        select_subprotocol: Callable[[ServerConnection, Sequence[str]], str | None] | None = None,
+        process_request: ProcessRequest | None = None,
+        process_response: ProcessResponse | None = None,
+        extra_headers: HeadersLike | Callable[..., HeadersLike] | None = None,
+        server_header: str | None = USER_AGENT,
+        open_timeout: float | None = 10,
+        ping_interval: float | None = 20,
+        ping_timeout: float | None = 20,
+        close_timeout: float | None = 10,
+        max_size: int | None = 2**20,
+        max_queue: int | tuple[int | None, int | None] | None = 16,
+        write_limit: int | tuple[int, int | None] = 2**15,
+        read_limit: int | None = None,  # accepted for compatibility; reads are not buffered
+        limits: Limits | None = None,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+        unix: bool = False,
+        path: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if compression == "deflate":
+            exts = list(extensions or [])
+            if not any(isinstance(e, ServerPerMessageDeflateFactory) for e in exts):
+                exts.append(ServerPerMessageDeflateFactory())
+        elif compression is None:
+            exts = list(extensions or [])
+        else:
+            raise ValueError(f"unsupported compression: {compression}")
+        self._options = dict(
+            origins=origins,
+            extensions=exts,
+            subprotocols=subprotocols,
+            select_subprotocol=select_subprotocol,
+            process_request=process_request,
+            process_response=process_response,
+            extra_headers=extra_headers,
+            server_header=server_header,
+            open_timeout=open_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            close_timeout=close_timeout,
+            max_size=max_size,
+            max_queue=max_queue,
+            write_limit=write_limit,
+            limits=limits,
+            logger=logger,
+        )
+        self._handler = handler
+        self._host, self._port, self._unix, self._path = host, port, unix, path
+        self._kwargs = kwargs
+        self._server: Server | None = None
+
+    async def _create(self) -> Server:
+        server = Server(self._handler, **self._options)  # type: ignore[arg-type]
+        loop = server.loop
+        if self._unix:
+            aserver = await loop.create_unix_server(
+                server._new_connection, self._path, **self._kwargs
+            )
+        else:
+            aserver = await loop.create_server(
+                server._new_connection, self._host, self._port, **self._kwargs
+            )
+        server._server = aserver
+        self._server = server
+        return server
+
+    def __await__(self) -> Generator[Any, None, Server]:
+        return self._create().__await__()
+
+    async def __aenter__(self) -> Server:
+        return await self._create()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+def unix_serve(handler: Handler, path: str | None = None, **kwargs: Any) -> serve:
+    """Like :func:`serve`, on a Unix socket at ``path``."""
+    return serve(handler, unix=True, path=path, **kwargs)
