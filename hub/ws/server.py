@@ -201,6 +201,8 @@ class Server:
         connection._send_protocol_data()
         if protocol.state is not OPEN:
             return
+        if protocol.events:  # frames that arrived right behind the request
+            connection._process_events()
         connection._start_keepalive()
         try:
             if self._handler_path:
@@ -264,9 +266,15 @@ class Server:
         self._closing = True
         if self._server is not None:
             self._server.close()
-        # A connection that has not sent its request yet gets no more time than that.
+        # A connection that has sent nothing yet is dropped; one with part of a request gets its
+        # 503 when the rest arrives (within open_timeout).
         for connection in list(self._all):
-            if connection.protocol.state is CONNECTING and connection.request is None:
+            protocol = connection.protocol
+            if (
+                protocol.state is CONNECTING
+                and not protocol.reader.buffer
+                and not connection.request
+            ):
                 connection.transport.close()
         if close_connections:
             open_connections = [c for c in self._all if c.protocol.state is OPEN]
