@@ -28,5 +28,8 @@ lint: $(STAMP)
 conformance: $(STAMP)
 	$(BIN)/python scripts/autobahn.py --full
 
+bench: $(STAMP)
+	$(BIN)/python bench/ws_core.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

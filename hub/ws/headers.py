@@ -20,12 +20,13 @@ class Headers:
 
     ``headers[name]`` returns the single value (``KeyError`` when absent, ``MultipleValuesError``
     when repeated); ``get_all(name)`` returns every value; ``headers[name] = value`` appends.
+    A plain list of pairs underneath: requests carry a dozen headers, and every connection keeps
+    its request, so a scan beats the memory of an index.
     """
 
-    __slots__ = ("_dict", "_list")
+    __slots__ = ("_list",)
 
     def __init__(self, *args: HeadersLike, **kwargs: str) -> None:
-        self._dict: dict[str, list[str]] = {}
         self._list: list[tuple[str, str]] = []
         self.update(*args, **kwargs)
 
@@ -39,18 +40,29 @@ class Headers:
         return Headers(self._list)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self._dict
+        if not isinstance(key, str):
+            return False
+        lower = key.lower()
+        return any(k.lower() == lower for k, _ in self._list)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._dict)
+        return iter(self._names())
 
     def __len__(self) -> int:
-        return len(self._dict)
+        return len(self._names())
+
+    def _names(self) -> list[str]:
+        names: dict[str, str] = {}
+        for k, _ in self._list:
+            names.setdefault(k.lower(), k.lower())
+        return list(names)
 
     def __getitem__(self, key: str) -> str:
-        values = self._dict[key.lower()]
+        values = self.get_all(key)
         if len(values) == 1:
             return values[0]
+        if not values:
+            raise KeyError(key)
         raise MultipleValuesError(key)
 
     def get(self, key: str, default: str | None = None) -> str | None:
@@ -60,19 +72,22 @@ class Headers:
             return default
 
     def __setitem__(self, key: str, value: str) -> None:
-        self._dict.setdefault(key.lower(), []).append(value)
         self._list.append((key, value))
 
     def __delitem__(self, key: str) -> None:
         lower = key.lower()
-        del self._dict[lower]
+        if key not in self:
+            raise KeyError(key)
         self._list = [(k, v) for k, v in self._list if k.lower() != lower]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Headers) and self._dict == other._dict
+        if not isinstance(other, Headers):
+            return NotImplemented
+        return sorted((k.lower(), v) for k, v in self._list) == sorted(
+            (k.lower(), v) for k, v in other._list
+        )
 
     def clear(self) -> None:
-        self._dict.clear()
         self._list.clear()
 
     def update(self, *args: HeadersLike, **kwargs: str) -> None:
@@ -83,7 +98,8 @@ class Headers:
             self[key] = value
 
     def get_all(self, key: str) -> list[str]:
-        return self._dict.get(key.lower(), [])
+        lower = key.lower()
+        return [v for k, v in self._list if k.lower() == lower]
 
     def keys(self) -> Iterable[str]:
         return [k for k, _ in self._list]

@@ -86,6 +86,36 @@ SelectSubprotocol = Callable[["ServerProtocol", Sequence[str]], "str | None"]
 class ServerProtocol:
     """A WebSocket server connection's protocol state, from the first request byte to EOF."""
 
+    __slots__ = (
+        "_msg_compressed",
+        "_msg_decoder",
+        "_msg_opcode",
+        "_msg_size",
+        "_out_compressed",
+        "_select",
+        "available_extensions",
+        "available_subprotocols",
+        "close_exc_override",
+        "close_rcvd",
+        "close_rcvd_then_sent",
+        "close_sent",
+        "debug",
+        "deflate",
+        "eof_sent",
+        "events",
+        "extensions",
+        "handshake_exc",
+        "limits",
+        "logger",
+        "max_size",
+        "origins",
+        "parser",
+        "reader",
+        "state",
+        "subprotocol",
+        "writes",
+    )
+
     def __init__(
         self,
         *,
@@ -101,8 +131,7 @@ class ServerProtocol:
         self.origins = origins
         self.available_extensions = extensions or []
         self.available_subprotocols = subprotocols
-        if select_subprotocol is not None:
-            self.select_subprotocol = select_subprotocol.__get__(self)  # type: ignore[method-assign]
+        self._select = select_subprotocol
         self.state = state
         self.max_size = max_size
         self.limits = limits or Limits()
@@ -114,7 +143,7 @@ class ServerProtocol:
         self.writes: list[bytes] = []
         self.eof_sent = False
 
-        self.extensions: list[PerMessageDeflate] = []
+        self.extensions: Sequence[PerMessageDeflate] = ()
         self.deflate: PerMessageDeflate | None = None
         self.subprotocol: str | None = None
         self.handshake_exc: Exception | None = None
@@ -129,6 +158,7 @@ class ServerProtocol:
         self._msg_compressed = False
         self._msg_size = 0
         self._msg_decoder: codecs.IncrementalDecoder | None = None
+        self._out_compressed = False
 
         self.parser: Generator[None, None, None] | None = self._parse()
         self._step()
@@ -277,25 +307,30 @@ class ServerProtocol:
         if not offers or not self.available_extensions:
             return None
         accepted: list[tuple[str, list[tuple[str, str | None]]]] = []
+        extensions: list[PerMessageDeflate] = []
         for name, params in offers:
             for factory in self.available_extensions:
                 if factory.name != name:
                     continue
                 try:
-                    response_params, extension = factory.accept(params, self.extensions)
+                    response_params, extension = factory.accept(params, extensions)
                 except NegotiationError:
                     continue
                 accepted.append((name, response_params))
-                self.extensions.append(extension)
+                extensions.append(extension)
                 break
         if not accepted:
             return None
-        self.deflate = self.extensions[0]
+        self.extensions = extensions
+        self.deflate = extensions[0]
         return build_extensions(accepted)
 
     def _negotiate_subprotocol(self, headers: Headers) -> str | None:
         offered = _values(headers, "Sec-WebSocket-Protocol", parse_tokens)
-        self.subprotocol = self.select_subprotocol(offered)
+        select = self._select
+        self.subprotocol = (
+            self.select_subprotocol(offered) if select is None else select(self, offered)
+        )
         return self.subprotocol
 
     def select_subprotocol(self, subprotocols: Sequence[str]) -> str | None:
@@ -358,8 +393,6 @@ class ServerProtocol:
     def send_continuation(self, data: bytes, fin: bool) -> None:
         self._check_open()
         self._send_data(OP_CONT, data, fin)
-
-    _out_compressed = False
 
     def _send_data(self, opcode: Opcode, data: bytes, fin: bool) -> None:
         self.writes.append(self.encode_data(opcode, data, fin))

@@ -1,0 +1,115 @@
+"""The broker: how a publication reaches every process that has a subscriber for it.
+
+The node subscribes a channel (or a user) at the broker when it gains its first local subscriber
+and unsubscribes when it loses its last one; the broker calls the node back for every message
+that arrives. :class:`MemoryBroker` serves one process; ``bridge.RedisBroker`` joins many.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = ["Broker", "BrokerHandler", "MemoryBroker", "Publication"]
+
+
+@dataclass(slots=True)
+class Publication:
+    """One message published to a channel. ``meta`` carries optional envelope fields."""
+
+    channel: str
+    data: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class BrokerHandler(Protocol):
+    """What the broker calls when messages arrive (the node implements it)."""
+
+    def on_publication(self, publication: Publication) -> None: ...
+
+    def on_user_message(self, user: str, data: Any) -> None: ...
+
+    def on_broadcast(self, data: Any) -> None: ...
+
+    def on_disconnect(self, user: str, code: int, reason: str) -> None: ...
+
+    def on_gap(self, channels: Iterable[str]) -> None: ...
+
+
+class Broker(abc.ABC):
+    """Interface between the node and the transport that links processes."""
+
+    handler: BrokerHandler | None = None
+
+    async def start(self, handler: BrokerHandler) -> None:
+        self.handler = handler
+
+    async def close(self) -> None:
+        self.handler = None
+
+    @property
+    def ready(self) -> bool:
+        """True while the broker can deliver (``/readyz``)."""
+        return self.handler is not None
+
+    @abc.abstractmethod
+    async def subscribe(self, channels: Iterable[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def unsubscribe(self, channels: Iterable[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def subscribe_user(self, user: str) -> None: ...
+
+    @abc.abstractmethod
+    async def unsubscribe_user(self, user: str) -> None: ...
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, data: Any, **meta: Any) -> None: ...
+
+    @abc.abstractmethod
+    async def send_to_user(self, user: str, data: Any) -> None: ...
+
+    @abc.abstractmethod
+    async def broadcast(self, data: Any) -> None: ...
+
+    @abc.abstractmethod
+    async def disconnect(self, user: str, code: int, reason: str) -> None: ...
+
+
+class MemoryBroker(Broker):
+    """One process: every publish is delivered straight back to this process's node.
+
+    Subscriptions need no bookkeeping here: the registry already knows who is local.
+    """
+
+    async def subscribe(self, channels: Iterable[str]) -> None:
+        return None
+
+    async def unsubscribe(self, channels: Iterable[str]) -> None:
+        return None
+
+    async def subscribe_user(self, user: str) -> None:
+        return None
+
+    async def unsubscribe_user(self, user: str) -> None:
+        return None
+
+    def _handler(self) -> BrokerHandler:
+        if self.handler is None:
+            raise RuntimeError("broker not started")
+        return self.handler
+
+    async def publish(self, channel: str, data: Any, **meta: Any) -> None:
+        self._handler().on_publication(Publication(channel, data, meta))
+
+    async def send_to_user(self, user: str, data: Any) -> None:
+        self._handler().on_user_message(user, data)
+
+    async def broadcast(self, data: Any) -> None:
+        self._handler().on_broadcast(data)
+
+    async def disconnect(self, user: str, code: int, reason: str) -> None:
+        self._handler().on_disconnect(user, code, reason)
