@@ -1,7 +1,6 @@
-"""The ``hub`` command line.
+"""The ``hub`` command line: ``serve``, ``token``, ``publish``, ``check-config``.
 
-Until the hub proper lands, ``hub serve`` runs a demo on the WebSocket core: every message a
-client sends is echoed back, and ``/healthz`` answers ``OK``.
+``hub`` alone is ``hub serve``: an in-memory hub on ws://127.0.0.1:8765/ws in dev mode.
 """
 
 from __future__ import annotations
@@ -9,58 +8,164 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import http
+import json
 import logging
 import signal
 import sys
+import urllib.error
+import urllib.request
+from typing import Any
 
 from . import __version__
-from .ws import Request, Response, ServerConnection, serve
+from .config import ConfigError, Settings, load_settings
+from .tokens import mint_token
 
 log = logging.getLogger("hub")
 
 
-async def _echo(connection: ServerConnection) -> None:
-    async for message in connection:
-        await connection.send(message)
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "redis_url": getattr(args, "redis", None),
+        "workers": getattr(args, "workers", None),
+    }
+    if getattr(args, "insecure", False):
+        overrides["insecure"] = True
+    return load_settings(getattr(args, "config", None), overrides=overrides)
 
 
-def _health(connection: ServerConnection, request: Request) -> Response | None:
-    if request.path == "/healthz":
-        return connection.respond(http.HTTPStatus.OK, "OK\n")
-    return None
+async def _serve(settings: Settings) -> None:
+    from .app import Hub
 
-
-async def _serve(host: str, port: int) -> None:
+    hub = Hub(settings)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set_result, None)
-    async with serve(_echo, host, port, process_request=_health) as server:
-        bound = server.sockets[0].getsockname()
-        log.info("hub %s listening on ws://%s:%d (echo demo)", __version__, bound[0], bound[1])
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    await hub.start()
+    log.info("hub %s ready: ws://%s:%d/ws", __version__, settings.host, hub.port)
+    try:
         await stop
-    log.info("stopped")
+    finally:
+        log.info("shutting down")
+        await hub.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.workers > 1 or settings.redis_url:
+        print(
+            "hub: --workers and --redis arrive with the redis bridge (not built yet)",
+            file=sys.stderr,
+        )
+        return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(settings))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    secret = args.secret or settings.token_secret
+    if not secret:
+        print("hub: token: no secret (pass --secret or set HUB_TOKEN_SECRET)", file=sys.stderr)
+        return 2
+    channels = args.channels.split(",") if args.channels else None
+    print(mint_token(args.user, secret, ttl=args.ttl or None, channels=channels))
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(args.data)
+    except ValueError:
+        data = args.data  # not JSON: publish it as a string
+    settings = load_settings(args.config)
+    url = args.http or f"http://{settings.host}:{settings.port}"
+    if args.user:
+        path, body = "/api/send", {"user": args.user, "data": data}
+    elif args.channel is None:
+        path, body = "/api/broadcast", {"data": data}
+    else:
+        path, body = "/api/publish", {"channel": args.channel, "data": data}
+    request = urllib.request.Request(
+        url.rstrip("/") + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    key = args.api_key or settings.api_key
+    if key:
+        request.add_header("X-API-Key", key)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(response.read().decode())
+    except urllib.error.HTTPError as exc:
+        print(f"hub: publish: http {exc.code}: {exc.read().decode().strip()}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"hub: publish: cannot reach {url}: {exc.reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    mode = "dev mode (insecure)" if settings.insecure else "tokens required"
+    print(
+        f"config ok: {settings.host}:{settings.port}, {mode}, "
+        f"{len(settings.namespaces)} namespace(s)"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hub", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hub {__version__}")
     sub = parser.add_subparsers(dest="command")
-    p_serve = sub.add_parser("serve", help="run the server")
-    p_serve.add_argument("--host", default="127.0.0.1")
-    p_serve.add_argument("--port", type=int, default=8765)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE", help="TOML settings file (or HUB_CONFIG)")
+
+    p = sub.add_parser("serve", help="run the hub (the default command)")
+    with_config(p)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--redis", metavar="URL", help="join other processes through Redis")
+    p.add_argument("--workers", type=int, metavar="N")
+    p.add_argument("--insecure", action="store_true", help="dev mode: no auth (loopback only)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("token", help="mint a connection token (development)")
+    with_config(p)
+    p.add_argument("--user", required=True)
+    p.add_argument("--secret")
+    p.add_argument("--ttl", type=float, default=3600, help="seconds; 0 for no expiry")
+    p.add_argument("--channels", help="comma-separated channel patterns for the channels claim")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("publish", help="publish through the HTTP API")
+    with_config(p)
+    p.add_argument("channel", nargs="?", help="channel (omit to broadcast)")
+    p.add_argument("data", help="JSON value (or plain text)")
+    p.add_argument("--user", help="send to this user instead of a channel")
+    p.add_argument("--http", metavar="URL", help="hub base url (default from settings)")
+    p.add_argument("--api-key")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("check-config", help="validate settings and exit")
+    with_config(p)
+    p.set_defaults(func=cmd_check_config)
+
     args = parser.parse_args(argv)
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt)
-    if args.command in (None, "serve"):
-        host = getattr(args, "host", "127.0.0.1")
-        port = getattr(args, "port", 8765)
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(host, port))
-        return 0
-    parser.print_help()
-    return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    func = getattr(args, "func", cmd_serve)
+    try:
+        return int(func(args))
+    except ConfigError as exc:
+        print(f"hub: config error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""The hub application: a :class:`Node` served over the WebSocket core on one port.
+
+``/ws`` is the WebSocket endpoint (subprotocols ``hub.v1.json`` and ``hub.v1.msgpack``); every
+other path is answered by :class:`HttpApi` before any upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import urllib.parse
+import uuid
+from typing import Any
+
+from . import ws
+from .broker import Broker
+from .codec import BY_SUBPROTOCOL, JSON
+from .config import Settings
+from .errors import CloseCode
+from .http_api import HttpApi
+from .node import Node
+from .session import Session
+from .tokens import Credentials, TokenError, TokenExpired, TokenVerifier
+
+__all__ = ["Hub"]
+
+log = logging.getLogger("hub")
+
+
+class Hub:
+    def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
+        self.settings = settings
+        self.node = Node(settings, broker)
+        self.api = HttpApi(self.node, settings.api_key, settings.insecure)
+        self.verifier: TokenVerifier | None = None
+        if settings.token_secret or settings.token_public_key:
+            self.verifier = TokenVerifier(
+                settings.token_secret, settings.token_public_key, settings.token_algorithms
+            )
+        self.server: ws.Server | None = None
+
+    async def start(self, **serve_kwargs: Any) -> ws.Server:
+        """Start the node and listen (host/port from settings unless ``sock`` is given)."""
+        s = self.settings
+        if s.insecure:
+            log.warning(
+                "insecure dev mode: anonymous users, no api key; never expose this to a network"
+            )
+        await self.node.start()
+        if "sock" not in serve_kwargs:
+            serve_kwargs.setdefault("host", s.host)
+            serve_kwargs.setdefault("port", s.port)
+        self.server = await ws.serve(
+            self._handler,
+            process_request=self._process_request,
+            subprotocols=list(BY_SUBPROTOCOL),
+            origins=s.allowed_origins or None,
+            max_size=s.max_message_size,
+            ping_interval=s.ping_interval,
+            ping_timeout=s.ping_timeout,
+            server_header=None,
+            **serve_kwargs,
+        )
+        return self.server
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        await self.node.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    # -- handshake -----------------------------------------------------------------------------
+
+    async def _process_request(
+        self, connection: ws.ServerConnection, request: ws.Request
+    ) -> ws.Response | None:
+        response = await self.api.handle(request)
+        if response is None:
+            limit = self.settings.max_connections
+            if limit and len(self.node.registry) >= limit:
+                self.node.metrics.handshake_failures.labels("connection_limit").inc()
+                return connection.respond(503, "connection limit reached\n")
+        return response
+
+    def _authenticate(self, request: ws.Request) -> Credentials:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+        token = (query.get("token") or [None])[0]
+        if token is None:
+            auth = request.headers.get("Authorization")
+            if auth is not None and auth[:7].lower() == "bearer ":
+                token = auth[7:].strip()
+        if token is not None and self.verifier is not None:
+            return self.verifier.verify(token)
+        if self.settings.insecure:
+            user = (query.get("user") or [None])[0] or f"anonymous-{uuid.uuid4().hex[:12]}"
+            return Credentials(user[:200])
+        raise TokenError("missing token")
+
+    async def _handler(self, connection: ws.ServerConnection) -> None:
+        assert connection.request is not None
+        try:
+            credentials = self._authenticate(connection.request)
+        except TokenExpired:
+            self.node.metrics.handshake_failures.labels("token_expired").inc()
+            await connection.close(CloseCode.TOKEN_EXPIRED, "token expired")
+            return
+        except TokenError as exc:
+            self.node.metrics.handshake_failures.labels("unauthorized").inc()
+            await connection.close(CloseCode.UNAUTHORIZED, str(exc)[:100])
+            return
+        codec = BY_SUBPROTOCOL.get(connection.subprotocol or "", JSON)
+        session = Session(self.node, connection, credentials, codec)
+        expiry: asyncio.TimerHandle | None = None
+        if credentials.expires_at is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(credentials.expires_at - time.time(), 0.0)
+            expiry = loop.call_later(delay, session.close_soon, CloseCode.TOKEN_EXPIRED, "expired")
+        await self.node.add_session(session)
+        try:
+            await session.run()
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            await self.node.remove_session(session)

@@ -1,0 +1,85 @@
+"""The client protocol's two encodings: JSON in text frames, msgpack in binary frames.
+
+Both carry the same structures (see docs/protocol.md). Pushes are encoded once per encoding and
+shared by every recipient that speaks it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+
+from .errors import BadRequest
+
+__all__ = ["CODECS", "Codec", "JsonCodec", "MsgpackCodec"]
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_loads = json.loads
+
+
+class Codec:
+    """Encode replies and pushes, decode commands, for one subprotocol."""
+
+    name: str
+    subprotocol: str
+    binary: bool
+    index: int  # position in CODECS, so fan-out can cache one frame per codec in a list
+
+    def decode(self, message: str | bytes) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def encode(self, obj: dict[str, Any]) -> str | bytes:
+        raise NotImplementedError
+
+
+class JsonCodec(Codec):
+    name = "json"
+    subprotocol = "hub.v1.json"
+    binary = False
+    index = 0
+
+    def decode(self, message: str | bytes) -> dict[str, Any]:
+        if isinstance(message, bytes):
+            raise BadRequest("json protocol expects text frames")
+        try:
+            obj = _loads(message)
+        except ValueError:
+            raise BadRequest("invalid json") from None
+        if not isinstance(obj, dict):
+            raise BadRequest("command must be an object")
+        return obj
+
+    def encode(self, obj: dict[str, Any]) -> str:
+        try:
+            return _dumps(obj)
+        except (TypeError, ValueError):
+            raise BadRequest("data cannot be encoded as json") from None
+
+
+class MsgpackCodec(Codec):
+    name = "msgpack"
+    subprotocol = "hub.v1.msgpack"
+    binary = True
+    index = 1
+
+    def decode(self, message: str | bytes) -> dict[str, Any]:
+        if isinstance(message, str):
+            raise BadRequest("msgpack protocol expects binary frames")
+        try:
+            obj = msgpack.unpackb(message, raw=False, strict_map_key=True)
+        except Exception:
+            raise BadRequest("invalid msgpack") from None
+        if not isinstance(obj, dict):
+            raise BadRequest("command must be a map")
+        return obj
+
+    def encode(self, obj: dict[str, Any]) -> bytes:
+        return msgpack.packb(obj, use_bin_type=True)
+
+
+JSON = JsonCodec()
+MSGPACK = MsgpackCodec()
+CODECS: tuple[Codec, ...] = (JSON, MSGPACK)
+BY_SUBPROTOCOL = {c.subprotocol: c for c in CODECS}

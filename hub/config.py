@@ -1,0 +1,226 @@
+"""Settings: flags override ``HUB_*`` environment variables, which override the TOML file.
+
+Every bad value stops the process with one line that names the field, e.g.
+``config error: port: expected an integer from 1 to 65535, got 'abc'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import HubError
+
+__all__ = ["ConfigError", "Namespace", "Settings", "load_settings"]
+
+
+class ConfigError(HubError):
+    """A setting is missing or wrong; the message names it."""
+
+
+@dataclass(slots=True, frozen=True)
+class Namespace:
+    """Options for the channels ``<name>:...`` (the channel's part before the first colon).
+
+    ``subscribe``: ``"any"`` lets every authenticated user subscribe; ``"token"`` only users
+    whose token's ``channels`` claim matches. ``personal``: channel ``<name>:<user id>`` may be
+    subscribed by that user only.
+    """
+
+    name: str = ""
+    subscribe: str = "any"
+    publish: bool = False
+    personal: bool = False
+    max_message_size: int = 65536
+    history_size: int = 0
+    history_ttl: float = 0.0
+    presence: bool = False
+    join_leave: bool = False
+
+
+@dataclass(slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    insecure: bool = False
+    redis_url: str | None = None
+    redis_prefix: str = "hub"
+    workers: int = 1
+    token_secret: str | None = None
+    token_public_key: str | None = None
+    token_algorithms: list[str] = field(default_factory=lambda: ["HS256", "RS256", "ES256"])
+    api_key: str | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    max_connections: int = 0
+    max_subscriptions: int = 128
+    max_message_size: int = 65536
+    max_channel_length: int = 255
+    outbound_buffer: int = 1 << 20
+    ping_interval: float = 25.0
+    ping_timeout: float = 20.0
+    drain_seconds: float = 10.0
+    log_level: str = "info"
+    namespaces: dict[str, Namespace] = field(default_factory=dict)
+
+    def namespace(self, channel: str) -> Namespace:
+        """The options for ``channel``: its namespace's, or the default namespace's."""
+        name, sep, _ = channel.partition(":")
+        if sep:
+            found = self.namespaces.get(name)
+            if found is not None:
+                return found
+        return self.namespaces.get("", _DEFAULT_NS)
+
+    @property
+    def loopback(self) -> bool:
+        host = self.host
+        if host in ("localhost", ""):
+            return host == "localhost"
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+_DEFAULT_NS = Namespace()
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_NS_FIELDS = {f.name: f for f in dataclasses.fields(Namespace)}
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Convert a TOML or environment value to the field's type, or raise naming the field."""
+    kind = annotation.replace(" | None", "")
+    if value is None and "None" in annotation:
+        return None
+    try:
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if kind == "list[str]":
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {kind}, got {value!r}") from None
+    raise ConfigError(f"{name}: unsupported setting")
+
+
+def _namespaces(raw: Any) -> dict[str, Namespace]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("namespaces: expected a table of tables")
+    result = {}
+    for ns_name, options in raw.items():
+        where = f"namespaces.{ns_name}"
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"{where}: expected a table")
+        values: dict[str, Any] = {"name": "" if ns_name == "default" else ns_name}
+        for key, value in options.items():
+            f = _NS_FIELDS.get(key)
+            if f is None or key == "name":
+                raise ConfigError(f"{where}.{key}: unknown setting")
+            values[key] = _coerce(f"{where}.{key}", value, str(f.type))
+        if values.get("subscribe", "any") not in ("any", "token"):
+            raise ConfigError(f"{where}.subscribe: expected 'any' or 'token'")
+        for key in ("max_message_size", "history_size"):
+            if values.get(key, 0) < 0:
+                raise ConfigError(f"{where}.{key}: must not be negative")
+        if ":" in values["name"]:
+            raise ConfigError(f"{where}: a namespace name cannot contain ':'")
+        result[values["name"]] = Namespace(**values)
+    return result
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build settings from the file, then the environment, then explicit overrides (flags)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or env.get("HUB_CONFIG")
+    if path:
+        try:
+            with Path(path).open("rb") as f:
+                raw = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+        section = raw.get("hub", raw)
+        for key, value in section.items():
+            if key == "namespaces":
+                values["namespaces"] = _namespaces(value)
+                continue
+            f = _FIELDS.get(key)
+            if f is None:
+                raise ConfigError(f"{key}: unknown setting")
+            values[key] = _coerce(key, value, str(f.type))
+    for key, f in _FIELDS.items():
+        raw_env = env.get(f"HUB_{key.upper()}")
+        if raw_env is not None and key != "namespaces":
+            values[key] = _coerce(f"HUB_{key.upper()}", raw_env, str(f.type))
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        f = _FIELDS.get(key)
+        if f is None:
+            raise ConfigError(f"{key}: unknown setting")
+        values[key] = _coerce(f"--{key.replace('_', '-')}", value, str(f.type))
+    settings = Settings(**values)
+    if not settings.insecure and not (settings.token_secret or settings.token_public_key):
+        # The zero-configuration default: dev mode, which validate() allows on loopback only.
+        settings.insecure = True
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"port: expected an integer from 0 to 65535, got {s.port}")
+    if s.workers < 1:
+        raise ConfigError(f"workers: must be at least 1, got {s.workers}")
+    if s.workers > 1 and not s.redis_url:
+        raise ConfigError("workers: more than one worker needs redis_url (--redis) to join them")
+    for key in ("max_connections", "max_subscriptions", "max_message_size", "outbound_buffer"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"{key}: must not be negative")
+    if s.outbound_buffer < 1024:
+        raise ConfigError("outbound_buffer: must be at least 1024 bytes")
+    if s.redis_url is not None and not s.redis_url.startswith(
+        ("redis://", "rediss://", "unix://", "redis+cluster://")
+    ):
+        raise ConfigError(f"redis_url: expected a redis:// or unix:// url, got {s.redis_url!r}")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: expected debug, info, warning or error, got {s.log_level!r}")
+    if s.insecure and not s.loopback:
+        raise ConfigError(
+            f"token_secret: required to listen on {s.host!r} (dev mode without auth is for "
+            "loopback addresses only); set HUB_TOKEN_SECRET or token_public_key"
+        )

@@ -1,0 +1,66 @@
+"""The hub's errors: reply error codes and connection close codes, one table each.
+
+Reply errors answer one command and leave the connection open. Close codes end the connection;
+the 4000-4499 range tells clients to reconnect, 4500-4999 not to (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["BadRequest", "CloseCode", "ErrorCode", "HubError", "ReplyError"]
+
+
+class HubError(Exception):
+    """Base of the hub's own exceptions (the WebSocket core has its own, in hub.ws)."""
+
+
+class ErrorCode(enum.IntEnum):
+    INTERNAL = 100
+    UNAUTHORIZED = 101
+    UNKNOWN_CHANNEL = 102
+    PERMISSION_DENIED = 103
+    UNKNOWN_OP = 104
+    ALREADY_SUBSCRIBED = 105
+    LIMIT_EXCEEDED = 106
+    BAD_REQUEST = 107
+    NOT_ENABLED = 108
+    NOT_SUBSCRIBED = 109
+    TOO_LARGE = 110
+    UNAVAILABLE = 111
+
+
+class ReplyError(HubError):
+    """A command failed; the client gets ``{"id": ..., "error": {"code", "message"}}``."""
+
+    code = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+
+
+class BadRequest(ReplyError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class CloseCode(enum.IntEnum):
+    """Close codes the hub sends. Below 4500: reconnect (with backoff). 4500 and up: don't."""
+
+    NORMAL = 1000
+    SHUTDOWN = 1001  # server shutting down or restarting: reconnect
+    INTERNAL = 1011
+    SLOW_CONSUMER = 4000  # could not keep up; reconnect and recover
+    CONNECTION_LIMIT = 4001  # the process is full; reconnect later, maybe elsewhere
+    TOKEN_EXPIRED = 4002  # reconnect with a fresh token
+    DISCONNECT_RECONNECT = 4003  # the backend disconnected this user, reconnect allowed
+    UNAUTHORIZED = 4500  # no valid credentials
+    FORBIDDEN = 4501
+    BAD_REQUEST = 4502  # repeated protocol abuse
+    DISCONNECTED = 4503  # the backend disconnected this user for good
+
+    @property
+    def reconnect(self) -> bool:
+        return self.value < 4500

@@ -1,0 +1,144 @@
+"""HTTP endpoints served on the WebSocket port, before the upgrade (via ``process_request``).
+
+``/healthz`` (alive), ``/readyz`` (broker usable), ``/metrics`` (Prometheus), and the publish
+API for backends: ``POST /api/publish|broadcast|send|disconnect`` with a JSON body and an API key
+in ``Authorization: apikey <key>`` or ``X-API-Key``. Errors are JSON with a fitting status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from .errors import CloseCode
+from .metrics import CONTENT_TYPE_LATEST
+from .ws import Headers, Request, Response
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["HttpApi"]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json(status: int, obj: Any) -> Response:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return Response(status, "", headers, body)
+
+
+def _text(status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> Response:
+    body = text.encode()
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return Response(status, "", headers, body)
+
+
+class HttpApi:
+    def __init__(self, node: Node, api_key: str | None, insecure: bool) -> None:
+        self.node = node
+        self.api_key = api_key
+        self.insecure = insecure
+        self.routes: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "/api/publish": self._publish,
+            "/api/broadcast": self._broadcast,
+            "/api/send": self._send,
+            "/api/disconnect": self._disconnect,
+        }
+
+    async def handle(self, request: Request) -> Response | None:
+        """Answer an HTTP request, or return None for a WebSocket upgrade on ``/ws``."""
+        path = request.path.partition("?")[0]
+        if path == "/ws":
+            return None
+        if path == "/healthz":
+            return _text(200, "ok\n")
+        if path == "/readyz":
+            ready = self.node.ready
+            return _text(200 if ready else 503, "ready\n" if ready else "not ready\n")
+        if path == "/metrics":
+            return _text(200, self.node.metrics.render().decode(), CONTENT_TYPE_LATEST)
+        route = self.routes.get(path)
+        if route is None:
+            return _json(404, {"error": {"message": "not found"}})
+        try:
+            if request.method != "POST":
+                raise ApiError(405, "use POST")
+            self._check_key(request)
+            body = self._body(request)
+            result = await route(body)
+        except ApiError as exc:
+            response = _json(exc.status, {"error": {"message": exc.message}})
+            if exc.status == 405:
+                response.headers["Allow"] = "POST"
+            return response
+        return _json(200, {"result": result})
+
+    def _check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            if self.insecure:
+                return
+            raise ApiError(403, "the http api is disabled: no api_key configured")
+        given = request.headers.get("X-API-Key")
+        auth = request.headers.get("Authorization")
+        if given is None and auth is not None:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() == "apikey":
+                given = value.strip()
+        if given is None:
+            raise ApiError(401, "missing api key")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise ApiError(401, "invalid api key")
+
+    @staticmethod
+    def _body(request: Request) -> dict[str, Any]:
+        content_type = request.headers.get("Content-Type", "application/json") or ""
+        if "json" not in content_type:
+            raise ApiError(415, "expected application/json")
+        try:
+            body = json.loads(request.body or b"{}")
+        except ValueError:
+            raise ApiError(400, "invalid json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a json object")
+        return body
+
+    @staticmethod
+    def _field(body: dict[str, Any], name: str, kind: type | None = None) -> Any:
+        if name not in body:
+            raise ApiError(400, f"missing field: {name}")
+        value = body[name]
+        if kind is not None and (not isinstance(value, kind) or value in ("",)):
+            raise ApiError(400, f"invalid field: {name}")
+        return value
+
+    async def _publish(self, body: dict[str, Any]) -> dict[str, Any]:
+        channel = self._field(body, "channel", str)
+        await self.node.publish(channel, self._field(body, "data"), source="http")
+        return {}
+
+    async def _broadcast(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.node.broadcast(self._field(body, "data"))
+        return {}
+
+    async def _send(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.node.send_to_user(self._field(body, "user", str), self._field(body, "data"))
+        return {}
+
+    async def _disconnect(self, body: dict[str, Any]) -> dict[str, Any]:
+        user = self._field(body, "user", str)
+        code = body.get("code", int(CloseCode.DISCONNECTED))
+        if not isinstance(code, int) or not 4000 <= code <= 4999:
+            raise ApiError(400, "invalid field: code (expected 4000-4999)")
+        reason = body.get("reason", "")
+        if not isinstance(reason, str) or len(reason.encode()) > 120:
+            raise ApiError(400, "invalid field: reason (a string of at most 120 bytes)")
+        await self.node.disconnect(user, code, reason)
+        return {}

@@ -1,0 +1,192 @@
+"""The node wires sessions, the local registry and the broker, and does the fan-out.
+
+Server-side API: :meth:`Node.publish`, :meth:`Node.send_to_user`, :meth:`Node.broadcast`,
+:meth:`Node.disconnect`. Every message arriving from the broker is encoded once per client
+encoding and once per wire format, and the same bytes are written to every local recipient.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from .broker import Broker, MemoryBroker, Publication
+from .codec import CODECS, MSGPACK
+from .config import Settings
+from .errors import CloseCode
+from .metrics import Metrics
+from .registry import Registry
+from .ws.broadcast import encode_once
+from .ws.frames import Opcode
+
+if TYPE_CHECKING:
+    from .session import Session
+
+__all__ = ["Node", "Push"]
+
+log = logging.getLogger("hub.node")
+
+
+class Push:
+    """One push to many sessions: encoded lazily, at most once per codec and wire format."""
+
+    __slots__ = ("_frames", "obj")
+
+    def __init__(self, obj: dict[str, Any]) -> None:
+        self.obj = obj
+        self._frames: list[encode_once | None] = [None] * len(CODECS)
+
+    def frame_for(self, session: Session) -> bytes:
+        codec = session.codec
+        frames = self._frames[codec.index]
+        if frames is None:
+            frames = self._frames[codec.index] = self._encode(codec.index)
+        return frames.for_connection(session.connection)
+
+    def _encode(self, index: int) -> encode_once:
+        codec = CODECS[index]
+        if codec.binary or _has_bytes(self.obj.get("data")):
+            # JSON cannot carry bytes: such pushes go out as msgpack in a binary frame.
+            return encode_once(Opcode.BINARY, MSGPACK.encode(self.obj))
+        text = codec.encode(self.obj)
+        assert isinstance(text, str)
+        return encode_once(Opcode.TEXT, text.encode())
+
+
+def _has_bytes(value: Any) -> bool:
+    if isinstance(value, (bytes, bytearray)):
+        return True
+    if isinstance(value, dict):
+        return any(_has_bytes(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_bytes(v) for v in value)
+    return False
+
+
+class Node:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        broker: Broker | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings or Settings(insecure=True)
+        self.broker = broker or MemoryBroker()
+        self.metrics = metrics or Metrics()
+        self.registry: Registry[Session] = Registry()
+        self.metrics.track(
+            lambda: len(self.registry),
+            lambda: self.registry.subscription_count,
+            lambda: self.registry.channel_count,
+        )
+        self._started = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start(self)
+        self._started = True
+
+    async def close(self) -> None:
+        self._started = False
+        await self.broker.close()
+
+    @property
+    def ready(self) -> bool:
+        return self._started and self.broker.ready
+
+    # -- server-side API -----------------------------------------------------------------------
+
+    async def publish(self, channel: str, data: Any, *, source: str = "api", **meta: Any) -> None:
+        self.metrics.published.labels(source).inc()
+        await self.broker.publish(channel, data, **meta)
+
+    async def send_to_user(self, user: str, data: Any) -> None:
+        await self.broker.send_to_user(user, data)
+
+    async def broadcast(self, data: Any) -> None:
+        await self.broker.broadcast(data)
+
+    async def disconnect(
+        self, user: str, code: int = CloseCode.DISCONNECTED, reason: str = ""
+    ) -> None:
+        await self.broker.disconnect(user, code, reason)
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    async def add_session(self, session: Session) -> None:
+        self.metrics.connections_accepted.inc()
+        if self.registry.add(session, session.user):
+            await self.broker.subscribe_user(session.user)
+
+    async def remove_session(self, session: Session) -> None:
+        last_user, emptied = self.registry.remove(session, session.user)
+        code = session.connection.close_code
+        self.metrics.connections_closed.labels(str(code if code is not None else 1006)).inc()
+        if emptied:
+            await self.broker.unsubscribe(emptied)
+        if last_user:
+            await self.broker.unsubscribe_user(session.user)
+
+    async def subscribe(self, session: Session, channel: str) -> None:
+        if self.registry.subscribe(session, channel):
+            await self.broker.subscribe([channel])
+
+    async def unsubscribe(self, session: Session, channel: str) -> bool:
+        if not self.registry.is_subscribed(session, channel):
+            return False
+        if self.registry.unsubscribe(session, channel):
+            await self.broker.unsubscribe([channel])
+        return True
+
+    # -- broker callbacks (fan-out) ------------------------------------------------------------
+
+    def _fanout(self, sessions: Iterable[Session], obj: dict[str, Any]) -> int:
+        push = Push(obj)
+        delivered = 0
+        sent = 0
+        for session in sessions:
+            n = session.push(push)
+            if n:
+                delivered += 1
+                sent += n
+        if sent:
+            self.metrics.bytes_sent.inc(sent)
+        return delivered
+
+    def on_publication(self, publication: Publication) -> None:
+        sessions = self.registry.subscribers(publication.channel)
+        if not sessions:
+            return
+        start = time.perf_counter()
+        obj = {"channel": publication.channel, "data": publication.data}
+        if publication.meta:
+            obj.update(publication.meta)
+        n = self._fanout(sessions, obj)
+        self.metrics.delivered_channel.inc(n)
+        self.metrics.fanout_seconds.observe(time.perf_counter() - start)
+
+    def on_user_message(self, user: str, data: Any) -> None:
+        sessions = self.registry.user_sessions(user)
+        if sessions:
+            self.metrics.delivered_user.inc(self._fanout(sessions, {"data": data}))
+
+    def on_broadcast(self, data: Any) -> None:
+        sessions = self.registry.sessions
+        if sessions:
+            start = time.perf_counter()
+            self.metrics.delivered_broadcast.inc(self._fanout(sessions, {"data": data}))
+            self.metrics.fanout_seconds.observe(time.perf_counter() - start)
+
+    def on_disconnect(self, user: str, code: int, reason: str) -> None:
+        for session in list(self.registry.user_sessions(user)):
+            session.close_soon(code, reason)
+
+    def on_gap(self, channels: Iterable[str]) -> None:
+        """Messages may have been lost on these channels: tell their subscribers at once."""
+        for channel in channels:
+            sessions = self.registry.subscribers(channel)
+            if sessions:
+                self._fanout(sessions, {"channel": channel, "gap": True})

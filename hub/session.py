@@ -1,0 +1,171 @@
+"""A client session: one per WebSocket connection. It parses commands, enforces permissions and
+limits, and owns the connection's outbound buffer (slow consumers are closed, never waited for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+from .codec import Codec
+from .errors import BadRequest, CloseCode, ErrorCode, ReplyError
+from .tokens import Credentials
+from .ws import ConnectionClosed, ServerConnection
+from .ws.protocol import OPEN
+
+if TYPE_CHECKING:
+    from .node import Node, Push
+
+__all__ = ["Session"]
+
+log = logging.getLogger("hub.session")
+
+_CHANNEL = re.compile(r"[A-Za-z0-9_\-.:@/=,+]+")
+MAX_ABUSE = 10  # bad commands tolerated before the connection is closed
+
+
+class Session:
+    __slots__ = ("abuse", "codec", "connection", "credentials", "node", "user")
+
+    def __init__(
+        self, node: Node, connection: ServerConnection, credentials: Credentials, codec: Codec
+    ) -> None:
+        self.node = node
+        self.connection = connection
+        self.credentials = credentials
+        self.user = credentials.user
+        self.codec = codec
+        self.abuse = 0
+
+    def __repr__(self) -> str:
+        return f"<Session user={self.user!r} {self.connection.remote_address}>"
+
+    # -- outbound ------------------------------------------------------------------------------
+
+    def push(self, push: Push) -> int:
+        """Queue a push; returns the bytes queued (0 when skipped). Never waits."""
+        connection = self.connection
+        if connection.protocol.state is not OPEN:
+            return 0
+        frame = push.frame_for(self)
+        transport = connection.transport
+        buffered = transport.get_write_buffer_size() + connection._wsize + len(frame)
+        if buffered > self.node.settings.outbound_buffer:
+            self.node.metrics.slow_consumers.inc()
+            log.info("closing slow consumer %r (%d bytes pending)", self, buffered)
+            connection._fail(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return 0
+        connection._write(frame)
+        return len(frame)
+
+    async def _reply(self, obj: dict[str, Any]) -> None:
+        payload = self.codec.encode(obj)
+        try:
+            await self.connection.send(payload)
+        except ConnectionClosed:
+            pass
+
+    def close_soon(self, code: int, reason: str = "") -> None:
+        """Close from a synchronous context (a broker callback)."""
+        if self.connection.protocol.state is OPEN:
+            asyncio.get_running_loop().create_task(self.connection.close(code, reason))
+
+    # -- inbound -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve commands until the connection closes."""
+        connection = self.connection
+        metrics = self.node.metrics
+        try:
+            async for message in connection:
+                metrics.client_messages.inc()
+                await self.handle(message)
+                if self.abuse >= MAX_ABUSE:
+                    await connection.close(CloseCode.BAD_REQUEST, "too many bad commands")
+                    return
+        except ConnectionClosed:
+            pass  # closed with an error code or without a closing handshake: nothing to answer
+
+    async def handle(self, message: str | bytes) -> None:
+        cid: Any = None
+        try:
+            command = self.codec.decode(message)
+            cid = command.get("id")
+            if not isinstance(cid, int) or isinstance(cid, bool):
+                cid = None
+                raise BadRequest("id must be an integer")
+            op = command.get("op")
+            handler = _OPS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise ReplyError(f"unknown op: {op!r}"[:100], ErrorCode.UNKNOWN_OP)
+            result = await handler(self, command)
+        except ReplyError as exc:
+            self.abuse += exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_OP)
+            self.node.metrics.command_errors.labels(str(int(exc.code))).inc()
+            await self._reply({"id": cid, "error": {"code": int(exc.code), "message": exc.message}})
+            return
+        await self._reply({"id": cid, "result": result})
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _channel(self, command: dict[str, Any]) -> str:
+        channel = command.get("channel")
+        if not isinstance(channel, str) or not channel:
+            raise BadRequest("channel must be a non-empty string")
+        if len(channel) > self.node.settings.max_channel_length:
+            raise BadRequest("channel name too long")
+        if _CHANNEL.fullmatch(channel) is None:
+            raise BadRequest("channel name has invalid characters")
+        return channel
+
+    async def _subscribe(self, command: dict[str, Any]) -> dict[str, Any]:
+        channel = self._channel(command)
+        settings = self.node.settings
+        ns = settings.namespace(channel)
+        if ns.personal:
+            if channel.partition(":")[2] != self.user:
+                raise ReplyError("personal channel of another user", ErrorCode.PERMISSION_DENIED)
+        elif ns.subscribe == "token" and not self.credentials.may_subscribe(channel):
+            raise ReplyError("token does not grant this channel", ErrorCode.PERMISSION_DENIED)
+        registry = self.node.registry
+        if registry.is_subscribed(self, channel):
+            raise ReplyError("already subscribed", ErrorCode.ALREADY_SUBSCRIBED)
+        limit = settings.max_subscriptions
+        if limit and len(registry.channels_of(self)) >= limit:
+            raise ReplyError(f"subscription limit of {limit} reached", ErrorCode.LIMIT_EXCEEDED)
+        await self.node.subscribe(self, channel)
+        return {}
+
+    async def _unsubscribe(self, command: dict[str, Any]) -> dict[str, Any]:
+        channel = self._channel(command)
+        if not await self.node.unsubscribe(self, channel):
+            raise ReplyError("not subscribed", ErrorCode.NOT_SUBSCRIBED)
+        return {}
+
+    async def _publish(self, command: dict[str, Any]) -> dict[str, Any]:
+        channel = self._channel(command)
+        if "data" not in command:
+            raise BadRequest("publish needs data")
+        ns = self.node.settings.namespace(channel)
+        if not ns.publish:
+            raise ReplyError("publishing is not allowed here", ErrorCode.PERMISSION_DENIED)
+        size = len(self.codec.encode({"data": command["data"]}))
+        if ns.max_message_size and size > ns.max_message_size:
+            raise ReplyError(f"data exceeds {ns.max_message_size} bytes", ErrorCode.TOO_LARGE)
+        await self.node.publish(channel, command["data"], source="client")
+        return {}
+
+    async def _not_enabled(self, command: dict[str, Any]) -> dict[str, Any]:
+        self._channel(command)
+        raise ReplyError(f"{command['op']} is not enabled", ErrorCode.NOT_ENABLED)
+
+
+_OPS = {
+    "subscribe": Session._subscribe,
+    "unsubscribe": Session._unsubscribe,
+    "publish": Session._publish,
+    "history": Session._not_enabled,
+    "presence": Session._not_enabled,
+}
