@@ -14,6 +14,7 @@ from typing import Any
 
 from .connection import ServerConnection, WriteCoalescer
 from .deflate import ServerPerMessageDeflateFactory
+from .exceptions import ConnectionClosed
 from .headers import Headers, HeadersLike
 from .http11 import Limits, Request, Response
 from .protocol import CONNECTING, OPEN, ServerProtocol
@@ -209,6 +210,11 @@ class Server:
                 await self.handler(connection, request.path)
             else:
                 await self.handler(connection)
+        except ConnectionClosed as exc:
+            # The peer went away while the handler used the connection: not a server error.
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self.logger.debug("connection handler ended: %s", exc)
+            code = 1000
         except Exception:
             self.logger.error("connection handler failed", exc_info=True)
             code = 1011
