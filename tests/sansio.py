@@ -37,11 +37,22 @@ def open_protocol(extra: str = "", **kwargs: object) -> ServerProtocol:
 
 def sent_close_code(protocol: ServerProtocol) -> int | None:
     """The close code in the close frame the server wrote, if any (server frames are unmasked)."""
-    for data in protocol.data_to_send():
+    return sent_close_code_from(protocol.data_to_send())
+
+
+def sent_close_code_from(writes: list[bytes]) -> int | None:
+    for data in writes:
         if data[:1] == bytes([0x80 | Opcode.CLOSE]):
             payload = data[2:]
             return int.from_bytes(payload[:2], "big") if payload else 1005
     return None
 
 
-__all__ = ["KEY", "handshake_request", "masked", "open_protocol", "sent_close_code"]
+__all__ = [
+    "KEY",
+    "handshake_request",
+    "masked",
+    "open_protocol",
+    "sent_close_code",
+    "sent_close_code_from",
+]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import zlib
 
 import pytest
-from sansio import handshake_request, masked, open_protocol, sent_close_code
+from sansio import (
+    handshake_request,
+    masked,
+    open_protocol,
+    sent_close_code,
+    sent_close_code_from,
+)
 
 from hub.ws import Limits, ServerPerMessageDeflateFactory
 from hub.ws.frames import Close, Opcode
@@ -219,3 +225,23 @@ def test_eof_without_close_is_abnormal() -> None:
     p.receive_eof()
     assert p.state is CLOSED
     assert p.close_code == 1006
+
+
+def test_deferred_failure_lets_earlier_messages_be_answered_first() -> None:
+    p = open_protocol(defer_failures=True)
+    p.receive_data(masked(Opcode.TEXT, b"hello") + bytes([0x85, 0x80]) + b"abcd")
+    (frame,) = p.events_received()
+    assert frame.text == "hello"
+    assert p.state is OPEN and p.pending_failure is not None
+    p.send_text(b"hello")  # the application answers the message received before the error
+    p.apply_pending_failure()
+    out = p.data_to_send()
+    assert out[0] == b"\x81\x05hello"
+    assert sent_close_code_from(out[1:]) == 1002
+
+
+def test_deferred_failure_without_earlier_messages_is_immediate() -> None:
+    p = open_protocol(defer_failures=True)
+    p.receive_data(bytes([0x85, 0x80]) + b"abcd")
+    assert p.pending_failure is None
+    assert sent_close_code(p) == 1002

@@ -191,6 +191,13 @@ class ServerConnection(asyncio.Protocol):
             self._process_events()
         if protocol.writes:
             self._send_protocol_data()
+        if protocol.pending_failure is not None:
+            # Let the handler see the messages that came before the bad frame, then fail.
+            self.server.loop.call_soon(self._apply_pending_failure)
+
+    def _apply_pending_failure(self) -> None:
+        self.protocol.apply_pending_failure()
+        self._send_protocol_data()
 
     def eof_received(self) -> bool:
         self.protocol.receive_eof()

@@ -100,6 +100,7 @@ class ServerProtocol:
         "close_rcvd_then_sent",
         "close_sent",
         "debug",
+        "defer_failures",
         "deflate",
         "eof_sent",
         "events",
@@ -110,6 +111,7 @@ class ServerProtocol:
         "max_size",
         "origins",
         "parser",
+        "pending_failure",
         "reader",
         "state",
         "subprotocol",
@@ -127,6 +129,7 @@ class ServerProtocol:
         max_size: int | None = 2**20,
         limits: Limits | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
+        defer_failures: bool = False,
     ) -> None:
         self.origins = origins
         self.available_extensions = extensions or []
@@ -152,6 +155,11 @@ class ServerProtocol:
         self.close_sent: Close | None = None
         self.close_rcvd_then_sent: bool | None = None
         self.close_exc_override: Exception | None = None
+        # With defer_failures, a protocol error found right behind complete messages waits here
+        # until the I/O layer calls apply_pending_failure(), so the application can answer those
+        # messages first (what a peer expects when it pipelines a message and a bad frame).
+        self.defer_failures = defer_failures
+        self.pending_failure: tuple[int, str] | None = None
 
         # Incoming message being assembled (opcode of its first frame, compressed, size so far).
         self._msg_opcode: Opcode | None = None
@@ -196,8 +204,8 @@ class ServerProtocol:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes received from the network."""
-        if self.reader.eof:
-            return
+        if self.reader.eof or self.parser is None:
+            return  # after a failure or a close frame, input is discarded unread
         self.reader.buffer += data
         self._step()
 
@@ -496,7 +504,19 @@ class ServerProtocol:
         if self.debug:
             self.logger.debug("! failing connection with code %d: %s", code, exc)
         self.close_exc_override = exc
+        if self.defer_failures and self.state is OPEN and self.events:
+            self.pending_failure = (code, str(exc))
+            self.reader.discard()
+            self.parser = None
+            return
         self.fail(code, str(exc))
+
+    def apply_pending_failure(self) -> None:
+        """Fail the connection for a protocol error that was deferred (see ``defer_failures``)."""
+        pending = self.pending_failure
+        if pending is not None:
+            self.pending_failure = None
+            self.fail(*pending)
 
     def _parse(self) -> Generator[None, None, None]:
         reader = self.reader

@@ -134,6 +134,7 @@ class Server:
             max_size=self.max_size,
             limits=self.limits,
             logger=self.logger,
+            defer_failures=True,
         )
         connection = ServerConnection(self, protocol)
         return connection
