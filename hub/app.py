@@ -55,7 +55,8 @@ class Hub:
             self._handler,
             process_request=self._process_request,
             subprotocols=list(BY_SUBPROTOCOL),
-            origins=s.allowed_origins or None,
+            # Browsers always send Origin; clients that send none are not browsers.
+            origins=[*s.allowed_origins, None] if s.allowed_origins else None,
             max_size=s.max_message_size,
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_timeout,

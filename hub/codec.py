@@ -13,10 +13,18 @@ import msgpack
 
 from .errors import BadRequest
 
-__all__ = ["CODECS", "Codec", "JsonCodec", "MsgpackCodec"]
+__all__ = ["CODECS", "Codec", "JsonCodec", "MsgpackCodec", "loads_strict"]
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_loads = json.loads
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not json")
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """``json.loads`` without the NaN / Infinity literals Python accepts but JSON does not."""
+    return json.loads(text, parse_constant=_reject_constant)
 
 
 class Codec:
@@ -44,7 +52,7 @@ class JsonCodec(Codec):
         if isinstance(message, bytes):
             raise BadRequest("json protocol expects text frames")
         try:
-            obj = _loads(message)
+            obj = loads_strict(message)
         except ValueError:
             raise BadRequest("invalid json") from None
         if not isinstance(obj, dict):
@@ -56,6 +64,13 @@ class JsonCodec(Codec):
             return _dumps(obj)
         except (TypeError, ValueError):
             raise BadRequest("data cannot be encoded as json") from None
+
+    @staticmethod
+    def encode_or_none(obj: dict[str, Any]) -> str | None:
+        try:
+            return _dumps(obj)
+        except (TypeError, ValueError):
+            return None
 
 
 class MsgpackCodec(Codec):

@@ -100,7 +100,7 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
         return None
     try:
         if kind == "int":
-            if isinstance(value, bool):
+            if isinstance(value, (bool, float)):
                 raise ValueError
             return int(value)
         if kind == "float":

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from .codec import loads_strict
 from .errors import CloseCode
 from .metrics import CONTENT_TYPE_LATEST
 from .ws import Headers, Request, Response
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from .node import Node
 
 __all__ = ["HttpApi"]
+
+log = logging.getLogger("hub.http")
 
 
 class ApiError(Exception):
@@ -79,6 +83,9 @@ class HttpApi:
             if exc.status == 405:
                 response.headers["Allow"] = "POST"
             return response
+        except Exception:
+            log.exception("http api %s failed", path)
+            return _json(500, {"error": {"message": "internal error"}})
         return _json(200, {"result": result})
 
     def _check_key(self, request: Request) -> None:
@@ -103,7 +110,7 @@ class HttpApi:
         if "json" not in content_type:
             raise ApiError(415, "expected application/json")
         try:
-            body = json.loads(request.body or b"{}")
+            body = loads_strict(request.body or b"{}")
         except ValueError:
             raise ApiError(400, "invalid json") from None
         if not isinstance(body, dict):

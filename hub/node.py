@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .broker import Broker, MemoryBroker, Publication
-from .codec import CODECS, MSGPACK
+from .codec import CODECS, JSON, MSGPACK
 from .config import Settings
 from .errors import CloseCode
 from .metrics import Metrics
@@ -46,23 +46,24 @@ class Push:
         return frames.for_connection(session.connection)
 
     def _encode(self, index: int) -> encode_once:
-        codec = CODECS[index]
-        if codec.binary or _has_bytes(self.obj.get("data")):
-            # JSON cannot carry bytes: such pushes go out as msgpack in a binary frame.
-            return encode_once(Opcode.BINARY, MSGPACK.encode(self.obj))
-        text = codec.encode(self.obj)
-        assert isinstance(text, str)
-        return encode_once(Opcode.TEXT, text.encode())
+        """Never raises: a fan-out is all or nothing, so encoding cannot fail halfway through."""
+        if not CODECS[index].binary:
+            text = JSON.encode_or_none(self.obj)
+            if text is not None:
+                return encode_once(Opcode.TEXT, text.encode())
+            # JSON cannot carry it (bytes, NaN, non-string keys...): msgpack in a binary frame.
+        return encode_once(Opcode.BINARY, MSGPACK.encode(self.obj))
 
 
-def _has_bytes(value: Any) -> bool:
-    if isinstance(value, (bytes, bytearray)):
-        return True
-    if isinstance(value, dict):
-        return any(_has_bytes(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_bytes(v) for v in value)
-    return False
+def _closing_code(session: Session) -> int:
+    """The close code of whichever side closed first (1006 when neither sent one)."""
+    protocol = session.connection.protocol
+    rcvd, sent = protocol.close_rcvd, protocol.close_sent
+    if rcvd is not None and (sent is None or protocol.close_rcvd_then_sent):
+        return rcvd.code
+    if sent is not None:
+        return sent.code
+    return 1006
 
 
 class Node:
@@ -123,8 +124,7 @@ class Node:
 
     async def remove_session(self, session: Session) -> None:
         last_user, emptied = self.registry.remove(session, session.user)
-        code = session.connection.close_code
-        self.metrics.connections_closed.labels(str(code if code is not None else 1006)).inc()
+        self.metrics.connections_closed.labels(str(_closing_code(session))).inc()
         if emptied:
             await self.broker.unsubscribe(emptied)
         if last_user:

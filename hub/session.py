@@ -24,6 +24,7 @@ log = logging.getLogger("hub.session")
 
 _CHANNEL = re.compile(r"[A-Za-z0-9_\-.:@/=,+]+")
 MAX_ABUSE = 10  # bad commands tolerated before the connection is closed
+SLOW_CONSUMER_GRACE = 1.0  # seconds a closed slow consumer gets to drain before it is dropped
 
 
 class Session:
@@ -56,6 +57,9 @@ class Session:
             self.node.metrics.slow_consumers.inc()
             log.info("closing slow consumer %r (%d bytes pending)", self, buffered)
             connection._fail(CloseCode.SLOW_CONSUMER, "slow consumer")
+            # The close frame waits behind the full buffer; don't hold that memory for long.
+            loop = asyncio.get_running_loop()
+            loop.call_later(SLOW_CONSUMER_GRACE, transport.abort)
             return 0
         connection._write(frame)
         return len(frame)
@@ -151,7 +155,8 @@ class Session:
         ns = self.node.settings.namespace(channel)
         if not ns.publish:
             raise ReplyError("publishing is not allowed here", ErrorCode.PERMISSION_DENIED)
-        size = len(self.codec.encode({"data": command["data"]}))
+        encoded = self.codec.encode({"data": command["data"]})
+        size = len(encoded.encode() if isinstance(encoded, str) else encoded)
         if ns.max_message_size and size > ns.max_message_size:
             raise ReplyError(f"data exceeds {ns.max_message_size} bytes", ErrorCode.TOO_LARGE)
         await self.node.publish(channel, command["data"], source="client")

@@ -1,0 +1,610 @@
+"""The Redis bridge: a :class:`~hub.broker.Broker` that joins hub processes through Redis pub/sub.
+
+Each process holds one pub/sub connection and subscribes only what it needs: ``<prefix>:ch:<c>``
+while it has a local subscriber of channel ``c``, ``<prefix>:user:<u>`` while it holds a
+connection of user ``u``, and always ``<prefix>:all`` and ``<prefix>:ctl``. There is no pattern
+subscription and no Redis subscription per WebSocket: one Redis message reaches a process once,
+is decoded once and handed to the node once, and the node encodes one frame for all its
+recipients. The wire format is in ``hub.publisher`` and docs/publish-api.md.
+
+Publishing goes over a separate, pipelined connection (``hub.publisher.AsyncPublisher``), so a
+slow subscribe never delays a publish and concurrent publishes share round trips.
+
+When Redis goes away the bridge reports it at once (``ready`` turns False, ``on_gap`` for every
+channel with local subscribers), reconnects with exponential backoff and jitter, resubscribes in
+batches, and reports a gap again once the subscriptions are back: messages published in between
+are lost, and subscribers that refetched state early must refetch after the link is back too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import msgpack
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import RedisError
+
+from .broker import Broker, BrokerHandler, Publication
+from .errors import HubError
+from .publisher import DEFAULT_PREFIX, MAX_REASON_BYTES, AsyncPublisher, Names
+
+__all__ = ["BridgeError", "RedisBroker"]
+
+log = logging.getLogger("hub.bridge")
+
+_RESERVED = frozenset({"channel", "data", "gap"})
+
+
+class BridgeError(HubError):
+    """Redis is unreachable or did not answer in time (the HTTP API can answer 503)."""
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code}")
+
+
+def _unpack(payload: bytes) -> Any:
+    # timestamp=1: a msgpack timestamp (what JavaScript encoders make of a Date) becomes float
+    # Unix seconds, which both client encodings can carry; other extension types are refused.
+    return msgpack.unpackb(
+        payload, raw=False, strict_map_key=True, timestamp=1, ext_hook=_reject_ext
+    )
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class _RateLimited:
+    """At most one log line per ``interval`` seconds, with a count of the ones held back, so a
+    flood of garbage cannot flood the log too."""
+
+    __slots__ = ("interval", "last", "suppressed")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.last = -math.inf
+        self.suppressed = 0
+
+    def __call__(self, emit: Callable[..., None], message: str, *args: Any, **kw: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            message += " (%d similar messages suppressed)"
+            args = (*args, self.suppressed)
+        self.last = now
+        self.suppressed = 0
+        emit(message, *args, **kw)
+
+
+class _Batch:
+    """One SUBSCRIBE command: done when Redis has confirmed every channel in it. Subscribers of a
+    channel that is already on its way wait for the same batch instead of sending it again."""
+
+    __slots__ = ("future", "remaining")
+
+    def __init__(self, size: int) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.remaining = size
+
+    def confirm(self) -> None:
+        self.remaining -= 1
+        if self.remaining <= 0 and not self.future.done():
+            self.future.set_result(None)
+
+    def release(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class RedisBroker(Broker):
+    """Join hub processes through Redis (see the module docstring and docs/publish-api.md).
+
+    ``unsubscribe_delay``: a channel (or user) left by its last local subscriber stays subscribed
+    in Redis this long, so churn (a page reload) does not thrash Redis. ``ping_interval`` /
+    ``ping_timeout``: liveness probe of the pub/sub connection; a silent one is replaced.
+    ``backoff_min`` / ``backoff_max``: reconnect delays (doubling, with jitter). ``batch_size``:
+    channels per SUBSCRIBE when resubscribing. ``forward``: optional envelope fields passed on
+    to clients with a channel publication. ``start_timeout``: how long :meth:`start` waits for
+    the first connection before carrying on (not ready) and retrying in the background.
+
+    Counters for metrics: ``malformed`` (payloads dropped), ``reconnects`` (links restored),
+    ``handler_errors`` (node callbacks that raised).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        unsubscribe_delay: float = 1.0,
+        ping_interval: float = 5.0,
+        ping_timeout: float = 3.0,
+        connect_timeout: float = 5.0,
+        backoff_min: float = 0.1,
+        backoff_max: float = 5.0,
+        batch_size: int = 500,
+        forward: Iterable[str] = ("ts", "event"),
+        start_timeout: float = 5.0,
+        **redis_kwargs: Any,
+    ) -> None:
+        self.url = url
+        self.names = Names(prefix)
+        self.unsubscribe_delay = unsubscribe_delay
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.connect_timeout = connect_timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.batch_size = batch_size
+        self.forward = tuple(forward)
+        if _RESERVED.intersection(self.forward):
+            raise ValueError("forward must not name channel, data or gap")
+        self.start_timeout = start_timeout
+
+        self.malformed = 0
+        self.reconnects = 0
+        self.handler_errors = 0
+
+        redis_kwargs.setdefault("socket_timeout", connect_timeout)
+        redis_kwargs.setdefault("socket_connect_timeout", connect_timeout)
+        self._redis_kwargs = redis_kwargs
+        self._pool = ConnectionPool.from_url(
+            url, **{**redis_kwargs, "client_name": f"{prefix}-bridge-sub"}
+        )
+        self._publisher: AsyncPublisher | None = None
+
+        self._ch = f"{prefix}:ch:".encode()
+        self._user = f"{prefix}:user:".encode()
+        self._all = self.names.all.encode()
+        self._ctl = self.names.ctl.encode()
+
+        # What this process needs subscribed, by Redis channel name.
+        self._wanted: set[bytes] = {self._all, self._ctl}
+        # What has been sent as SUBSCRIBE (and not UNSUBSCRIBE) on the current connection.
+        self._sent: set[bytes] = set()
+        # Batches awaiting Redis's confirmation, per channel, oldest first.
+        self._pending: dict[bytes, deque[_Batch]] = {}
+        # Channels no longer wanted and their unsubscribe deadline, in deadline order.
+        self._lingering: dict[bytes, float] = {}
+        self._linger_timer: asyncio.TimerHandle | None = None
+
+        self._connection: AbstractConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._outbox: list[tuple[bytes, ...]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._pong: asyncio.Future[None] | None = None
+        self._link: asyncio.Task[None] | None = None
+        self._first_attempt: asyncio.Future[None] | None = None
+        self._up = False
+        self._ever_up = False
+        self._closing = False
+        self._log_malformed = _RateLimited()
+        self._log_handler = _RateLimited()
+        self._log_connect = _RateLimited()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, handler: BrokerHandler) -> None:
+        await super().start(handler)
+        self._closing = False
+        loop = asyncio.get_running_loop()
+        kwargs = {**self._redis_kwargs, "client_name": f"{self.names.prefix}-bridge-pub"}
+        self._publisher = AsyncPublisher(self.url, prefix=self.names.prefix, **kwargs)
+        self._first_attempt = loop.create_future()
+        self._link = loop.create_task(self._run(), name="hub-bridge-link")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first_attempt), self.start_timeout)
+        except TimeoutError:
+            pass
+        if not self._up:
+            log.warning("redis at %s is not reachable yet; retrying", _redact(self.url))
+
+    async def close(self) -> None:
+        self._closing = True
+        link, self._link = self._link, None
+        if link is not None:
+            link.cancel()
+            await asyncio.gather(link, return_exceptions=True)
+        if self._publisher is not None:
+            await self._publisher.aclose()
+            self._publisher = None
+        await super().close()
+
+    @property
+    def ready(self) -> bool:
+        return self.handler is not None and self._up
+
+    # -- subscriptions -------------------------------------------------------------------------
+
+    async def subscribe(self, channels: Iterable[str]) -> None:
+        await self._want([self._ch + c.encode() for c in channels])
+
+    async def unsubscribe(self, channels: Iterable[str]) -> None:
+        self._unwant([self._ch + c.encode() for c in channels])
+
+    async def subscribe_user(self, user: str) -> None:
+        await self._want([self._user + user.encode()])
+
+    async def unsubscribe_user(self, user: str) -> None:
+        self._unwant([self._user + user.encode()])
+
+    @property
+    def redis_channels(self) -> set[bytes]:
+        """Redis channels this process needs (for tests and debugging)."""
+        return set(self._wanted)
+
+    async def _want(self, names: list[bytes]) -> None:
+        """Subscribe and return once Redis has confirmed, so that a publish made after the
+        client's subscribe reply is delivered. While the link is down this returns at once: the
+        channel is subscribed on reconnect and its subscribers get a gap notice then."""
+        fresh: list[bytes] = []
+        waits: set[asyncio.Future[None]] = set()
+        for name in names:
+            self._wanted.add(name)
+            self._lingering.pop(name, None)
+            if self._connection is None:
+                continue
+            if name in self._sent:
+                queue = self._pending.get(name)
+                if queue:
+                    waits.add(queue[-1].future)
+            else:
+                fresh.append(name)
+        if fresh:
+            waits.update(batch.future for batch in self._send_subscribe(fresh))
+        for future in waits:
+            # Shielded: one caller giving up must not cancel the batch others wait for.
+            await asyncio.shield(future)
+
+    def _unwant(self, names: list[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.unsubscribe_delay
+        for name in names:
+            if name == self._all or name == self._ctl:
+                continue
+            self._wanted.discard(name)
+            if name in self._sent:
+                self._lingering.pop(name, None)  # re-insert: the dict stays in deadline order
+                self._lingering[name] = deadline
+        if self._lingering and self._linger_timer is None:
+            first = next(iter(self._lingering.values()))
+            self._linger_timer = loop.call_at(first, self._sweep)
+
+    def _sweep(self) -> None:
+        """Unsubscribe what stayed unwanted for ``unsubscribe_delay``: re-checking here is what
+        makes the lazy unsubscribe safe against a resubscribe in the meantime."""
+        self._linger_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        drop: list[bytes] = []
+        while self._lingering:
+            name, deadline = next(iter(self._lingering.items()))
+            if deadline > now:
+                break
+            del self._lingering[name]
+            if name not in self._wanted and name in self._sent:
+                self._sent.discard(name)
+                drop.append(name)
+        for start in range(0, len(drop), self.batch_size):
+            self._send((b"UNSUBSCRIBE", *drop[start : start + self.batch_size]))
+        if self._lingering:
+            first = next(iter(self._lingering.values()))
+            self._linger_timer = loop.call_at(first, self._sweep)
+
+    def _send_subscribe(self, names: list[bytes]) -> list[_Batch]:
+        batches = []
+        for start in range(0, len(names), self.batch_size):
+            chunk = names[start : start + self.batch_size]
+            batch = _Batch(len(chunk))
+            for name in chunk:
+                self._sent.add(name)
+                queue = self._pending.get(name)
+                if queue is None:
+                    queue = self._pending[name] = deque()
+                queue.append(batch)
+            self._send((b"SUBSCRIBE", *chunk))
+            batches.append(batch)
+        return batches
+
+    def _send(self, command: tuple[bytes, ...]) -> None:
+        """Queue a command for the pub/sub connection; all commands queued in one event-loop
+        turn leave in one write, in order."""
+        if self._connection is None:
+            return
+        self._outbox.append(command)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        connection = self._connection
+        try:
+            while self._outbox and connection is not None and connection is self._connection:
+                commands, self._outbox = self._outbox, []
+                if not connection.is_connected:
+                    return  # torn down; never let redis-py reconnect this one behind our back
+                await connection.send_packed_command(
+                    connection.pack_commands(commands), check_health=False
+                )
+        except (RedisError, OSError) as exc:
+            log.debug("redis pub/sub write failed: %s", exc)
+            if self._reader is not None:
+                self._reader.cancel()  # the link task sees the reader end and reconnects
+        finally:
+            self._flusher = None
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def _pub(self) -> AsyncPublisher:
+        if self._publisher is None:
+            raise BridgeError("broker not started")
+        return self._publisher
+
+    async def _publishing(self, publish: Awaitable[int]) -> None:
+        try:
+            await publish
+        except (RedisError, OSError) as exc:
+            raise BridgeError(f"redis unavailable: {exc}") from exc
+
+    async def publish(self, channel: str, data: Any, **meta: Any) -> None:
+        unknown = set(meta).difference(self.forward)
+        if unknown:
+            # They would reach no client (receivers pass on only ``forward``): fail loudly.
+            raise ValueError(f"envelope fields not forwarded: {', '.join(sorted(unknown))}")
+        await self._publishing(self._pub().publish(channel, data, **meta))
+
+    async def send_to_user(self, user: str, data: Any) -> None:
+        await self._publishing(self._pub().send_to_user(user, data))
+
+    async def broadcast(self, data: Any) -> None:
+        await self._publishing(self._pub().broadcast(data))
+
+    async def disconnect(self, user: str, code: int, reason: str) -> None:
+        await self._publishing(self._pub().disconnect(user, code, reason))
+
+    # -- the link: connect, resubscribe, read, probe, reconnect --------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        down_since = time.monotonic()
+        while True:
+            connection = self._pool.make_connection()
+            reader: asyncio.Task[None] | None = None
+            reason: BaseException | None = None
+            try:
+                await asyncio.wait_for(connection.connect(), self.connect_timeout)
+                reader = asyncio.get_running_loop().create_task(self._read(connection))
+                self._connection, self._reader = connection, reader
+                count = await self._resubscribe(reader)
+                self._up = True
+                if self._ever_up:
+                    self.reconnects += 1
+                    log.warning(
+                        "redis link restored after %.1fs (%d channels resubscribed)",
+                        time.monotonic() - down_since,
+                        count,
+                    )
+                self._ever_up = True
+                attempt = 0
+                self._attempted()
+                self._gap()  # what was published while down (or while subscribing) is lost
+                await self._watch(reader)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError, BridgeError) as exc:
+                reason = exc
+            except Exception as exc:  # a bug here must not end the link for good
+                log.exception("redis link failed")
+                reason = exc
+            finally:
+                was_up = self._drop()
+                if was_up:
+                    down_since = time.monotonic()
+                    if not self._closing:
+                        log.warning("redis link lost: %s; reconnecting", reason or "closed")
+                        self._gap()  # clients learn now, not after the reconnect
+                await self._dispose(connection, reader)
+            self._attempted()
+            if not was_up:
+                self._log_connect(
+                    log.warning, "redis at %s unreachable: %s", _redact(self.url), reason
+                )
+            delay = min(self.backoff_max, self.backoff_min * 2**attempt)
+            attempt = min(attempt + 1, 30)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _attempted(self) -> None:
+        if self._first_attempt is not None and not self._first_attempt.done():
+            self._first_attempt.set_result(None)
+
+    async def _resubscribe(self, reader: asyncio.Task[None]) -> int:
+        """Subscribe everything wanted, ``batch_size`` channels per SUBSCRIBE, pipelined."""
+        names = list(self._wanted)
+        batches = self._send_subscribe(names)
+        # Redis confirms in order: once the last batch is confirmed, all of them are.
+        await self._until(batches[-1].future, reader, self.connect_timeout, "subscribe")
+        return len(names) - 2
+
+    async def _until(
+        self, future: asyncio.Future[Any], reader: asyncio.Task[None], timeout: float, what: str
+    ) -> None:
+        """Wait for ``future`` unless the connection dies or Redis stays silent for ``timeout``.
+        The future is not cancelled on failure: subscribers may share it, and dropping the link
+        releases them."""
+        done, _ = await asyncio.wait(
+            (future, reader), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if reader in done:
+            self._reader_failed(reader)
+        if future not in done:
+            raise BridgeError(f"redis did not answer {what} within {timeout}s")
+
+    @staticmethod
+    def _reader_failed(reader: asyncio.Task[None]) -> None:
+        if not reader.cancelled():
+            exc = reader.exception()
+            if exc is not None:
+                raise exc
+        raise BridgeError("redis connection closed")
+
+    async def _watch(self, reader: asyncio.Task[None]) -> None:
+        """Probe the pub/sub connection: a PING must come back within ``ping_timeout``. A
+        connection can stay open yet deliver nothing (a stopped server, a dead NAT entry)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            done, _ = await asyncio.wait((reader,), timeout=self.ping_interval)
+            if done:
+                self._reader_failed(reader)
+            self._pong = loop.create_future()
+            self._send((b"PING",))
+            await self._until(self._pong, reader, self.ping_timeout, "ping")
+
+    async def _read(self, connection: AbstractConnection) -> None:
+        read = connection.read_response
+        forever = math.inf
+        while True:
+            reply = await read(timeout=forever)
+            if type(reply) is not list or len(reply) < 2:
+                continue
+            kind = reply[0]
+            if kind == b"message" and len(reply) == 3:
+                self._on_message(reply[1], reply[2])
+            elif kind == b"subscribe":
+                queue = self._pending.get(reply[1])
+                if queue:
+                    queue.popleft().confirm()
+                    if not queue:
+                        del self._pending[reply[1]]
+            elif kind == b"pong":
+                pong = self._pong
+                if pong is not None and not pong.done():
+                    pong.set_result(None)
+
+    def _drop(self) -> bool:
+        """Forget the connection's state at once (no await, so nothing runs in between). Returns
+        whether the link was up."""
+        was_up = self._up
+        self._up = False
+        self._connection = None
+        self._reader = None
+        self._outbox.clear()
+        self._sent.clear()
+        for queue in self._pending.values():
+            for batch in queue:
+                batch.release()  # waiting subscribers return; the channel is resubscribed later
+        self._pending.clear()
+        self._lingering.clear()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        if self._pong is not None and not self._pong.done():
+            self._pong.cancel()
+        self._pong = None
+        return was_up
+
+    async def _dispose(
+        self, connection: AbstractConnection, reader: asyncio.Task[None] | None
+    ) -> None:
+        flusher = self._flusher
+        for task in (reader, flusher):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (reader, flusher):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        try:
+            await connection.disconnect(nowait=True)
+        except (RedisError, OSError, TimeoutError):
+            pass
+
+    def _gap(self) -> None:
+        prefix = self._ch
+        channels = [n[len(prefix) :].decode() for n in self._wanted if n.startswith(prefix)]
+        if channels and self.handler is not None:
+            self._call(self.handler.on_gap, channels)
+
+    # -- incoming messages ---------------------------------------------------------------------
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            self.handler_errors += 1
+            self._log_handler(log.error, "broker callback failed", exc_info=True)
+
+    def _malformed(self, name: bytes, why: str) -> None:
+        self.malformed += 1
+        self._log_malformed(log.warning, "dropped a malformed message on %r: %s", name, why)
+
+    def _on_message(self, name: bytes, payload: bytes) -> None:
+        handler = self.handler
+        if handler is None:
+            return
+        try:
+            envelope = _unpack(payload)
+        except Exception as exc:
+            self._malformed(name, f"not msgpack ({exc})")
+            return
+        if type(envelope) is not dict:
+            self._malformed(name, "not a map")
+            return
+        if name == self._ctl:
+            self._on_control(name, envelope)
+            return
+        if "data" not in envelope:
+            self._malformed(name, "no data field")
+            return
+        data = envelope["data"]
+        if name.startswith(self._ch):
+            meta = {}
+            if len(envelope) > 1:
+                meta = {k: envelope[k] for k in self.forward if k in envelope}
+            channel = name[len(self._ch) :].decode()
+            self._call(handler.on_publication, Publication(channel, data, meta))
+        elif name.startswith(self._user):
+            self._call(handler.on_user_message, name[len(self._user) :].decode(), data)
+        elif name == self._all:
+            self._call(handler.on_broadcast, data)
+
+    def _on_control(self, name: bytes, message: dict[str, Any]) -> None:
+        assert self.handler is not None
+        op = message.get("op")
+        if not isinstance(op, str):
+            self._malformed(name, "control message without op")
+            return
+        if op != "disconnect":
+            log.debug("ignoring control message %r", op)  # a newer hub's: forward compatible
+            return
+        user = message.get("user")
+        code = message.get("code", 4503)
+        reason = message.get("reason", "")
+        if (
+            not isinstance(user, str)
+            or not user
+            or isinstance(code, bool)
+            or not isinstance(code, int)
+            or not 4000 <= code <= 4999
+            or not isinstance(reason, str)
+            or len(reason.encode()) > MAX_REASON_BYTES
+        ):
+            self._malformed(name, "bad disconnect (user, code 4000-4999, reason)")
+            return
+        self._call(self.handler.on_disconnect, user, code, reason)

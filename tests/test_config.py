@@ -1,0 +1,173 @@
+"""Settings: TOML file, then ``HUB_*`` environment, then overrides (flags); every bad value is a
+one-line ``ConfigError`` naming the field; dev mode (no secret) only on loopback addresses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hubfix import SECRET, make_settings
+
+from hub.config import ConfigError, Namespace, Settings, load_settings
+
+FILE = """
+port = 1111
+max_subscriptions = 7
+allowed_origins = ["https://file.example"]
+token_secret = "from-the-file-0123456789abcdef0123"
+
+[namespaces.chat]
+publish = true
+max_message_size = 2048
+
+[namespaces.private]
+subscribe = "token"
+
+[namespaces.default]
+publish = true
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "hub.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_toml_file_values_and_namespaces(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, FILE), env={})
+    assert s.port == 1111
+    assert s.max_subscriptions == 7
+    assert s.allowed_origins == ["https://file.example"]
+    assert not s.insecure
+    assert s.namespace("chat:room") == Namespace(name="chat", publish=True, max_message_size=2048)
+    assert s.namespace("private:x").subscribe == "token"
+    # "default" configures channels without a known namespace (and without a colon).
+    assert s.namespace("news").publish is True
+    assert s.namespace("unknown:x").publish is True
+    assert s.namespace("chat").publish is True  # no colon: not the chat namespace
+    assert s.namespace("chat").max_message_size == 65536
+
+
+def test_hub_table_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, "[hub]\nport = 2345\n[hub.namespaces.chat]\npublish = true\n")
+    s = load_settings(path, env={})
+    assert s.port == 2345
+    assert s.namespace("chat:x").publish
+
+
+def test_environment_overrides_file_and_overrides_override_both(tmp_path: Path) -> None:
+    path = write(tmp_path, FILE)
+    env = {"HUB_PORT": "2222", "HUB_MAX_SUBSCRIPTIONS": "8", "HUB_ALLOWED_ORIGINS": "a, b"}
+    s = load_settings(path, env=env)
+    assert (s.port, s.max_subscriptions, s.allowed_origins) == (2222, 8, ["a", "b"])
+    s = load_settings(path, env=env, overrides={"port": 3333, "max_subscriptions": None})
+    assert (s.port, s.max_subscriptions) == (3333, 8)  # None means "flag not given"
+    assert s.token_secret == "from-the-file-0123456789abcdef0123"
+    s = load_settings(path, env={"HUB_TOKEN_SECRET": SECRET})
+    assert s.token_secret == SECRET
+    assert s.namespace("chat:x").publish  # namespaces come from the file only
+
+
+def test_hub_config_environment_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, FILE)
+    s = load_settings(None, env={"HUB_CONFIG": str(path)})
+    assert s.port == 1111
+    explicit = write(tmp_path, "port = 4444\n", "other.toml")
+    assert load_settings(explicit, env={"HUB_CONFIG": str(path)}).port == 4444
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("off", False)],
+)
+def test_boolean_environment_values(raw: str, value: bool) -> None:
+    s = load_settings(None, env={"HUB_INSECURE": raw, "HUB_TOKEN_SECRET": SECRET})
+    assert s.insecure is value
+
+
+def test_defaults_are_dev_mode_on_loopback() -> None:
+    s = load_settings(None, env={})
+    assert s == Settings(insecure=True)
+    assert (s.host, s.port) == ("127.0.0.1", 8765)
+    assert s.outbound_buffer == 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "overrides", "field"),
+    [
+        ('port = "abc"', {}, {}, "port"),
+        ("port = 70000", {}, {}, "port"),
+        ("port = -1", {}, {}, "port"),
+        ("port = true", {}, {}, "port"),
+        ("", {"HUB_PORT": "abc"}, {}, "HUB_PORT"),
+        ("", {}, {"port": "abc"}, "port"),
+        ("insecure = 'maybe'", {}, {}, "insecure"),
+        ("", {"HUB_INSECURE": "maybe"}, {}, "HUB_INSECURE"),
+        ("max_subscriptions = -1", {}, {}, "max_subscriptions"),
+        ("max_message_size = 1.5", {}, {}, "max_message_size"),
+        ("outbound_buffer = 10", {}, {}, "outbound_buffer"),
+        ("", {}, {"outbound_buffer": 10}, "outbound_buffer"),
+        ("ping_interval = 'soon'", {}, {}, "ping_interval"),
+        ("log_level = 'loud'", {}, {}, "log_level"),
+        ("workers = 0", {}, {}, "workers"),
+        ("workers = 2", {}, {}, "workers"),
+        ("redis_url = 'http://x'", {}, {}, "redis_url"),
+        ("allowed_origins = [1, 2]", {}, {}, "allowed_origins"),
+        ("no_such_setting = 1", {}, {}, "no_such_setting"),
+        ("", {}, {"no_such_setting": 1}, "no_such_setting"),
+        ("namespaces = 5", {}, {}, "namespaces"),
+        ("[namespaces]\nchat = 5", {}, {}, "namespaces.chat"),
+        ("[namespaces.chat]\nsubscribe = 'everyone'", {}, {}, "namespaces.chat.subscribe"),
+        ("[namespaces.chat]\npublish = 'sometimes'", {}, {}, "namespaces.chat.publish"),
+        ("[namespaces.chat]\nbogus = 1", {}, {}, "namespaces.chat.bogus"),
+        ("[namespaces.chat]\nmax_message_size = -5", {}, {}, "namespaces.chat.max_message_size"),
+        ("port = ", {}, {}, "hub.toml"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_field(
+    tmp_path: Path, toml: str, env: dict[str, str], overrides: dict[str, Any], field: str
+) -> None:
+    path = write(tmp_path, toml) if toml else None
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env, overrides=overrides)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert field in message, message
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(tmp_path / "missing.toml", env={})
+    assert "missing.toml" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.0.2.10", "example.com"])
+def test_non_loopback_host_without_secret_is_refused(host: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, env={}, overrides={"host": host})
+    assert "token_secret" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    # Explicit dev mode on a network address is refused even with a secret.
+    with pytest.raises(ConfigError):
+        load_settings(None, env={}, overrides={"host": host, "insecure": True, "token_secret": "s"})
+    # With a secret (or a public key) it is fine and not in dev mode.
+    s = load_settings(None, env={"HUB_TOKEN_SECRET": SECRET}, overrides={"host": host})
+    assert not s.insecure
+    s = load_settings(None, env={}, overrides={"host": host, "token_public_key": "PEM"})
+    assert not s.insecure
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_hosts_allow_dev_mode(host: str) -> None:
+    assert load_settings(None, env={}, overrides={"host": host}).insecure
+
+
+def test_make_settings_helper_never_reads_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HUB_PORT", "not-a-port")
+    assert make_settings().port == 0
