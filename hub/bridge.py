@@ -47,16 +47,11 @@ class BridgeError(HubError):
     """Redis is unreachable or did not answer in time (the HTTP API can answer 503)."""
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack extension type {code}")
-
-
 def _unpack(payload: bytes) -> Any:
-    # timestamp=1: a msgpack timestamp (what JavaScript encoders make of a Date) becomes float
-    # Unix seconds, which both client encodings can carry; other extension types are refused.
-    return msgpack.unpackb(
-        payload, raw=False, strict_map_key=True, timestamp=1, ext_hook=_reject_ext
-    )
+    # The options of the client msgpack codec (hub.codec), so data crosses Redis exactly as it
+    # crosses one process: str stays str, bin stays bytes, extension types (timestamps too) stay
+    # themselves (JSON clients get such pushes as msgpack, see docs/protocol.md "Pushes").
+    return msgpack.unpackb(payload, raw=False, strict_map_key=True)
 
 
 def _redact(url: str) -> str:
@@ -167,9 +162,10 @@ class RedisBroker(Broker):
         redis_kwargs.setdefault("socket_timeout", connect_timeout)
         redis_kwargs.setdefault("socket_connect_timeout", connect_timeout)
         self._redis_kwargs = redis_kwargs
-        self._pool = ConnectionPool.from_url(
-            url, **{**redis_kwargs, "client_name": f"{prefix}-bridge-sub"}
-        )
+        # RESP2 on the pub/sub connection: messages, confirmations and pongs arrive as plain
+        # replies to read in order (redis-py >= 8 defaults to RESP3, whose pushes it diverts).
+        sub_kwargs = {**redis_kwargs, "client_name": f"{prefix}-bridge-sub", "protocol": 2}
+        self._pool = ConnectionPool.from_url(url, **sub_kwargs)
         self._publisher: AsyncPublisher | None = None
 
         self._ch = f"{prefix}:ch:".encode()
@@ -189,7 +185,9 @@ class RedisBroker(Broker):
 
         self._connection: AbstractConnection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._outbox: list[tuple[bytes, ...]] = []
+        self._outbox: list[list[bytes]] = []
+        # The last queued SUBSCRIBE while it can still take more channels, and its batch.
+        self._open: tuple[list[bytes], _Batch] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._pong: asyncio.Future[None] | None = None
         self._link: asyncio.Task[None] | None = None
@@ -247,11 +245,6 @@ class RedisBroker(Broker):
     async def unsubscribe_user(self, user: str) -> None:
         self._unwant([self._user + user.encode()])
 
-    @property
-    def redis_channels(self) -> set[bytes]:
-        """Redis channels this process needs (for tests and debugging)."""
-        return set(self._wanted)
-
     async def _want(self, names: list[bytes]) -> None:
         """Subscribe and return once Redis has confirmed, so that a publish made after the
         client's subscribe reply is delivered. While the link is down this returns at once: the
@@ -305,31 +298,42 @@ class RedisBroker(Broker):
                 self._sent.discard(name)
                 drop.append(name)
         for start in range(0, len(drop), self.batch_size):
-            self._send((b"UNSUBSCRIBE", *drop[start : start + self.batch_size]))
+            self._send([b"UNSUBSCRIBE", *drop[start : start + self.batch_size]])
         if self._lingering:
             first = next(iter(self._lingering.values()))
             self._linger_timer = loop.call_at(first, self._sweep)
 
     def _send_subscribe(self, names: list[bytes]) -> list[_Batch]:
-        batches = []
-        for start in range(0, len(names), self.batch_size):
-            chunk = names[start : start + self.batch_size]
-            batch = _Batch(len(chunk))
-            for name in chunk:
-                self._sent.add(name)
-                queue = self._pending.get(name)
-                if queue is None:
-                    queue = self._pending[name] = deque()
-                queue.append(batch)
-            self._send((b"SUBSCRIBE", *chunk))
-            batches.append(batch)
+        """Queue SUBSCRIBEs for ``names``. Names queued during one event-loop turn (by many
+        clients subscribing at once) join the same SUBSCRIBE, up to ``batch_size`` per command."""
+        batches: list[_Batch] = []
+        if self._connection is None:
+            return batches
+        for name in names:
+            if self._open is None or self._open[1].remaining >= self.batch_size:
+                self._open = ([b"SUBSCRIBE"], _Batch(0))
+                self._queue(self._open[0])
+            command, batch = self._open
+            command.append(name)
+            batch.remaining += 1
+            if not batches or batches[-1] is not batch:
+                batches.append(batch)
+            self._sent.add(name)
+            queue = self._pending.get(name)
+            if queue is None:
+                queue = self._pending[name] = deque()
+            queue.append(batch)
         return batches
 
-    def _send(self, command: tuple[bytes, ...]) -> None:
+    def _send(self, command: list[bytes]) -> None:
         """Queue a command for the pub/sub connection; all commands queued in one event-loop
         turn leave in one write, in order."""
         if self._connection is None:
             return
+        self._open = None  # keep the order: later SUBSCRIBEs go after this command
+        self._queue(command)
+
+    def _queue(self, command: list[bytes]) -> None:
         self._outbox.append(command)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -338,7 +342,7 @@ class RedisBroker(Broker):
         connection = self._connection
         try:
             while self._outbox and connection is not None and connection is self._connection:
-                commands, self._outbox = self._outbox, []
+                commands, self._outbox, self._open = self._outbox, [], None
                 if not connection.is_connected:
                     return  # torn down; never let redis-py reconnect this one behind our back
                 await connection.send_packed_command(
@@ -397,8 +401,8 @@ class RedisBroker(Broker):
                 self._up = True
                 if self._ever_up:
                     self.reconnects += 1
-                    log.warning(
-                        "redis link restored after %.1fs (%d channels resubscribed)",
+                    log.info(
+                        "redis link restored after %.1fs (%d redis channels resubscribed)",
                         time.monotonic() - down_since,
                         count,
                     )
@@ -474,7 +478,7 @@ class RedisBroker(Broker):
             if done:
                 self._reader_failed(reader)
             self._pong = loop.create_future()
-            self._send((b"PING",))
+            self._send([b"PING"])
             await self._until(self._pong, reader, self.ping_timeout, "ping")
 
     async def _read(self, connection: AbstractConnection) -> None:
@@ -506,6 +510,7 @@ class RedisBroker(Broker):
         self._connection = None
         self._reader = None
         self._outbox.clear()
+        self._open = None
         self._sent.clear()
         for queue in self._pending.values():
             for batch in queue:
@@ -561,7 +566,7 @@ class RedisBroker(Broker):
         try:
             envelope = _unpack(payload)
         except Exception as exc:
-            self._malformed(name, f"not msgpack ({exc})")
+            self._malformed(name, f"not msgpack ({type(exc).__name__}: {exc})")
             return
         if type(envelope) is not dict:
             self._malformed(name, "not a map")
