@@ -31,6 +31,10 @@ log = logging.getLogger("hub")
 class Hub:
     def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
         self.settings = settings
+        if broker is None and settings.redis_url:
+            from .bridge import RedisBroker
+
+            broker = RedisBroker(settings.redis_url, settings.redis_prefix)
         self.node = Node(settings, broker)
         self.api = HttpApi(self.node, settings.api_key, settings.insecure)
         self.verifier: TokenVerifier | None = None

@@ -33,7 +33,7 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import RedisError
 
 from .broker import Broker, BrokerHandler, Publication
-from .errors import HubError
+from .errors import HubUnavailable
 from .publisher import DEFAULT_PREFIX, MAX_REASON_BYTES, AsyncPublisher, Names
 
 __all__ = ["BridgeError", "RedisBroker"]
@@ -43,7 +43,7 @@ log = logging.getLogger("hub.bridge")
 _RESERVED = frozenset({"channel", "data", "gap"})
 
 
-class BridgeError(HubError):
+class BridgeError(HubUnavailable):
     """Redis is unreachable or did not answer in time (the HTTP API can answer 503)."""
 
 

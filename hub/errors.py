@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["BadRequest", "CloseCode", "ErrorCode", "HubError", "ReplyError"]
+__all__ = [
+    "BadRequest",
+    "CloseCode",
+    "ErrorCode",
+    "HubError",
+    "HubUnavailable",
+    "ReplyError",
+]
 
 
 class HubError(Exception):
@@ -28,6 +35,10 @@ class ErrorCode(enum.IntEnum):
     NOT_SUBSCRIBED = 109
     TOO_LARGE = 110
     UNAVAILABLE = 111
+
+
+class HubUnavailable(HubError):
+    """The broker cannot deliver right now (e.g. Redis is down); retry later."""
 
 
 class ReplyError(HubError):

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .codec import loads_strict
-from .errors import CloseCode
+from .errors import CloseCode, HubUnavailable
 from .metrics import CONTENT_TYPE_LATEST
 from .ws import Headers, Request, Response
 
@@ -83,6 +83,8 @@ class HttpApi:
             if exc.status == 405:
                 response.headers["Allow"] = "POST"
             return response
+        except HubUnavailable:
+            return _json(503, {"error": {"message": "broker unavailable"}})
         except Exception:
             log.exception("http api %s failed", path)
             return _json(500, {"error": {"message": "internal error"}})

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -80,5 +82,28 @@ class Metrics:
         self.subscriptions.set_function(subscriptions)
         self.channels.set_function(channels)
 
+    def track_broker(self, broker: object) -> None:
+        """Expose a broker's own counters (e.g. the Redis bridge's) at scrape time."""
+        self.registry.register(_BrokerCollector(broker))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BrokerCollector(Collector):
+    """Counters the broker keeps as plain attributes (no prometheus calls on its hot path)."""
+
+    _COUNTERS = (
+        ("malformed", "hub_bridge_malformed", "Malformed payloads received from Redis."),
+        ("reconnects", "hub_bridge_reconnects", "Times the Redis link was re-established."),
+        ("handler_errors", "hub_bridge_handler_errors", "Broker callbacks that raised."),
+    )
+
+    def __init__(self, broker: object) -> None:
+        self.broker = broker
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        for attr, name, doc in self._COUNTERS:
+            value = getattr(self.broker, attr, None)
+            if value is not None:
+                yield CounterMetricFamily(name, doc, value=value)

@@ -77,6 +77,7 @@ class Node:
         self.broker = broker or MemoryBroker()
         self.metrics = metrics or Metrics()
         self.registry: Registry[Session] = Registry()
+        self.metrics.track_broker(self.broker)
         self.metrics.track(
             lambda: len(self.registry),
             lambda: self.registry.subscription_count,

@@ -10,7 +10,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from .codec import Codec
-from .errors import BadRequest, CloseCode, ErrorCode, ReplyError
+from .errors import BadRequest, CloseCode, ErrorCode, HubUnavailable, ReplyError
 from .tokens import Credentials
 from .ws import ConnectionClosed, ServerConnection
 from .ws.protocol import OPEN
@@ -159,7 +159,10 @@ class Session:
         size = len(encoded.encode() if isinstance(encoded, str) else encoded)
         if ns.max_message_size and size > ns.max_message_size:
             raise ReplyError(f"data exceeds {ns.max_message_size} bytes", ErrorCode.TOO_LARGE)
-        await self.node.publish(channel, command["data"], source="client")
+        try:
+            await self.node.publish(channel, command["data"], source="client")
+        except HubUnavailable:
+            raise ReplyError("broker unavailable, try again", ErrorCode.UNAVAILABLE) from None
         return {}
 
     async def _not_enabled(self, command: dict[str, Any]) -> dict[str, Any]:
