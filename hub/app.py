@@ -58,6 +58,7 @@ class Hub:
         self.server = await ws.serve(
             self._handler,
             process_request=self._process_request,
+            process_response=self._process_response,
             subprotocols=list(BY_SUBPROTOCOL),
             # Browsers always send Origin; clients that send none are not browsers.
             origins=[*s.allowed_origins, None] if s.allowed_origins else None,
@@ -92,6 +93,13 @@ class Hub:
                 self.node.metrics.handshake_failures.labels("connection_limit").inc()
                 return connection.respond(503, "connection limit reached\n")
         return response
+
+    def _process_response(
+        self, connection: ws.ServerConnection, request: ws.Request, response: ws.Response
+    ) -> None:
+        """Count refused WebSocket handshakes by status (HTTP API answers are not handshakes)."""
+        if response.status_code >= 400 and request.path.partition("?")[0] == "/ws":
+            self.node.metrics.handshake_failures.labels(str(response.status_code)).inc()
 
     def _authenticate(self, request: ws.Request) -> Credentials:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)

@@ -83,6 +83,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     except ValueError:
         data = args.data  # not JSON: publish it as a string
     settings = load_settings(args.config)
+    if args.redis:
+        return _publish_redis(args, settings, data)
     url = args.http or f"http://{settings.host}:{settings.port}"
     if args.user:
         path, body = "/api/send", {"user": args.user, "data": data}
@@ -105,6 +107,27 @@ def cmd_publish(args: argparse.Namespace) -> int:
     except urllib.error.URLError as exc:
         print(f"hub: publish: cannot reach {url}: {exc.reason}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> int:
+    from .publisher import Publisher
+
+    try:
+        publisher = Publisher(args.redis, prefix=settings.redis_prefix)
+        try:
+            if args.user:
+                receivers = publisher.send_to_user(args.user, data)
+            elif args.channel is None:
+                receivers = publisher.broadcast(data)
+            else:
+                receivers = publisher.publish(args.channel, data)
+        finally:
+            publisher.close()
+    except Exception as exc:  # redis-py raises several families for an unreachable server
+        print(f"hub: publish: redis {args.redis}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"result": {"processes": receivers}}))
     return 0
 
 
@@ -148,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("channel", nargs="?", help="channel (omit to broadcast)")
     p.add_argument("data", help="JSON value (or plain text)")
     p.add_argument("--user", help="send to this user instead of a channel")
-    p.add_argument("--http", metavar="URL", help="hub base url (default from settings)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--http", metavar="URL", help="hub base url (default from settings)")
+    target.add_argument("--redis", metavar="URL", help="publish through Redis instead of HTTP")
     p.add_argument("--api-key")
     p.set_defaults(func=cmd_publish)
 

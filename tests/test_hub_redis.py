@@ -57,3 +57,42 @@ def test_publishing_while_redis_is_down_is_unavailable(redis_server: RedisServer
                 assert status == 200
 
     run(main)
+
+
+def test_cli_publish_through_redis(redis_server: RedisServer) -> None:
+    """``hub publish --redis URL`` reaches a subscriber of a hub joined to that Redis."""
+    import subprocess
+    import sys
+
+    async def main() -> None:
+        settings = make_settings(redis_url=redis_server.url)
+        async with running(settings) as hub:
+            async with client(hub, user="a") as a:
+                await a.ok("subscribe", channel="news")
+                cmd = [sys.executable, "-m", "hub.cli", "publish", "news", '{"n":1}']
+                done = subprocess.run(
+                    [*cmd, "--redis", redis_server.url], capture_output=True, timeout=30
+                )
+                assert done.returncode == 0, done.stderr
+                assert (await a.push()) == {"channel": "news", "data": {"n": 1}}
+                bad = subprocess.run(
+                    [*cmd, "--redis", "redis://127.0.0.1:1"], capture_output=True, timeout=30
+                )
+                assert bad.returncode == 1
+                assert b"hub: publish: redis" in bad.stderr
+
+    run(main)
+
+
+def test_refused_handshakes_are_counted_by_status() -> None:
+    async def main() -> None:
+        from hubfix import http
+
+        async with running(make_settings()) as hub:
+            status, _, _ = await http(hub, "GET", "/ws")  # a plain GET, no upgrade: 426
+            assert status == 426
+            samples = await scrape(hub)
+            key = ("hub_handshake_failures_total", frozenset({("reason", "426")}))
+            assert samples.get(key) == 1.0
+
+    run(main)
