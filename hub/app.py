@@ -27,6 +27,17 @@ __all__ = ["Hub"]
 
 log = logging.getLogger("hub")
 
+#: Seconds between two batches of 1001 closes while draining.
+DRAIN_TICK = 0.05
+#: Share of the drain period over which the batches are spread; the rest is for their closing
+#: handshakes.
+DRAIN_SPREAD = 0.8
+#: At least this long (capped by the drain period) between "stop accepting" and the final close,
+#: so requests on connections accepted just before are answered, not dropped unread.
+DRAIN_GRACE = 0.5
+#: Seconds between two copies of the pull-style metrics into the multiprocess files.
+METRICS_REFRESH = 1.0
+
 
 class Hub:
     def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
@@ -43,6 +54,8 @@ class Hub:
                 settings.token_secret, settings.token_public_key, settings.token_algorithms
             )
         self.server: ws.Server | None = None
+        self.draining = False
+        self._sampler: asyncio.Task[None] | None = None
 
     async def start(self, **serve_kwargs: Any) -> ws.Server:
         """Start the node and listen (host/port from settings unless ``sock`` is given)."""
@@ -68,13 +81,60 @@ class Hub:
             server_header=None,
             **serve_kwargs,
         )
+        if self.node.metrics.multiprocess_dir is not None:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         return self.server
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
         await self.node.close()
+
+    async def drain(self, seconds: float | None = None) -> None:
+        """Shut down gently (SIGTERM, or the old worker in a rolling restart), then :meth:`close`.
+
+        Stop accepting, answer ``/readyz`` (and new ``/ws`` upgrades on connections accepted
+        earlier) with 503, and close the open connections with 1001 in batches spread over
+        ``seconds`` (``drain_seconds`` by default): closing them all at once would make every
+        client reconnect in the same instant, a thundering herd on the processes that remain.
+        ``seconds=0`` closes everything at once, as :meth:`close` does.
+        """
+        self.draining = True
+        server = self.server
+        if server is None:
+            await self.close()
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        period = max(0.0, self.settings.drain_seconds if seconds is None else seconds)
+        # ws.Server.close() would also refuse requests already accepted; stop_accepting() keeps
+        # answering those. (In a rolling restart the listening socket is shared with the
+        # replacement worker, which goes on accepting from it.)
+        server.stop_accepting()
+        pending = list(server.connections)
+        closing: list[asyncio.Task[None]] = []
+        if pending and period > 0:
+            steps = max(1, int(period * DRAIN_SPREAD / DRAIN_TICK))
+            batch = -(-len(pending) // steps)
+            for i in range(0, len(pending), batch):
+                if i:
+                    await asyncio.sleep(DRAIN_TICK)
+                closing += [loop.create_task(_close_quietly(c)) for c in pending[i : i + batch]]
+            await asyncio.wait(closing, timeout=max(started + period - loop.time(), DRAIN_TICK))
+        grace = min(period, DRAIN_GRACE) - (loop.time() - started)
+        if grace > 0:
+            await asyncio.sleep(grace)
+        await self.close()
+
+    async def _sample_metrics(self) -> None:
+        """Multiprocess metrics: keep this worker's share of the gauges current for any scrape."""
+        while True:
+            self.node.metrics.refresh()
+            await asyncio.sleep(METRICS_REFRESH)
 
     @property
     def port(self) -> int:
@@ -86,6 +146,12 @@ class Hub:
     async def _process_request(
         self, connection: ws.ServerConnection, request: ws.Request
     ) -> ws.Response | None:
+        if self.draining:
+            path = request.path.partition("?")[0]
+            if path == "/readyz":
+                return connection.respond(503, "draining\n")
+            if path == "/ws":
+                return connection.respond(503, "server draining\n")
         response = await self.api.handle(request)
         if response is None:
             limit = self.settings.max_connections
@@ -141,3 +207,11 @@ class Hub:
             if expiry is not None:
                 expiry.cancel()
             await self.node.remove_session(session)
+
+
+async def _close_quietly(connection: ws.ServerConnection) -> None:
+    """Close with 1001; a connection that fails meanwhile needs nothing more while draining."""
+    try:
+        await connection.close(1001, "going away")
+    except Exception:
+        connection.transport.abort()

@@ -36,6 +36,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _serve(settings: Settings) -> None:
+    """One process, no supervisor (``--workers 1``, the default): SIGTERM/SIGINT drain it."""
     from .app import Hub
 
     hub = Hub(settings)
@@ -48,19 +49,17 @@ async def _serve(settings: Settings) -> None:
     try:
         await stop
     finally:
-        log.info("shutting down")
-        await hub.close()
+        log.info("shutting down (draining for up to %gs)", settings.drain_seconds)
+        await hub.drain()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if settings.workers > 1:
-        print(
-            "hub: --workers is not available yet (the supervisor is being built)",
-            file=sys.stderr,
-        )
-        return 2
     logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.workers > 1:
+        from workers.supervisor import Supervisor
+
+        return Supervisor(settings, reload=lambda: _settings(args)).run()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(settings))
     return 0
@@ -154,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--redis", metavar="URL", help="join other processes through Redis")
-    p.add_argument("--workers", type=int, metavar="N")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="N processes on one port (SO_REUSEPORT), joined through Redis; needs --redis",
+    )
     p.add_argument("--insecure", action="store_true", help="dev mode: no auth (loopback only)")
     p.set_defaults(func=cmd_serve)
 

@@ -1,21 +1,45 @@
-"""Prometheus metrics (``hub_`` prefix). Hot paths count once per fan-out, not per recipient."""
+"""Prometheus metrics (``hub_`` prefix). Hot paths count once per fan-out, not per recipient.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (the supervisor of ``hub serve --workers N`` sets it to a
+fresh directory before any worker imports prometheus-client), every worker writes its values to
+files there and ``render()`` aggregates all of them, so a scrape that lands on any one worker sees
+the whole server. Pull-style values (gauges read from the registry, the broker's own counters)
+cannot be read across processes, so in that mode each worker copies them into file-backed metrics
+with :meth:`Metrics.refresh`, about once a second (``Hub`` runs it) and before each render.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "multiprocess_dir"]
+
+#: How a gauge's per-worker values add up: the sum over live workers (a dead worker's share is
+#: dropped when the supervisor calls ``mark_process_dead``). Ignored in single-process mode.
+LIVESUM = "livesum"
+
+
+def multiprocess_dir() -> str | None:
+    """The switch prometheus-client itself reads (once, at import) to pick multiprocess mode."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.connections = Gauge("hub_connections", "Open client connections.", registry=r)
+        self.multiprocess_dir = multiprocess_dir()
+        self._sampled: list[tuple[Gauge, Callable[[], float]]] = []
+        self._mirrored: list[tuple[Counter, object, str, float]] = []
+        self.connections = Gauge(
+            "hub_connections", "Open client connections.", registry=r, multiprocess_mode=LIVESUM
+        )
         self.connections_accepted = Counter(
             "hub_connections_accepted", "Client connections accepted.", registry=r
         )
@@ -26,10 +50,16 @@ class Metrics:
             registry=r,
         )
         self.subscriptions = Gauge(
-            "hub_subscriptions", "Current channel subscriptions.", registry=r
+            "hub_subscriptions",
+            "Current channel subscriptions.",
+            registry=r,
+            multiprocess_mode=LIVESUM,
         )
         self.channels = Gauge(
-            "hub_channels", "Channels with at least one local subscriber.", registry=r
+            "hub_channels",
+            "Channels with at least one local subscriber.",
+            registry=r,
+            multiprocess_mode=LIVESUM,
         )
         self.client_messages = Counter(
             "hub_client_messages_received", "Commands received from clients.", registry=r
@@ -77,23 +107,55 @@ class Metrics:
         subscriptions: Callable[[], float],
         channels: Callable[[], float],
     ) -> None:
-        """Read the gauges from the registry at scrape time instead of updating them per event."""
-        self.connections.set_function(connections)
-        self.subscriptions.set_function(subscriptions)
-        self.channels.set_function(channels)
+        """Read the gauges from the registry at scrape time instead of updating them per event.
+
+        ``set_function`` is invisible to other processes, so in multiprocess mode the functions
+        are sampled by :meth:`refresh` instead (no cost on the connect/subscribe paths either way).
+        """
+        pairs = (
+            (self.connections, connections),
+            (self.subscriptions, subscriptions),
+            (self.channels, channels),
+        )
+        for gauge, function in pairs:
+            if self.multiprocess_dir is None:
+                gauge.set_function(function)
+            else:
+                self._sampled.append((gauge, function))
 
     def track_broker(self, broker: object) -> None:
         """Expose a broker's own counters (e.g. the Redis bridge's) at scrape time."""
-        self.registry.register(_BrokerCollector(broker))
+        if self.multiprocess_dir is None:
+            self.registry.register(_BrokerCollector(broker))
+            return
+        for attr, name, doc in _BrokerCollector.COUNTERS:
+            if getattr(broker, attr, None) is not None:
+                counter = Counter(name, doc, registry=self.registry)
+                self._mirrored.append((counter, broker, attr, 0.0))
+
+    def refresh(self) -> None:
+        """Multiprocess mode: copy the sampled values into this worker's metric files."""
+        for gauge, function in self._sampled:
+            gauge.set(function())
+        for i, (counter, broker, attr, seen) in enumerate(self._mirrored):
+            value = float(getattr(broker, attr))
+            if value > seen:
+                counter.inc(value - seen)
+                self._mirrored[i] = (counter, broker, attr, value)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        self.refresh()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.multiprocess_dir)
+        return generate_latest(registry)
 
 
 class _BrokerCollector(Collector):
     """Counters the broker keeps as plain attributes (no prometheus calls on its hot path)."""
 
-    _COUNTERS = (
+    COUNTERS = (
         ("malformed", "hub_bridge_malformed", "Malformed payloads received from Redis."),
         ("reconnects", "hub_bridge_reconnects", "Times the Redis link was re-established."),
         ("handler_errors", "hub_bridge_handler_errors", "Broker callbacks that raised."),
@@ -103,7 +165,7 @@ class _BrokerCollector(Collector):
         self.broker = broker
 
     def collect(self):  # type: ignore[no-untyped-def]
-        for attr, name, doc in self._COUNTERS:
+        for attr, name, doc in self.COUNTERS:
             value = getattr(self.broker, attr, None)
             if value is not None:
                 yield CounterMetricFamily(name, doc, value=value)

@@ -259,6 +259,12 @@ class Server:
             await self.wait_closed()
             raise
 
+    def stop_accepting(self) -> None:
+        """Close the listening sockets only: requests on connections already accepted are still
+        answered and open connections stay open (for a graceful drain)."""
+        if self._server is not None:
+            self._server.close()
+
     def close(self, close_connections: bool = True) -> asyncio.Task[None]:
         """Stop accepting connections; close open ones with 1001 unless told not to.
 
