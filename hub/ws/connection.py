@@ -18,12 +18,12 @@ from .exceptions import ConcurrencyError, ConnectionClosedOK, InvalidState
 from .frames import Opcode
 from .headers import Headers
 from .http11 import Request, Response
-from .protocol import CLOSED, CLOSING, CONNECTING, OPEN, ServerProtocol, State
+from .protocol import CLOSED, CONNECTING, OPEN, ServerProtocol, State
 
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["Data", "ServerConnection"]
+__all__ = ["Data", "ServerConnection", "WriteCoalescer"]
 
 Data = str | bytes
 OP_TEXT, OP_BINARY, OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
@@ -598,7 +598,3 @@ async def _aiter_sync(iterable: Iterable[Data]) -> AsyncIterator[Data]:
 
 def _to_bytes(data: Data) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
-
-
-# Re-exported for type hints in server.py without a cycle.
-__all__ += ["CLOSING", "WriteCoalescer"]

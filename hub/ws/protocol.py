@@ -557,7 +557,9 @@ class ServerProtocol:
             data = yield from reader.read_exact(h.length)
             assert h.mask is not None
             data = apply_mask(data, h.mask)
-            return self._on_control(opcode, data)
+            if opcode is OP_PING and self.state is OPEN:
+                self.send_pong(data)  # RFC 6455 5.5.2: answer with the same payload
+            return Frame(opcode, data)  # a close frame is handled by the parse loop
 
         if opcode is OP_CONT:
             if self._msg_opcode is None:
@@ -622,14 +624,6 @@ class ServerProtocol:
                 raise InvalidUTF8("invalid utf-8 in text message")
             chunks.append(chunk)
         return b"".join(chunks), "".join(texts)
-
-    def _on_control(self, opcode: Opcode, data: bytes) -> Frame:
-        if opcode is OP_PING:
-            if self.state is OPEN:
-                self.send_pong(data)  # RFC 6455 5.5.2: answer with the same payload
-        elif opcode is OP_CLOSE:
-            pass  # handled by the parse loop once the frame is returned
-        return Frame(opcode, data)
 
     def _on_close(self, frame: Frame) -> None:
         self.close_rcvd = Close.parse(frame.data)
