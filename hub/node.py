@@ -7,6 +7,7 @@ encoding and once per wire format, and the same bytes are written to every local
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -55,6 +56,35 @@ class Push:
         return encode_once(Opcode.BINARY, MSGPACK.encode(self.obj))
 
 
+class PushRun:
+    """Consecutive pushes for the same recipients, joined once per encoding and wire format, so
+    each recipient gets them in one write."""
+
+    __slots__ = ("_joined", "pushes")
+
+    def __init__(self, pushes: list[Push]) -> None:
+        self.pushes = pushes
+        self._joined: dict[tuple[int, tuple[int, int, int] | None], bytes] = {}
+
+    def frame_for(self, session: Session) -> bytes:
+        pushes = self.pushes
+        if len(pushes) == 1:
+            return pushes[0].frame_for(session)
+        deflate = session.connection.protocol.deflate
+        wire = None if deflate is None else deflate.wire_key
+        if deflate is not None and wire is None:  # compression context of its own: not shareable
+            return b"".join(p.frame_for(session) for p in pushes)
+        key = (session.codec.index, wire)
+        joined = self._joined.get(key)
+        if joined is None:
+            joined = self._joined[key] = b"".join(p.frame_for(session) for p in pushes)
+        return joined
+
+
+# What a queued push goes to: a channel's subscribers, a user's connections, or everyone.
+CHANNEL, USER, EVERYONE = 0, 1, 2
+
+
 def _closing_code(session: Session) -> int:
     """The close code of whichever side closed first (1006 when neither sent one)."""
     protocol = session.connection.protocol
@@ -84,6 +114,13 @@ class Node:
             lambda: self.registry.channel_count,
         )
         self._started = False
+        self._queue: list[tuple[int, str, dict[str, Any]]] = []
+        self._flush_scheduled = False
+        self._delivered = (
+            self.metrics.delivered_channel,
+            self.metrics.delivered_user,
+            self.metrics.delivered_broadcast,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -143,43 +180,64 @@ class Node:
         return True
 
     # -- broker callbacks (fan-out) ------------------------------------------------------------
+    #
+    # Pushes are queued and fanned out at the end of the event-loop turn: when several arrive
+    # together (a burst read from Redis), consecutive ones for the same recipients are joined and
+    # each recipient gets them in one write. Arrival order is kept across all kinds.
 
-    def _fanout(self, sessions: Iterable[Session], obj: dict[str, Any]) -> int:
-        push = Push(obj)
+    def _enqueue(self, kind: int, key: str, obj: dict[str, Any]) -> None:
+        self._queue.append((kind, key, obj))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        queue, self._queue = self._queue, []
+        i, end = 0, len(queue)
+        while i < end:
+            kind, key, _ = queue[i]
+            j = i + 1
+            while j < end and queue[j][0] == kind and queue[j][1] == key:
+                j += 1
+            self._fanout(kind, key, [Push(obj) for _, _, obj in queue[i:j]])
+            i = j
+
+    def _fanout(self, kind: int, key: str, pushes: list[Push]) -> None:
+        registry = self.registry
+        if kind == CHANNEL:
+            sessions: Iterable[Session] = registry.subscribers(key)
+        elif kind == USER:
+            sessions = registry.user_sessions(key)
+        else:
+            sessions = registry.sessions
+        if not sessions:
+            return
+        start = time.perf_counter()
+        run = PushRun(pushes)
         delivered = 0
         sent = 0
         for session in sessions:
-            n = session.push(push)
+            n = session.push(run)
             if n:
                 delivered += 1
                 sent += n
         if sent:
             self.metrics.bytes_sent.inc(sent)
-        return delivered
+        self._delivered[kind].inc(delivered * len(pushes))
+        self.metrics.fanout_seconds.observe(time.perf_counter() - start)
 
     def on_publication(self, publication: Publication) -> None:
-        sessions = self.registry.subscribers(publication.channel)
-        if not sessions:
-            return
-        start = time.perf_counter()
         obj = {"channel": publication.channel, "data": publication.data}
         if publication.meta:
             obj.update(publication.meta)
-        n = self._fanout(sessions, obj)
-        self.metrics.delivered_channel.inc(n)
-        self.metrics.fanout_seconds.observe(time.perf_counter() - start)
+        self._enqueue(CHANNEL, publication.channel, obj)
 
     def on_user_message(self, user: str, data: Any) -> None:
-        sessions = self.registry.user_sessions(user)
-        if sessions:
-            self.metrics.delivered_user.inc(self._fanout(sessions, {"data": data}))
+        self._enqueue(USER, user, {"data": data})
 
     def on_broadcast(self, data: Any) -> None:
-        sessions = self.registry.sessions
-        if sessions:
-            start = time.perf_counter()
-            self.metrics.delivered_broadcast.inc(self._fanout(sessions, {"data": data}))
-            self.metrics.fanout_seconds.observe(time.perf_counter() - start)
+        self._enqueue(EVERYONE, "", {"data": data})
 
     def on_disconnect(self, user: str, code: int, reason: str) -> None:
         for session in list(self.registry.user_sessions(user)):
@@ -188,6 +246,5 @@ class Node:
     def on_gap(self, channels: Iterable[str]) -> None:
         """Messages may have been lost on these channels: tell their subscribers at once."""
         for channel in channels:
-            sessions = self.registry.subscribers(channel)
-            if sessions:
-                self._fanout(sessions, {"channel": channel, "gap": True})
+            if self.registry.has_channel(channel):
+                self._enqueue(CHANNEL, channel, {"channel": channel, "gap": True})

@@ -15,6 +15,7 @@ bridge publishes through :class:`AsyncPublisher` too: there is one implementatio
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -23,15 +24,20 @@ import msgpack
 import redis
 import redis.asyncio
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.cluster import ClusterNode
+from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 __all__ = [
+    "CLUSTER_SCHEME",
     "DEFAULT_PREFIX",
     "DISCONNECT_CODE",
     "AsyncPublisher",
     "Names",
     "Publisher",
+    "SlotMap",
+    "is_cluster_url",
     "pack_disconnect",
     "pack_message",
 ]
@@ -41,6 +47,12 @@ DEFAULT_PREFIX = "hub"
 DISCONNECT_CODE = 4503
 #: A WebSocket close reason must fit a 125-byte control frame with its 2-byte code.
 MAX_REASON_BYTES = 120
+#: URL scheme of a Redis Cluster: ``redis+cluster://[user:password@]host:port[,host:port...]``.
+CLUSTER_SCHEME = "redis+cluster://"
+#: Redis Cluster hash slots.
+SLOTS = 16384
+
+Addr = tuple[str, int]
 
 
 class Names:
@@ -98,11 +110,109 @@ def pack_disconnect(user: str, code: int = DISCONNECT_CODE, reason: str = "") ->
     return msgpack.packb(control, use_bin_type=True)
 
 
+def is_cluster_url(url: str | None) -> bool:
+    return url is not None and url.startswith(CLUSTER_SCHEME)
+
+
+def parse_cluster_url(url: str) -> tuple[list[Addr], str, str]:
+    """Seed nodes, ``user:password@`` (or empty) and ``?query`` (or empty) of a cluster URL.
+
+    ``redis://host:port`` is taken as a single seed too, for ``cluster=True``.
+    """
+    for scheme in (CLUSTER_SCHEME, "redis://"):
+        if url.startswith(scheme):
+            rest = url[len(scheme) :]
+            break
+    else:
+        raise ValueError(f"expected a {CLUSTER_SCHEME} url")
+    rest, _, query = rest.partition("?")
+    rest = rest.partition("/")[0]  # a cluster has database 0 only
+    userinfo, _, hosts = rest.rpartition("@")
+    seeds: list[Addr] = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"cluster seed must be host:port, got {item!r}")
+        seeds.append((host.strip("[]"), int(port)))
+    return seeds, f"{userinfo}@" if userinfo else "", f"?{query}" if query else ""
+
+
+class SlotMap:
+    """Which master owns which hash slot, learnt from ``CLUSTER SLOTS`` of any reachable node.
+
+    Sharded pub/sub (``SPUBLISH`` / ``SSUBSCRIBE``) reaches only the subscribers connected to the
+    shard that owns the channel's slot, so both the publisher and the bridge route every channel
+    with this map. Refreshes are shared: concurrent callers wait for the same ``CLUSTER SLOTS``.
+    """
+
+    def __init__(self, url: str, **redis_kwargs: Any) -> None:
+        self.seeds, self._userinfo, self._query = parse_cluster_url(url)
+        self._kwargs = redis_kwargs
+        self.slots: list[Addr | None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
+
+    def node_url(self, addr: Addr) -> str:
+        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+        return f"redis://{self._userinfo}{host}:{addr[1]}/0{self._query}"
+
+    def pool(self, addr: Addr, **overrides: Any) -> ConnectionPool:
+        return ConnectionPool.from_url(self.node_url(addr), **{**self._kwargs, **overrides})
+
+    def owner(self, name: str | bytes) -> Addr | None:
+        """The master that owns ``name``'s slot; None when the map is unknown or has a hole."""
+        if self.slots is None:
+            return None
+        return self.slots[key_slot(name.encode() if isinstance(name, str) else name)]
+
+    @property
+    def masters(self) -> set[Addr]:
+        return {addr for addr in self.slots or () if addr is not None}
+
+    async def refresh(self) -> None:
+        task = self._refreshing
+        if task is None:
+            task = self._refreshing = asyncio.get_running_loop().create_task(self._fetch())
+            task.add_done_callback(lambda _: setattr(self, "_refreshing", None))
+        await asyncio.shield(task)
+
+    async def _fetch(self) -> None:
+        # Known masters first (the seeds may be gone since), then the seeds.
+        candidates = list(dict.fromkeys([*sorted(self.masters), *self.seeds]))
+        last: BaseException | None = None
+        for addr in candidates:
+            connection = self.pool(addr).make_connection()
+            try:
+                await connection.connect()
+                await connection.send_command("CLUSTER", "SLOTS")
+                reply = await connection.read_response()
+            except (RedisError, OSError, TimeoutError) as exc:
+                last = exc
+                continue
+            finally:
+                await connection.disconnect(nowait=True)
+            if not reply:
+                last = RedisConnectionError(f"{addr[0]}:{addr[1]} serves no slots")
+                continue
+            slots: list[Addr | None] = [None] * SLOTS
+            for entry in reply:
+                start, end, master = int(entry[0]), int(entry[1]), entry[2]
+                host = master[0].decode() if isinstance(master[0], bytes) else master[0]
+                owner = (host or addr[0], int(master[1]))
+                slots[start : end + 1] = [owner] * (end + 1 - start)
+            self.slots = slots
+            return
+        raise RedisConnectionError(f"no cluster node answered: {last}")
+
+
 class Publisher:
     """Blocking publisher for backends (web apps, workers, scripts).
 
     Each method returns how many hub processes received the message (Redis counts subscribed
     connections; a hub process has one), which is 0 when no process has a local subscriber.
+
+    A ``redis+cluster://host:port[,host:port...]`` URL (or ``cluster=True``, or a
+    ``redis.RedisCluster`` client) publishes with ``SPUBLISH`` to the shard owning each channel,
+    for hubs joined through a Redis Cluster.
     """
 
     def __init__(
@@ -110,33 +220,47 @@ class Publisher:
         url: str | None = None,
         *,
         prefix: str = DEFAULT_PREFIX,
-        client: redis.Redis | None = None,
+        client: redis.Redis | redis.RedisCluster | None = None,
+        cluster: bool = False,
         **redis_kwargs: Any,
     ) -> None:
         self.names = Names(prefix)
         if client is None:
             if url is None:
                 raise ValueError("give a redis url or a client")
-            client = redis.Redis.from_url(url, **redis_kwargs)
+            if cluster or is_cluster_url(url):
+                seeds, userinfo, _ = parse_cluster_url(url)
+                if userinfo:
+                    user, _, password = userinfo[:-1].partition(":")
+                    redis_kwargs.setdefault("username", urllib.parse.unquote(user) or None)
+                    redis_kwargs.setdefault("password", urllib.parse.unquote(password) or None)
+                nodes = [ClusterNode(host, port) for host, port in seeds]
+                client = redis.RedisCluster(startup_nodes=nodes, **redis_kwargs)
+            else:
+                client = redis.Redis.from_url(url, **redis_kwargs)
             self._owned = True
         else:
             self._owned = False
         self.client = client
+        # Sharded pub/sub on a cluster: a plain PUBLISH there is broadcast over the cluster bus
+        # and never reaches SSUBSCRIBE subscribers.
+        sharded = isinstance(client, redis.RedisCluster)
+        self._send: Callable[[str, bytes], Any] = client.spublish if sharded else client.publish
 
     def publish(self, channel: str, data: Any, **fields: Any) -> int:
         """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields."""
         name = self.names.channel(_non_empty("channel", channel))
-        return int(self.client.publish(name, pack_message(data, fields)))
+        return int(self._send(name, pack_message(data, fields)))
 
     def send_to_user(self, user: str, data: Any) -> int:
         name = self.names.user(_non_empty("user", user))
-        return int(self.client.publish(name, pack_message(data)))
+        return int(self._send(name, pack_message(data)))
 
     def broadcast(self, data: Any) -> int:
-        return int(self.client.publish(self.names.all, pack_message(data)))
+        return int(self._send(self.names.all, pack_message(data)))
 
     def disconnect(self, user: str, code: int = DISCONNECT_CODE, reason: str = "") -> int:
-        return int(self.client.publish(self.names.ctl, pack_disconnect(user, code, reason)))
+        return int(self._send(self.names.ctl, pack_disconnect(user, code, reason)))
 
     def close(self) -> None:
         if self._owned:
@@ -248,6 +372,11 @@ class AsyncPublisher:
     Publishes made concurrently share round trips; publishes from one task arrive in order. A
     publish that meets a broken connection raises ``redis.exceptions.ConnectionError`` (or
     ``TimeoutError``) and is not retried; the next one reconnects.
+
+    With a ``redis+cluster://`` URL (or ``cluster=True``) it publishes with ``SPUBLISH`` on one
+    pipelined connection per shard, routed by hash slot: a channel always maps to one shard, so
+    publishes from one task still arrive in order per channel. A ``MOVED`` answer (the slot has
+    moved; Redis did not deliver) refreshes the slot map and is retried.
     """
 
     def __init__(
@@ -257,22 +386,46 @@ class AsyncPublisher:
         prefix: str = DEFAULT_PREFIX,
         client: redis.asyncio.Redis | None = None,
         timeout: float = 5.0,
+        cluster: bool = False,
         **redis_kwargs: Any,
     ) -> None:
         self.names = Names(prefix)
+        self._map: SlotMap | None = None
+        self._shards: dict[Addr, _Pipeline] = {}
         if client is not None:
             # A dedicated connection made with the client's settings (address, auth, TLS).
             pool: ConnectionPool = client.connection_pool
         elif url is not None:
             redis_kwargs.setdefault("socket_timeout", timeout)
             redis_kwargs.setdefault("socket_connect_timeout", timeout)
-            pool = ConnectionPool.from_url(url, **redis_kwargs)
+            if cluster or is_cluster_url(url):
+                self._map = SlotMap(url, **redis_kwargs)
+                pool = self._map.pool(self._map.seeds[0])  # unused: every publish is routed
+            else:
+                pool = ConnectionPool.from_url(url, **redis_kwargs)
         else:
             raise ValueError("give a redis url or a client")
         self._pipeline = _Pipeline(pool.make_connection)
 
     async def _publish(self, name: str, payload: bytes) -> int:
-        return int(await self._pipeline.execute("PUBLISH", name, payload))
+        if self._map is None:
+            return int(await self._pipeline.execute("PUBLISH", name, payload))
+        for attempt in range(3):
+            if self._map.slots is None:
+                await self._map.refresh()
+            addr = self._map.owner(name)
+            if addr is None:
+                raise RedisConnectionError(f"no cluster node serves {name!r}")
+            shard = self._shards.get(addr)
+            if shard is None:
+                shard = self._shards[addr] = _Pipeline(self._map.pool(addr).make_connection)
+            try:
+                return int(await shard.execute("SPUBLISH", name, payload))
+            except (MovedError, AskError, TryAgainError):
+                if attempt == 2:
+                    raise
+                await self._map.refresh()  # not executed by Redis: safe to send again
+        raise AssertionError("unreachable")
 
     async def publish(self, channel: str, data: Any, **fields: Any) -> int:
         """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields."""
@@ -289,7 +442,9 @@ class AsyncPublisher:
         return await self._publish(self.names.ctl, pack_disconnect(user, code, reason))
 
     async def aclose(self) -> None:
-        await self._pipeline.close()
+        shards, self._shards = list(self._shards.values()), {}
+        for pipeline in (self._pipeline, *shards):
+            await pipeline.close()
 
     async def __aenter__(self) -> AsyncPublisher:
         return self

@@ -16,7 +16,7 @@ from .ws import ConnectionClosed, ServerConnection
 from .ws.protocol import OPEN
 
 if TYPE_CHECKING:
-    from .node import Node, Push
+    from .node import Node, Push, PushRun
 
 __all__ = ["Session"]
 
@@ -45,7 +45,7 @@ class Session:
 
     # -- outbound ------------------------------------------------------------------------------
 
-    def push(self, push: Push) -> int:
+    def push(self, push: Push | PushRun) -> int:
         """Queue a push; returns the bytes queued (0 when skipped). Never waits."""
         connection = self.connection
         if connection.protocol.state is not OPEN:

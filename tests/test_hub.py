@@ -36,6 +36,7 @@ from hubfix import (
 from websockets.exceptions import InvalidStatus
 from wshelp import run, within
 
+from hub.broker import Publication
 from hub.tokens import mint_token
 
 NAMESPACES = """
@@ -748,5 +749,35 @@ def test_wrong_path_is_not_a_websocket_endpoint() -> None:
                 async with client(hub, path="/elsewhere", user="a"):
                     pass
             assert caught.value.response.status_code == 404
+
+    run(main)
+
+
+def test_a_burst_in_one_loop_turn_arrives_in_arrival_order() -> None:
+    """Pushes queued in one turn are joined per recipient; order across kinds is kept."""
+
+    async def main() -> None:
+        async with running(make_settings()) as hub:
+            async with client(hub, user="a") as a, client(hub, MSGPACK_PROTO, user="a") as b:
+                for c in (a, b):
+                    await c.ok("subscribe", channel="news")
+                node = hub.node
+                # No await between these: all land in the same event-loop turn.
+                node.on_publication(Publication("news", 1))
+                node.on_publication(Publication("news", 2))
+                node.on_user_message("a", "u")
+                node.on_publication(Publication("news", 3))
+                node.on_broadcast("all")
+                node.on_publication(Publication("news", 4))
+                expected = [
+                    {"channel": "news", "data": 1},
+                    {"channel": "news", "data": 2},
+                    {"data": "u"},
+                    {"channel": "news", "data": 3},
+                    {"data": "all"},
+                    {"channel": "news", "data": 4},
+                ]
+                for c in (a, b):
+                    assert [await c.push() for _ in expected] == expected
 
     run(main)
