@@ -216,7 +216,9 @@ def validate(s: Settings) -> None:
     if s.redis_url is not None and not s.redis_url.startswith(
         ("redis://", "rediss://", "unix://", "redis+cluster://")
     ):
-        raise ConfigError(f"redis_url: expected a redis:// or unix:// url, got {s.redis_url!r}")
+        raise ConfigError(
+            f"redis_url: expected redis://, unix:// or redis+cluster://, got {s.redis_url!r}"
+        )
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {s.log_level!r}")
     if s.insecure and not s.loopback:

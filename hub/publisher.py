@@ -15,6 +15,8 @@ bridge publishes through :class:`AsyncPublisher` too: there is one implementatio
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -28,6 +30,7 @@ from redis.cluster import ClusterNode
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
     "CLUSTER_SCHEME",
@@ -51,6 +54,9 @@ MAX_REASON_BYTES = 120
 CLUSTER_SCHEME = "redis+cluster://"
 #: Redis Cluster hash slots.
 SLOTS = 16384
+#: After a shard's connection failed, a cluster publisher refreshes its slot map at most this
+#: often (seconds): a failover moves slots to another address, a dead shard only costs a lookup.
+STALE_REFRESH = 1.0
 
 Addr = tuple[str, int]
 
@@ -149,6 +155,7 @@ class SlotMap:
         self.seeds, self._userinfo, self._query = parse_cluster_url(url)
         self._kwargs = redis_kwargs
         self.slots: list[Addr | None] | None = None
+        self.refreshed_at = -math.inf  # time.monotonic() of the last successful refresh
         self._refreshing: asyncio.Task[None] | None = None
 
     def node_url(self, addr: Addr) -> str:
@@ -200,6 +207,7 @@ class SlotMap:
                 owner = (host or addr[0], int(master[1]))
                 slots[start : end + 1] = [owner] * (end + 1 - start)
             self.slots = slots
+            self.refreshed_at = time.monotonic()
             return
         raise RedisConnectionError(f"no cluster node answered: {last}")
 
@@ -392,6 +400,9 @@ class AsyncPublisher:
         self.names = Names(prefix)
         self._map: SlotMap | None = None
         self._shards: dict[Addr, _Pipeline] = {}
+        self._stale = False
+        if isinstance(client, redis.asyncio.RedisCluster):
+            raise ValueError("for a cluster, give a redis+cluster:// url (one pipeline per shard)")
         if client is not None:
             # A dedicated connection made with the client's settings (address, auth, TLS).
             pool: ConnectionPool = client.connection_pool
@@ -411,7 +422,10 @@ class AsyncPublisher:
         if self._map is None:
             return int(await self._pipeline.execute("PUBLISH", name, payload))
         for attempt in range(3):
-            if self._map.slots is None:
+            if self._map.slots is None or (
+                self._stale and time.monotonic() - self._map.refreshed_at > STALE_REFRESH
+            ):
+                self._stale = False
                 await self._map.refresh()
             addr = self._map.owner(name)
             if addr is None:
@@ -421,6 +435,11 @@ class AsyncPublisher:
                 shard = self._shards[addr] = _Pipeline(self._map.pool(addr).make_connection)
             try:
                 return int(await shard.execute("SPUBLISH", name, payload))
+            except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
+                # Not retried (it may have been delivered), but the shard may have failed over
+                # to another address: look again before the next publish.
+                self._stale = True
+                raise
             except (MovedError, AskError, TryAgainError):
                 if attempt == 2:
                     raise

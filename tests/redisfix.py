@@ -5,6 +5,7 @@ can kill, stop (SIGSTOP) and restart it without touching any shared Redis.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 INSTALL_HINT = (
     "redis-server not found on PATH: the bridge tests start a private Redis 7. Install it "
@@ -29,6 +31,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, below the ephemeral range
+    so neither collides with a client socket."""
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1:``port``; restartable on the same port."""
 
@@ -40,6 +57,8 @@ class RedisServer:
         self.directory = directory
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        #: More ``redis-server`` options (cluster mode).
+        self.extra: dict[str, str] = {}
         self._clients: list[redis.Redis] = []
 
     @property
@@ -57,6 +76,7 @@ class RedisServer:
             "daemonize": "no",
             "protected-mode": "no",
             "loglevel": "warning",
+            **self.extra,
         }
         argv = [self.executable]
         for key, value in options.items():
@@ -143,3 +163,86 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+class LocalCluster:
+    """A private Redis Cluster of ``size`` masters (no replicas) on free ports, in one temp dir.
+
+    Nodes keep their ``nodes-<port>.conf``, so a killed node restarted on its port rejoins with
+    its slots. ``cluster-node-timeout`` is short so the cluster notices a dead node quickly, and
+    ``cluster-require-full-coverage no`` keeps the other shards serving meanwhile.
+    """
+
+    def __init__(self, directory: Path, size: int = 3) -> None:
+        self.directory = directory
+        self.nodes: list[RedisServer] = []
+        for _ in range(size):
+            node = RedisServer(directory, cluster_port())
+            node.extra = {
+                "cluster-enabled": "yes",
+                "cluster-config-file": f"nodes-{node.port}.conf",
+                "cluster-node-timeout": "1000",
+                "cluster-require-full-coverage": "no",
+            }
+            self.nodes.append(node)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 15.0) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail(INSTALL_HINT.replace("redis-server", "redis-cli"), pytrace=False)
+        argv = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
+        argv += ["--cluster-replicas", "0", "--cluster-yes"]
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout.decode()[-500:]}")
+        self.wait_ok(timeout)
+
+    def wait_ok(self, timeout: float = 15.0) -> None:
+        """Until every running node reports ``cluster_state:ok`` and knows every slot."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if all(self._ok(node) for node in self.nodes if node.process is not None):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _ok(node: RedisServer) -> bool:
+        try:
+            with redis.Redis(port=node.port, socket_timeout=1) as client:
+                info = client.execute_command("CLUSTER", "INFO").decode()
+        except redis.RedisError:
+            return False
+        return "cluster_state:ok" in info and "cluster_slots_assigned:16384" in info
+
+    def owner(self, name: str) -> RedisServer:
+        """The node that owns ``name``'s hash slot (by ``CLUSTER SLOTS`` of a running node)."""
+        slot = key_slot(name.encode())
+        node = next(n for n in self.nodes if n.process is not None)
+        with redis.Redis(port=node.port, socket_timeout=5) as client:
+            for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return next(n for n in self.nodes if n.port == int(master[1]))
+        raise LookupError(f"no node owns slot {slot}")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A started private 3-master Redis Cluster, killed after the test."""
+    cluster = LocalCluster(tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

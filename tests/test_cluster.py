@@ -1,0 +1,287 @@
+"""The bridge on a private 3-master Redis Cluster (``redisfix.LocalCluster``) with sharded pub/sub:
+two brokers standing in for two processes, then two real hubs configured by a
+``redis+cluster://`` URL with real clients, then a shard killed and restarted.
+
+Channels are picked so that every shard owns some, and the owning shard is asked
+(``PUBSUB SHARDNUMSUB``) whether the subscription landed there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+from hubfix import api, client, eventually, make_settings, running
+from test_bridge import FAST, Recorder
+from wshelp import run, within
+
+from hub.bridge import BridgeError, RedisBroker, RedisClusterBroker
+from hub.publisher import AsyncPublisher, Publisher
+
+if TYPE_CHECKING:
+    from redisfix import LocalCluster, RedisServer
+
+pytest_plugins = ["redisfix"]  # the redis_cluster fixture
+
+NAMESPACES = """
+[namespaces.chat]
+publish = true
+"""
+
+
+def by_shard(cluster: LocalCluster, per_shard: int, stem: str = "c") -> dict[int, list[str]]:
+    """``per_shard`` channel names owned by each node (by port), for the default prefix."""
+    found: dict[int, list[str]] = {node.port: [] for node in cluster.nodes}
+    for i in itertools.count():
+        name = f"{stem}{i}"
+        owned = found[cluster.owner(f"hub:ch:{name}").port]
+        if len(owned) < per_shard:
+            owned.append(name)
+        if all(len(names) == per_shard for names in found.values()):
+            return found
+    raise AssertionError("unreachable")
+
+
+def bridge_links(node: RedisServer) -> int:
+    """How many bridge pub/sub connections ``node`` holds (by client name)."""
+    with redis.Redis(port=node.port, socket_timeout=5) as r:
+        return sum(c["name"] == "hub-bridge-sub" for c in r.client_list())
+
+
+def shard_numsub(node: RedisServer, name: str) -> int:
+    with redis.Redis(port=node.port, socket_timeout=5) as r:
+        reply = r.execute_command("PUBSUB", "SHARDNUMSUB", name)
+    return int(reply[1])
+
+
+@asynccontextmanager
+async def brokers(
+    cluster: LocalCluster, n: int = 2, **options: Any
+) -> AsyncIterator[list[tuple[RedisBroker, Recorder]]]:
+    started: list[tuple[RedisBroker, Recorder]] = []
+    try:
+        for _ in range(n):
+            broker = RedisBroker(cluster.url, **{**FAST, **options})
+            recorder = Recorder()
+            recorder.broker = broker
+            await within(broker.start(recorder))
+            started.append((broker, recorder))
+        yield started
+    finally:
+        for broker, _ in started:
+            await within(broker.close())
+
+
+def test_two_brokers_exchange_on_every_shard(redis_cluster: LocalCluster) -> None:
+    async def main() -> None:
+        shards = by_shard(redis_cluster, 2)
+        channels = [c for names in shards.values() for c in names]
+        async with brokers(redis_cluster, unsubscribe_delay=0.2) as [(a, ra), (b, rb)]:
+            assert isinstance(a, RedisClusterBroker) and a.ready and b.ready
+            await a.subscribe(channels)
+            for node in redis_cluster.nodes:
+                for c in shards[node.port]:
+                    assert shard_numsub(node, f"hub:ch:{c}") == 1
+            for i, c in enumerate(channels):
+                await b.publish(c, {"i": i}, event="e")
+            await eventually(lambda: len(ra.publications) == len(channels))
+            assert [(p.channel, p.data) for p in ra.publications] == [
+                (c, {"i": i}) for i, c in enumerate(channels)
+            ]
+            assert ra.publications[0].meta == {"event": "e"}
+            assert rb.publications == []
+
+            # Per-user messages, broadcast and disconnect, each on the shard owning its name.
+            await a.subscribe_user("alice")
+            await b.send_to_user("alice", {"note": 1})
+            await a.broadcast("everyone")
+            await b.disconnect("alice", 4503, "banned")
+            await eventually(lambda: ra.disconnects and rb.disconnects and rb.broadcasts)
+            assert ra.user_messages == [("alice", {"note": 1})]
+            assert ra.broadcasts == rb.broadcasts == ["everyone"]
+            assert ra.disconnects == rb.disconnects == [("alice", 4503, "banned")]
+
+            # Lazy unsubscribe, on the owning shard; nothing reaches A afterwards.
+            await a.unsubscribe(channels)
+            await a.unsubscribe_user("alice")
+            for node in redis_cluster.nodes:
+                for c in shards[node.port]:
+                    await eventually(lambda n=node, c=c: shard_numsub(n, f"hub:ch:{c}") == 0, 3)
+            await b.publish(channels[0], "nobody here")
+            await b.broadcast("marker")
+            await eventually(lambda: ra.broadcasts[-1:] == ["marker"])
+            assert len(ra.publications) == len(channels)
+            assert a.ready
+            # A shard left with nothing to carry loses its link; the others keep theirs.
+            special = {redis_cluster.owner(n).port for n in ("hub:all", "hub:ctl")}
+            for node in redis_cluster.nodes:
+                expected = 2 if node.port in special else 0
+                await eventually(lambda n=node, e=expected: bridge_links(n) == e, 3)
+            # And comes back for a new subscription.
+            await a.subscribe(channels)
+            await b.publish(channels[-1], "again")
+            await eventually(lambda: ra.data(channels[-1])[-1:] == ["again"])
+
+    run(main)
+
+
+def test_a_thousand_publishes_arrive_in_order_per_channel(redis_cluster: LocalCluster) -> None:
+    async def main() -> None:
+        shards = by_shard(redis_cluster, 3, "seq")
+        channels = [c for names in shards.values() for c in names]
+        async with brokers(redis_cluster) as [(a, ra), (b, _)]:
+            await a.subscribe(channels)
+            # Concurrent publishes (pipelined per shard) then sequential ones.
+            await within(asyncio.gather(*(b.publish(channels[i % 9], i) for i in range(500))))
+            for i in range(500, 1000):
+                await b.publish(channels[i % 9], i)
+            await eventually(lambda: len(ra.publications) >= 1000)
+            await asyncio.sleep(0.05)
+            assert len(ra.publications) == 1000
+            for k, c in enumerate(channels):
+                assert ra.data(c) == list(range(k, 1000, 9))
+
+            # Backends publish with SPUBLISH too, blocking or asyncio.
+            with Publisher(redis_cluster.url) as pub:
+                assert pub.publish(channels[0], "sync") == 1
+                assert pub.send_to_user("nobody", 1) == 0
+            async with AsyncPublisher(redis_cluster.url) as apub:
+                assert await apub.publish(channels[1], "async") == 1
+                assert await apub.broadcast("all") == 2
+            await eventually(lambda: ra.broadcasts == ["all"])
+            assert ra.data(channels[0])[-1] == "sync" and ra.data(channels[1])[-1] == "async"
+
+    run(main)
+
+
+def test_two_hubs_on_the_cluster_end_to_end(redis_cluster: LocalCluster) -> None:
+    async def main() -> None:
+        settings = make_settings(NAMESPACES, redis_url=redis_cluster.url)
+        async with running(settings) as h1, running(settings) as h2:
+            assert isinstance(h1.node.broker, RedisClusterBroker)
+            assert h1.node.ready and h2.node.ready
+            async with client(h1, user="alice") as a, client(h2, user="bob") as b:
+                rooms = [
+                    f"chat:{c}" for names in by_shard(redis_cluster, 1).values() for c in names
+                ]
+                for room in rooms:
+                    await a.ok("subscribe", channel=room)
+                for room in rooms:
+                    await b.ok("publish", channel=room, data={"room": room})
+                for room in rooms:
+                    assert (await a.push()) == {"channel": room, "data": {"room": room}}
+                status, _ = await api(h1, "/api/send", {"user": "bob", "data": "hi bob"})
+                assert status == 200
+                assert (await b.push()) == {"data": "hi bob"}
+                status, _ = await api(h2, "/api/broadcast", {"data": "all"})
+                assert status == 200
+                assert (await a.push()) == {"data": "all"}
+                assert (await b.push()) == {"data": "all"}
+                status, _ = await api(h2, "/api/disconnect", {"user": "alice", "reason": "bye"})
+                assert status == 200
+                assert (await a.closed_with()) == (4503, "bye")
+
+    run(main)
+
+
+def test_a_killed_shard_gaps_its_channels_and_recovers(redis_cluster: LocalCluster) -> None:
+    async def main() -> None:
+        shards = by_shard(redis_cluster, 2)
+        channels = [c for names in shards.values() for c in names]
+        # A shard that owns neither hub:all nor hub:ctl, so broadcasts go on meanwhile.
+        special = {redis_cluster.owner("hub:all").port, redis_cluster.owner("hub:ctl").port}
+        victim = next(n for n in redis_cluster.nodes if n.port not in special)
+        lost = sorted(shards[victim.port])
+        kept = [c for c in channels if c not in lost]
+        async with brokers(redis_cluster) as [(a, ra), (b, _)]:
+            await a.subscribe(channels)
+            assert ra.gaps == []
+            victim.kill()
+            await eventually(lambda: ra.gaps, 3)
+            assert ra.gaps == [lost] and ra.ready_at_gap == [False]
+            assert not a.ready
+            # The other shards deliver meanwhile; the dead one is unavailable.
+            await b.publish(kept[0], "still here")
+            await b.broadcast("still")
+            await eventually(lambda: ra.data(kept[0]) == ["still here"] and ra.broadcasts)
+            with pytest.raises(BridgeError):
+                await b.publish(lost[0], "lost")
+
+            victim.start()
+            await eventually(lambda: a.ready, 15)
+            await eventually(lambda: len(ra.gaps) == 2)
+            assert ra.gaps[1] == lost and ra.ready_at_gap[1] is True
+            assert a.reconnects >= 1
+
+            async def delivered() -> bool:
+                try:
+                    await b.publish(lost[0], "back")
+                except BridgeError:
+                    return False
+                await asyncio.sleep(0.05)
+                return "back" in ra.data(lost[0])
+
+            await eventually(delivered, 10, 0.1)
+            await b.publish(lost[1], "back too")
+            await eventually(lambda: ra.data(lost[1]) == ["back too"])
+
+    run(main)
+
+
+def test_cluster_urls_and_flags() -> None:
+    from hub.publisher import parse_cluster_url
+
+    seeds, auth, query = parse_cluster_url("redis+cluster://u:p@h1:7000,h2:7001/0?ssl_cert_reqs=x")
+    assert seeds == [("h1", 7000), ("h2", 7001)] and auth == "u:p@" and query == "?ssl_cert_reqs=x"
+    with pytest.raises(ValueError, match="host:port"):
+        parse_cluster_url("redis+cluster://h1")
+    assert type(RedisBroker("redis://127.0.0.1:1/0")) is RedisBroker
+    assert type(RedisBroker("redis+cluster://127.0.0.1:1")) is RedisClusterBroker
+
+
+def move_slot(cluster: LocalCluster, name: str, target: RedisServer) -> None:
+    """Hand the (empty) slot of ``name`` to ``target``, as a resharding does, telling every
+    node (``CLUSTER SETSLOT <slot> NODE``)."""
+    from redis.crc import key_slot
+
+    slot = key_slot(name.encode())
+    with redis.Redis(port=target.port, socket_timeout=5) as r:
+        target_id = r.execute_command("CLUSTER", "MYID").decode()
+    source = cluster.owner(name)
+    for node in [target, source, *(n for n in cluster.nodes if n not in (target, source))]:
+        with redis.Redis(port=node.port, socket_timeout=5) as r:
+            r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+def test_a_moved_slot_moves_its_subscription(redis_cluster: LocalCluster) -> None:
+    """Redis drops the shard channels of a slot that leaves a node; the bridge notices, reports
+    a gap, learns the new map and subscribes on the new owner; the publisher follows MOVED."""
+
+    async def main() -> None:
+        shards = by_shard(redis_cluster, 1)
+        channels = [c for names in shards.values() for c in names]
+        async with brokers(redis_cluster) as [(a, ra), (b, _)]:
+            await a.subscribe(channels)
+            for c in channels:
+                await b.publish(c, "before")
+            await eventually(lambda: len(ra.publications) == len(channels))
+            moving = channels[0]
+            source = redis_cluster.owner(f"hub:ch:{moving}")
+            target = next(n for n in redis_cluster.nodes if n is not source)
+            move_slot(redis_cluster, f"hub:ch:{moving}", target)
+            assert redis_cluster.owner(f"hub:ch:{moving}") is target
+            await eventually(lambda: any(moving in g for g in ra.gaps), 3)
+            await eventually(lambda: shard_numsub(target, f"hub:ch:{moving}") == 1, 5)
+            await eventually(lambda: a.ready, 5)
+            await b.publish(moving, "after")  # B's map is stale: MOVED, refresh, retry
+            await eventually(lambda: ra.data(moving) == ["before", "after"])
+            for c in channels[1:]:
+                await b.publish(c, "after")
+                await eventually(lambda c=c: ra.data(c) == ["before", "after"])
+
+    run(main)
