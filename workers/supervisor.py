@@ -10,7 +10,7 @@ nothing queued there is lost when the old worker stops accepting. A bound but ne
 Lifecycle:
 
 - a worker that dies is restarted after an exponential backoff (``Policy``), reset once a worker
-  has stayed up for ``stable_after`` seconds; its slot's socket is closed at once so that new
+  has been ready for ``stable_after`` seconds; its slot's socket is closed at once so that new
   connections go to the other workers meanwhile, and the replacement gets a fresh one;
 - SIGTERM or SIGINT drains: every worker stops accepting, reports not ready and closes its
   clients with 1001 in batches over ``drain_seconds``; the supervisor kills whatever is still
@@ -60,7 +60,7 @@ class Policy:
 
     backoff_base: float = 0.25  # the delay before the first restart after a crash
     backoff_max: float = 30.0  # the delay never grows past this
-    stable_after: float = 30.0  # a worker up this long counts as healthy: backoff starts over
+    stable_after: float = 30.0  # a worker ready this long counts as healthy: backoff starts over
     ready_timeout: float = 30.0  # for a replacement to become ready in a rolling restart
     kill_grace: float = 5.0  # after drain_seconds, before stragglers get SIGKILL
 
@@ -95,6 +95,7 @@ class Worker:
         self.pid = proc.pid
         self.status_fd = status_fd
         self.started = time.monotonic()
+        self.ready_at: float | None = None  # stability counts from here, not from the spawn
         self.port: int | None = None
         self.listening = False
         self.ready = asyncio.Event()
@@ -318,6 +319,7 @@ class Supervisor:
                     worker.listening = True
                     worker.port = message.get("port")
                 elif event == "ready" and not worker.ready.is_set():
+                    worker.ready_at = time.monotonic()
                     worker.ready.set()
                     log.info(
                         "worker %d ready: pid %d, port %s", worker.slot, worker.pid, worker.port
@@ -399,7 +401,9 @@ class Supervisor:
             self._stopping = True
             self._stop.set()
             return
-        if time.monotonic() - worker.started >= self.policy.stable_after:
+        # A slow start (a loaded machine, a slow Redis) is not uptime: count from readiness.
+        ready_at = worker.ready_at
+        if ready_at is not None and time.monotonic() - ready_at >= self.policy.stable_after:
             slot.failures = 0
         slot.failures += 1
         delay = backoff(slot.failures, self.policy)
