@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
-import base64
 import contextlib
 import gc
 import json
@@ -44,40 +43,52 @@ import os
 import platform
 import resource
 import select
-import shlex
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # ws_core.py sits next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits next to this file
 
-from ws_core import (  # the shared raw-socket client pieces and the process/CPU accounting
+from benchlib import (  # the shared client, process and report pieces
+    HOST,
+    ROLES,
     BenchError,
-    check_handshake,
+    ClientConn,
+    EpollClient,
+    Json,
+    Runner,
+    add_impl_json,
+    clients_cpu,
+    command_line,
+    commands,
+    cpu_info,
     emit,
     fmt_num,
+    format_table,
     git_rev,
+    handshake_request,
     machine_busy_s,
     mask_frame,
-    proc_cpu_s,
+    other_load,
     raise_nofile,
-    rss_kb,
+    role_parser,
+    run_timed,
+    split_frames,
     stdin_reader,
+    usage,
+    write_json,
 )
+from benchlib import Child as BaseChild
 
-REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 CHANNEL = "bench:room"
 PUSH_SIZE = 100  # bytes of every push payload (the pad is sized to hit it exactly)
 IMPLS = ("baseline", "hub")
 HUB_TOML = "[namespaces.bench]\npublish = true\n"
 MAX_SEQ = 10_000_000  # a parsed seq above this is treated as garbage, not as a huge gap
-Json = dict[str, Any]
 
 # The hub's JSON codec is compact (and ensure_ascii=False, identical for ASCII): the publisher
 # sizes its pad with it, and the baseline encodes pushes with it so both put the same bytes out.
@@ -190,18 +201,14 @@ async def server_main(impl: str, config: str) -> None:
 
     emit({"ready": port, "pid": os.getpid()})
     try:
-        for _ in range(100_000):  # bounded: the parent sends a few dozen commands
-            line = await reader.readline()
-            if not line:
-                break
-            cmd = json.loads(line)
+        # Bounded: the parent sends a few dozen commands.
+        async for cmd in commands(reader, 100_000):
             op = cmd["op"]
             if op == "stats":
-                ru = resource.getrusage(resource.RUSAGE_SELF)
-                stats = {"stats": True, "user": ru.ru_utime, "sys": ru.ru_stime}
-                if cmd.get("objects"):  # what a full collection has to walk (costs a few ms)
+                stats = usage()  # before the object count, which costs a few ms of CPU
+                if cmd.get("objects"):  # what a full collection has to walk
                     stats["gc_objects"] = len(gc.get_objects())
-                emit({**stats, "rss_kb": rss_kb(), **watch.read()})
+                emit({**stats, **watch.read()})
             elif op == "count":
                 emit({"count": count()})
             elif op == "gc":  # how long a full collection stops this server's loop
@@ -220,22 +227,19 @@ async def server_main(impl: str, config: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class Sub:
+class Sub(ClientConn):
     """One subscriber connection: receive buffer and sequence-check state."""
 
-    __slots__ = ("buf", "count", "fd", "last", "missing", "sock", "subscribed")
+    __slots__ = ("last", "missing", "subscribed")
 
     def __init__(self, sock: socket.socket, buf: bytes) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.buf = buf
-        self.count = 0
+        super().__init__(sock, buf)
         self.last = 0  # highest seq seen; pushes start at seq 1
         self.missing: set[int] | None = None  # seqs skipped over, until they arrive late
         self.subscribed = False
 
 
-class SubscriberProc:
+class SubscriberProc(EpollClient[Sub]):
     """All subscribers of one client process.
 
     Every push is JSON-parsed, but once per distinct payload: the 1,000 copies of one
@@ -244,14 +248,15 @@ class SubscriberProc:
     and identical bytes cannot parse differently.
     """
 
+    error_chars = 300
+    tick_every = 0.005
+
     def __init__(self, port: int, first_user: int, size: int) -> None:
-        self.port = port
+        super().__init__(port)
         self.first_user = first_user
         self.size = size
-        self.conns: dict[int, Sub] = {}
         self.all: list[Sub] = []
         self.cache: dict[bytes, tuple[int, float]] = {}
-        self.errors: list[str] = []
         self.messages = 0
         self.bad = 0
         self.dup = 0
@@ -261,67 +266,20 @@ class SubscriberProc:
         self.sub_reported = False
         self.sub_t0 = 0.0
         self.active = False
-        self.read_interval = 0.0
         self.reported = -1
         self.lo, self.hi = 1, 0  # record latencies for lo <= seq <= hi
         self.lat = array.array("d")
         self.sync: Json | None = None
-        self.quit = False
-        self.control_buf = b""
-
-    def note_error(self, text: str) -> None:
-        if len(self.errors) < 5:
-            self.errors.append(text[:300])
 
     # -- connecting --------------------------------------------------------------------------
 
-    def request(self, key: bytes, user: int) -> bytes:
-        return (
-            f"GET /ws?user=u{user} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
+    def request(self, key: bytes, index: int) -> bytes:
+        return handshake_request(key, self.port, path=f"/ws?user=u{self.first_user + index}")
 
-    def connect_all(self, total: int, batch: int) -> None:
-        """Open ``total`` connections, ``batch`` handshakes in flight at a time."""
-        for first in range(0, total, batch):
-            pending: list[tuple[socket.socket, bytes]] = []
-            for i in range(first, min(first + batch, total)):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                try:
-                    sock.settimeout(30)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    sock.connect((HOST, self.port))
-                    key = base64.b64encode(os.urandom(16))
-                    sock.sendall(self.request(key, self.first_user + i))
-                    pending.append((sock, key))
-                except OSError as exc:
-                    self.note_error(repr(exc))
-                    sock.close()
-            for sock, key in pending:
-                try:
-                    self.finish_handshake(sock, key)
-                except (OSError, BenchError, ValueError) as exc:
-                    self.note_error(repr(exc))
-                    sock.close()
-
-    def finish_handshake(self, sock: socket.socket, key: bytes) -> None:
-        buf = b""
-        for _ in range(64):
-            chunk = sock.recv(16384)
-            if not chunk:
-                raise BenchError("connection closed during handshake")
-            buf += chunk
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-        else:
-            raise BenchError("handshake response too long")
-        check_handshake(key, buf[:end].decode("latin-1"), False)
-        sock.setblocking(False)
-        sub = Sub(sock, buf[end + 4 :])
-        self.conns[sub.fd] = sub
+    def new_conn(self, sock: socket.socket, inflater: Any, buf: bytes) -> Sub:
+        sub = Sub(sock, buf)
         self.all.append(sub)
+        return sub
 
     def subscribe_all(self) -> None:
         """Send the subscribe command on every connection; replies arrive in the run loop."""
@@ -332,39 +290,17 @@ class SubscriberProc:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def feed(self, c: Sub, data: bytes, now: float) -> None:
-        """Parse every complete frame; check and time each push. The hot path of the client."""
-        buf = c.buf + data if c.buf else data
-        n = len(buf)
-        pos = 0
+    def feed(self, c: Sub, data: bytes) -> None:
+        """Check and time every push in the buffer. The hot path of the client."""
+        now = time.time()
+        frames, c.buf = split_frames(c.buf + data if c.buf else data)
         cache_get = self.cache.get
         lo, hi = self.lo, self.hi
         got = 0
-        while n - pos >= 2:
-            b0 = buf[pos]
-            ln = buf[pos + 1]
-            if ln < 126:
-                start = pos + 2
-            elif ln == 126:
-                if n - pos < 4:
-                    break
-                ln = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-                start = pos + 4
-            elif ln == 127:
-                if n - pos < 10:
-                    break
-                ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                start = pos + 10
-            else:
-                raise BenchError("server frame is masked")
-            end = start + ln
-            if end > n:
-                break
-            pos = end
+        for b0, payload in frames:
             if b0 != 0x81:  # pings, closes, anything but one whole text frame
-                self.other_frame(c, b0, buf[start:end])
+                self.other_frame(c, b0, payload)
                 continue
-            payload = buf[start:end]
             hit = cache_get(payload)
             if hit is None:
                 hit = self.parse(c, payload)
@@ -378,7 +314,6 @@ class SubscriberProc:
                 self.irregular(c, seq)
             if lo <= seq <= hi:
                 self.lat.append(now - hit[1])
-        c.buf = buf[pos:] if pos < n else b""
         c.count += got
         self.messages += got
 
@@ -446,29 +381,19 @@ class SubscriberProc:
 
     # -- control and the loop ----------------------------------------------------------------
 
-    def control(self) -> None:
-        chunk = os.read(0, 65536)
-        if not chunk:
-            self.quit = True
-            return
-        self.control_buf += chunk
-        while b"\n" in self.control_buf:
-            line, self.control_buf = self.control_buf.split(b"\n", 1)
-            cmd = json.loads(line)
-            op = cmd["op"]
-            if op == "run":
-                self.active = True
-                self.read_interval = float(cmd["read_interval"])
-            elif op == "record":
-                self.lo, self.hi = int(cmd["lo"]), int(cmd["hi"])
-                self.lat = array.array("d")
-            elif op == "mark":
-                emit({"mark": self.messages, "t": time.monotonic()})
-            elif op == "sync":
-                cmd["deadline"] = time.monotonic() + float(cmd["timeout"])
-                self.sync = cmd
-            elif op == "quit":
-                self.quit = True
+    def command(self, cmd: Json) -> None:
+        op = cmd["op"]
+        if op == "run":
+            self.active = True
+            self.read_interval = float(cmd["read_interval"])
+        elif op == "record":
+            self.lo, self.hi = int(cmd["lo"]), int(cmd["hi"])
+            self.lat = array.array("d")
+        elif op == "mark":
+            emit({"mark": self.messages, "t": time.monotonic()})
+        elif op == "sync":
+            cmd["deadline"] = time.monotonic() + float(cmd["timeout"])
+            self.sync = cmd
 
     def min_last(self) -> int:
         return min((c.last for c in self.conns.values()), default=0)
@@ -516,71 +441,21 @@ class SubscriberProc:
             }
         )
 
-    def drop(self, ep: select.epoll, c: Sub) -> None:
-        """The server closed a connection: keep its state for the loss count, stop polling it."""
-        with contextlib.suppress(OSError):
-            ep.unregister(c.fd)
-        self.conns.pop(c.fd, None)
-        c.sock.close()
+    def pace(self) -> tuple[float, float]:
+        """While active: sleep ``read_interval``, then read whatever is ready without blocking."""
+        return (self.read_interval if self.active else 0.0), 0.005
+
+    def server_closed(self, ep: select.epoll, c: Sub) -> None:
+        """Keep its state for the loss count, stop polling it."""
+        self.drop(ep, c)
         self.closed += 1
         self.note_error("a connection was closed by the server")
-
-    def run(self, max_seconds: float) -> None:
-        """The event loop, bounded in time. While active it sleeps ``read_interval``, then reads
-        whatever is ready without blocking: the server's sends then never pay for waking us."""
-        ep = select.epoll()
-        ep.register(0, select.EPOLLIN)
-        for fd in self.conns:
-            ep.register(fd, select.EPOLLIN)
-        conns = self.conns
-        give_up = time.monotonic() + max_seconds
-        next_tick = 0.0
-        while not self.quit:
-            mono = time.monotonic()
-            if mono > give_up:
-                break
-            if mono >= next_tick:
-                self.tick(mono)
-                next_tick = mono + 0.005
-            if self.active and self.read_interval:
-                time.sleep(self.read_interval)
-                events = ep.poll(0, len(conns) + 1)
-            else:
-                events = ep.poll(0.005)
-            for fd, _ in events:
-                if fd == 0:
-                    self.control()
-                    continue
-                c = conns.get(fd)
-                if c is None:
-                    continue
-                try:
-                    data = c.sock.recv(65536)  # below the mmap threshold (see ws_core)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    self.drop(ep, c)
-                    continue
-                self.feed(c, data, time.time())
-        for c in self.all:
-            c.sock.close()
 
 
 def client_main(port: int, conns: int, first_user: int, size: int, batch: int) -> None:
     """Connect, subscribe, then serve control commands until told to quit (or an hour)."""
     proc = SubscriberProc(port, first_user, size)
-    t0 = time.monotonic()
-    proc.connect_all(conns, batch)
-    emit(
-        {
-            "connected": len(proc.all),
-            "failed": conns - len(proc.all),
-            "errors": proc.errors,
-            "connect_s": time.monotonic() - t0,
-        }
-    )
+    proc.connect_and_report(conns, batch)
     proc.subscribe_all()
     proc.run(max_seconds=3600)
 
@@ -590,83 +465,25 @@ def client_main(port: int, conns: int, first_user: int, size: int, batch: int) -
 # --------------------------------------------------------------------------------------------
 
 
-class Child:
-    """A role subprocess. A reader task takes ``{"p": seq}`` progress lines (the slowest
-    subscriber's last seq) into ``progress`` and queues every other control line."""
+class Child(BaseChild):
+    """A role subprocess whose ``{"p": seq}`` lines (the slowest subscriber's last seq) go to
+    ``progress`` at once, for the publisher's lag bound, instead of the queue."""
+
+    stop_wait = 10.0
 
     def __init__(
         self, name: str, proc: asyncio.subprocess.Process, log: Path, wake: asyncio.Event
     ) -> None:
-        self.name, self.proc, self.log, self.wake = name, proc, log, wake
+        self.wake = wake
         self.progress = 0
-        self.queue: asyncio.Queue[Json] = asyncio.Queue()
-        self.reader = asyncio.create_task(self._read())
+        super().__init__(name, proc, log)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for _ in range(10_000_000):  # bounded: at most ~400 lines/s for a few minutes
-            line = await self.proc.stdout.readline()
-            if not line:
-                break
-            obj: Json = json.loads(line)
-            if "p" in obj:
-                self.progress = int(obj["p"])
-                self.wake.set()
-            else:
-                self.queue.put_nowait(obj)
-        self.queue.put_nowait({"eof": True})
-
-    async def send(self, obj: Json) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
-        await self.proc.stdin.drain()
-
-    async def recv(self, key: str, timeout: float) -> Json:
-        """The next queued control line holding ``key``."""
-        deadline = time.monotonic() + timeout
-        for _ in range(10_000):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                obj = await asyncio.wait_for(self.queue.get(), left)
-            except TimeoutError:
-                break
-            if key in obj:
-                return obj
-            if "eof" in obj:
-                self.queue.put_nowait(obj)
-                raise BenchError(f"{self.name} exited early:\n{self.stderr_tail()}")
-        raise BenchError(f"{self.name}: no {key!r} within {timeout:.0f}s\n{self.stderr_tail()}")
-
-    def stderr_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join("    " + t for t in text[-lines:])
-
-    async def stop(self) -> None:
-        """Ask politely (quit), then terminate, then kill; never waits unbounded."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(Exception):
-                await self.send({"op": "quit"})
-            for action in (None, self.proc.terminate, self.proc.kill):
-                if action is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        action()
-                try:
-                    await asyncio.wait_for(self.proc.wait(), 10)
-                    break
-                except TimeoutError:
-                    continue
-        self.reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.reader
+    def route(self, obj: Json) -> bool:
+        if "p" not in obj:
+            return False
+        self.progress = int(obj["p"])
+        self.wake.set()
+        return True
 
 
 class Publisher:
@@ -787,50 +604,22 @@ def render_profile(prof: Json) -> str:
     return "\n".join(lines)
 
 
-class Bench:
+class Bench(Runner[Child]):
     """Runs both implementations, keeps results, prints progress with elapsed time."""
 
+    servers_last = True
+
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(__file__, "fanout_bench_")
         self.args = args
-        self.t0 = time.monotonic()
-        self.tmp = Path(tempfile.mkdtemp(prefix="fanout_bench_"))
-        self.children: list[Child] = []
-        self.seq = 0
         self.syncs = 0
-        self.keep_tmp = False
         self.results: dict[str, Json] = {}
-        self.errors: list[str] = []
         self.wake = asyncio.Event()
         self.config = self.tmp / "hub.toml"
         self.config.write_text(HUB_TOML)
 
-    def progress(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=sys.stderr, flush=True)
-
-    async def spawn(self, name: str, role_args: list[str]) -> Child:
-        self.seq += 1
-        log = self.tmp / f"{self.seq:03d}-{name}.log"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, str(Path(__file__).resolve()), *role_args]
-        with open(log, "wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=err,
-                env=env,
-                limit=1 << 20,
-            )
-        child = Child(name, proc, log, self.wake)
-        self.children.append(child)
-        return child
-
-    async def stop_all(self) -> None:
-        children, self.children = self.children, []
-        # Clients first: a server shutting down would close 2,000 connections under them.
-        await asyncio.gather(*(c.stop() for c in children if c.name != "server"))
-        await asyncio.gather(*(c.stop() for c in children if c.name == "server"))
+    def make_child(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> Child:
+        return Child(name, proc, log, self.wake)
 
     async def snapshot(self, server: Child, clients: list[Child], pub: Publisher) -> Json:
         """Server CPU (getrusage), per-client message counts, client/parent CPU, machine load."""
@@ -839,7 +628,7 @@ class Bench:
         stats, *marks = await asyncio.gather(
             server.recv("stats", 30), *(c.recv("mark", 30) for c in clients)
         )
-        pairs = [proc_cpu_s(c.pid) for c in clients]
+        client_user, client_sys = clients_cpu(clients)
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "t": time.monotonic(),
@@ -848,8 +637,8 @@ class Bench:
             "rss_kb": stats["rss_kb"],
             "gc": stats,
             "marks": [(int(m["mark"]), float(m["t"])) for m in marks],
-            "client_user": sum(p[0] for p in pairs),
-            "client_sys": sum(p[1] for p in pairs),
+            "client_user": client_user,
+            "client_sys": client_sys,
             "parent": ru.ru_utime + ru.ru_stime,
             "busy": machine_busy_s(),
             "seq": pub.seq,
@@ -877,7 +666,7 @@ class Bench:
             "client_us_per_delivery": ccpu / per * 1e6,
             "client_util": ccpu / wall,
             "publisher_cpu_s": parent,
-            "other_load_cores": max(0.0, busy - cpu - ccpu - parent) / wall,
+            "other_load_cores": other_load(busy, cpu + ccpu + parent, wall),
             "server_gc": {
                 "count": [b - a for a, b in zip(g0["gc_count"], g1["gc_count"], strict=True)],
                 "pause_ms": [
@@ -1109,27 +898,16 @@ class Bench:
         label = impl
         self.progress(f"{label}: starting server and {n:,} subscribers")
         try:
-            server = await self.spawn(
-                "server", ["_server", "--impl", impl, "--config", str(self.config)]
-            )
-            ready = await server.recv("ready", 60)
-            port = int(ready["ready"])
-            procs = max(1, min(a.client_procs, n))
-            sizes = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
-            batch = max(8, 96 // procs)  # handshakes in flight stay under the backlog of 100
-            clients = []
-            first = 0
-            for i, size in enumerate(sizes):
-                role = ["_client", "--port", str(port), "--conns", str(size)]
-                role += ["--first-user", str(first), "--size", str(PUSH_SIZE)]
-                clients.append(await self.spawn(f"client{i}", [*role, "--batch", str(batch)]))
-                first += size
+            role = ["_server", "--impl", impl, "--config", str(self.config)]
+            server, port = await self.spawn_server("server", role)
+
+            def client_role(conns: int, first: int) -> list[str]:
+                role = ["_client", "--port", str(port), "--conns", str(conns)]
+                return [*role, "--first-user", str(first), "--size", str(PUSH_SIZE)]
+
+            clients = await self.spawn_clients(n, a.client_procs, client_role)
             t0 = time.monotonic()
-            infos = await asyncio.gather(*(c.recv("connected", 60 + n * 0.01) for c in clients))
-            failed = sum(int(i["failed"]) for i in infos)
-            if failed:
-                errs = sorted({e for i in infos for e in i["errors"]})
-                raise BenchError(f"{failed} of {n} connections failed: {errs[:3]}")
+            await self.await_connected(clients, n)
             subs = await asyncio.gather(*(c.recv("subscribed", 90) for c in clients))
             if sum(int(s["subscribed"]) for s in subs) != n:
                 raise BenchError(f"only {sum(int(s['subscribed']) for s in subs)} subscribed")
@@ -1201,8 +979,7 @@ class Bench:
                 f"{forced['gc'] * 1e3:.1f} ms ({forced['freed']} freed)"
             )
         except BenchError as exc:
-            self.errors.append(f"{label}: {exc}")
-            self.progress(f"{label}: FAILED: {exc}")
+            self.fail(label, exc)
         finally:
             await self.stop_all()
 
@@ -1212,9 +989,7 @@ class Bench:
             for impl in impls:
                 await self.run_impl(impl)
         finally:
-            await self.stop_all()
-            if not self.errors and not self.keep_tmp:
-                shutil.rmtree(self.tmp, ignore_errors=True)
+            await self.finish()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1342,16 +1117,7 @@ def render(rows: list[Row]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
-    lines = []
-    for i, t in enumerate(table):
-        cells = [
-            c.rjust(widths[j]) if j in (1, 2, 3) else c.ljust(widths[j]) for j, c in enumerate(t)
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths).rstrip())
-    return "\n".join(lines)
+    return format_table(table, right={1, 2, 3})
 
 
 def meta_info(args: argparse.Namespace) -> Json:
@@ -1360,17 +1126,14 @@ def meta_info(args: argparse.Namespace) -> Json:
 
     import hub
 
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     return {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "command": command_line(),
         "python": platform.python_version(),
         "websockets": websockets.__version__,
         "msgpack": ".".join(map(str, msgpack.version)),
         "hub": f"{hub.__version__} ({git_rev()})",
         "platform": platform.platform(),
-        "cpu": f"{cpu} x {os.cpu_count()}",
+        "cpu": cpu_info(),
         "subscribers": args.subscribers,
         "client_procs": args.client_procs,
         "windows": args.windows,
@@ -1392,8 +1155,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Fan-out through the hub vs a websockets FAQ-style pub/sub server.",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run (< 60 s): 1,000 subscribers")
-    ap.add_argument("--impl", choices=(*IMPLS, "both"), default="both")
-    ap.add_argument("--json", metavar="OUT", type=Path, help="write meta, results, table")
+    add_impl_json(ap, IMPLS)
     ap.add_argument("--subscribers", type=int, help="subscribers (default 2000; --quick 1000)")
     ap.add_argument("--rate", type=float, default=20.0, help="fixed-rate publishes/s (20)")
     ap.add_argument(
@@ -1456,7 +1218,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def role_main(argv: list[str]) -> int:
     """The subprocess side: ``_server`` or ``_client``, spawned by the parent only."""
-    ap = argparse.ArgumentParser(prog=f"fanout_local.py {argv[0]}")
+    ap = role_parser("fanout_local.py", argv)
     raise_nofile()
     if argv[0] == "_server":
         ap.add_argument("--impl", choices=IMPLS, required=True)
@@ -1464,11 +1226,8 @@ def role_main(argv: list[str]) -> int:
         a = ap.parse_args(argv[1:])
         asyncio.run(server_main(a.impl, a.config))
     else:
-        ap.add_argument("--port", type=int, required=True)
-        ap.add_argument("--conns", type=int, required=True)
         ap.add_argument("--first-user", type=int, required=True)
         ap.add_argument("--size", type=int, required=True)
-        ap.add_argument("--batch", type=int, default=32)
         a = ap.parse_args(argv[1:])
         client_main(a.port, a.conns, a.first_user, a.size, a.batch)
     return 0
@@ -1479,7 +1238,7 @@ TARGETS = {"throughput_x": 2.0, "cpu_x": 3.0, "p99_ms": 50.0}
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("_server", "_client"):
+    if argv and argv[0] in ROLES:
         return role_main(argv)
     args = parse_args(argv)
     raise_nofile()
@@ -1495,13 +1254,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     sys.stdout.flush()
     bench = Bench(args)
-    started = time.monotonic()
-    try:
-        asyncio.run(bench.run())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    elapsed = run_timed(lambda: asyncio.run(bench.run()))
+    if elapsed is None:
         return 130
-    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    meta["elapsed_s"] = elapsed
     rows = make_rows(bench.results, TARGETS)
     print()
     print(render(rows))
@@ -1532,8 +1288,7 @@ def main(argv: list[str] | None = None) -> int:
             "table": [asdict(r) for r in rows],
             "errors": bench.errors,
         }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, payload)
     return 1 if bench.errors or not integrity_ok else 0
 
 

@@ -31,57 +31,65 @@ import base64
 import contextlib
 import gc
 import hashlib
-import json
 import os
 import platform
 import random
-import resource
 import select
-import shlex
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import zlib
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits next to this file
+
+from benchlib import (  # the shared client, process and report pieces
+    HOST,
+    REPO,
+    ROLES,
+    WS_GUID,
+    BenchError,
+    Child,
+    ClientConn,
+    EpollClient,
+    Json,
+    Runner,
+    add_impl_json,
+    clients_cpu,
+    command_line,
+    commands,
+    cpu_info,
+    emit,
+    fmt_num,
+    format_table,
+    git_rev,
+    machine_busy_s,
+    mask_frame,
+    other_load,
+    raise_nofile,
+    role_parser,
+    run_timed,
+    split_frames,
+    stdin_reader,
+    usage,
+    write_json,
+)
+
 IMPLS = ("websockets", "hub")
 IMPL_LABEL = {"websockets": "websockets", "hub": "hub.ws", "floor": "floor"}
 MAX_SIZE = 2**20
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
 DEFLATE_TAIL = b"\x00\x00\xff\xff"
 BCAST_SIZE = 100  # bytes per broadcast message
 ECHO_SIZE = 64  # bytes per echo message
 MAX_CLIENT_PROCS = 4
 
-Json = dict[str, Any]
-
-
-class BenchError(RuntimeError):
-    """A scenario could not be measured (a process died, a timeout, a wrong message count)."""
-
 
 # --------------------------------------------------------------------------------------------
-# Shared helpers (every process)
+# Helpers (every process)
 # --------------------------------------------------------------------------------------------
-
-
-def raise_nofile() -> int:
-    """Lift the soft fd limit to the hard one: 10,000 sockets do not fit the usual 1,024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 def run_loop(coro: Coroutine[Any, Any, Any], use_uvloop: bool) -> Any:
@@ -92,57 +100,6 @@ def run_loop(coro: Coroutine[Any, Any, Any], use_uvloop: bool) -> Any:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(coro)
     return asyncio.run(coro)
-
-
-def emit(obj: Json) -> None:
-    """Write one control-channel line (JSON) to stdout; the parent reads them in order."""
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-async def stdin_reader() -> asyncio.StreamReader:
-    """Wrap stdin in a StreamReader so control commands arrive without blocking the loop."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    return reader
-
-
-def rss_kb(pid: int | str = "self") -> int:
-    """VmRSS in KiB from /proc: what the kernel really holds for the process."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise BenchError(f"no VmRSS for pid {pid}")
-
-
-def proc_cpu_s(pid: int) -> tuple[float, float]:
-    """(user, sys) seconds of a process from /proc/<pid>/stat (clock ticks; used for clients)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0, 0.0
-    tck = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tck, int(fields[12]) / tck
-
-
-def machine_busy_s() -> float:
-    """Busy CPU seconds of the whole machine so far (all cores), from /proc/stat.
-
-    Compared with what our own processes used, it shows how much other load shared the cores.
-    """
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def clients_cpu(clients: list[Child]) -> tuple[float, float]:
-    """Summed (user, sys) seconds of the client processes."""
-    pairs = [proc_cpu_s(c.pid) for c in clients]
-    return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
 
 def make_messages(count: int, size: int, seed: int = 1) -> list[str]:
@@ -297,19 +254,15 @@ async def server_main(impl: str, compression: str, messages: int) -> None:
     comp = None if compression == "off" else "deflate"
     async with serve(handler, HOST, port, compression=comp, max_size=MAX_SIZE):
         emit({"ready": port, "pid": os.getpid()})
-        for _ in range(1_000_000):  # bounded: the parent sends a few dozen commands
-            line = await reader.readline()
-            if not line:
-                break
-            cmd = json.loads(line)
+        # Bounded: the parent sends a few dozen commands.
+        async for cmd in commands(reader, 1_000_000):
             op = cmd["op"]
             if op == "stats":
                 if cmd.get("gc"):
                     gc.collect()
                     await asyncio.sleep(0.2)
                     gc.collect()
-                ru = resource.getrusage(resource.RUSAGE_SELF)
-                emit({"stats": True, "user": ru.ru_utime, "sys": ru.ru_stime, "rss_kb": rss_kb()})
+                emit(usage())
             elif op == "count":
                 emit({"count": len(clients)})
             elif op == "broadcast":
@@ -334,87 +287,24 @@ async def server_main(impl: str, compression: str, messages: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def mask_frame(opcode: int, payload: bytes) -> bytes:
-    """A masked client->server frame (RFC 6455 5.3) with a fresh random key."""
-    key = os.urandom(4)
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    keystream = (key * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(keystream, "big")).to_bytes(n, "big")
-    return head + key + masked
-
-
-def handshake_request(key: bytes, port: int, deflate: bool) -> bytes:
-    """The opening handshake; with ``deflate`` it offers permessage-deflate like browsers do."""
-    ext = f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n" if deflate else ""
-    return (
-        f"GET / HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
-    ).encode()
-
-
-def check_handshake(key: bytes, head: str, deflate: bool) -> tuple[Any, str | None]:
-    """Validate the 101 response; return (inflater or None, the extension header as sent)."""
-    lines = head.split("\r\n")
-    if not lines[0].startswith("HTTP/1.1 101"):
-        raise BenchError(f"handshake refused: {lines[0]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
-    if headers.get("sec-websocket-accept") != accept:
-        raise BenchError("bad Sec-WebSocket-Accept")
-    ext = headers.get("sec-websocket-extensions")
-    if not ext:
-        return None, None
-    params = [p.strip() for p in ext.split(";")]
-    if params[0] != "permessage-deflate" or not deflate:
-        raise BenchError(f"unexpected extension {ext!r}")
-    bits = 15
-    for p in params[1:]:
-        name, _, value = p.partition("=")
-        if name.strip() == "server_max_window_bits" and value:
-            bits = int(value.strip().strip('"'))
-    return zlib.decompressobj(wbits=-max(9, bits)), ext
-
-
-class Conn:
+class Conn(ClientConn):
     """One client connection's receive state."""
 
-    __slots__ = ("buf", "count", "echo_i", "fd", "frag", "frag_compressed", "inflater", "sock")
+    __slots__ = ("echo_i", "frag", "frag_compressed", "inflater")
 
     def __init__(self, sock: socket.socket, inflater: Any, buf: bytes) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
+        super().__init__(sock, buf)
         self.inflater = inflater
-        self.buf = buf
-        self.count = 0
         self.echo_i = 0
         self.frag: list[bytes] | None = None
         self.frag_compressed = False
 
 
-class ClientProc:
-    """All connections of one client process, driven by a single epoll loop.
-
-    Why not asyncio: its per-read overhead (~15-20 us in CPython 3.11) made the clients cost more
-    CPU per message than the server under test, so they became the bottleneck. A bare epoll loop
-    with one ``recv`` per ready socket costs a few microseconds per read and parses every frame
-    that arrived together in one pass.
-    """
+class ClientProc(EpollClient[Conn]):
+    """All connections of one client process: broadcast receivers or echo loops, on command."""
 
     def __init__(self, port: int, deflate: bool) -> None:
-        self.port = port
-        self.deflate = deflate
-        self.conns: dict[int, Conn] = {}
-        self.ext: str | None = None
-        self.errors: list[str] = []
+        super().__init__(port, deflate)
         self.mode = "idle"  # idle | bcast | echo
         self.target = 0
         self.size = BCAST_SIZE
@@ -430,93 +320,22 @@ class ClientProc:
         self.echo_t0 = 0.0
         self.echo_stop = 0.0
         self.stopped = 0.0
-        self.quit = False
-        self.control_buf = b""
-        self.read_interval = 0.0  # 0 means block in epoll_wait
 
-    def note_error(self, text: str) -> None:
-        if len(self.errors) < 5:
-            self.errors.append(text)
-
-    # -- connecting --------------------------------------------------------------------------
-
-    def connect_all(self, total: int, batch: int) -> None:
-        """Open ``total`` connections, ``batch`` handshakes in flight at a time (pipelined)."""
-        for first in range(0, total, batch):
-            pending: list[tuple[socket.socket, bytes]] = []
-            for _ in range(min(batch, total - first)):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                try:
-                    sock.settimeout(30)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    sock.connect((HOST, self.port))
-                    key = base64.b64encode(os.urandom(16))
-                    sock.sendall(handshake_request(key, self.port, self.deflate))
-                    pending.append((sock, key))
-                except OSError as exc:
-                    self.note_error(repr(exc))
-                    sock.close()
-            for sock, key in pending:
-                try:
-                    self.finish_handshake(sock, key)
-                except (OSError, BenchError, ValueError) as exc:
-                    self.note_error(repr(exc))
-                    sock.close()
-
-    def finish_handshake(self, sock: socket.socket, key: bytes) -> None:
-        buf = b""
-        for _ in range(64):  # a 101 response is a few hundred bytes: a handful of reads
-            chunk = sock.recv(16384)
-            if not chunk:
-                raise BenchError("connection closed during handshake")
-            buf += chunk
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-        else:
-            raise BenchError("handshake response too long")
-        inflater, ext = check_handshake(key, buf[:end].decode("latin-1"), self.deflate)
-        if ext and self.ext is None:
-            self.ext = ext
-        sock.setblocking(False)
-        conn = Conn(sock, inflater, buf[end + 4 :])
-        self.conns[conn.fd] = conn
+    def new_conn(self, sock: socket.socket, inflater: Any, buf: bytes) -> Conn:
+        return Conn(sock, inflater, buf)
 
     # -- receiving ---------------------------------------------------------------------------
 
     def feed(self, c: Conn, data: bytes) -> None:
-        """Parse every complete frame in the buffer; keep the tail for the next read."""
-        buf = c.buf + data if c.buf else data
-        n = len(buf)
-        pos = 0
-        while n - pos >= 2:
-            b0 = buf[pos]
-            ln = buf[pos + 1]
-            if ln < 126:
-                start = pos + 2
-            elif ln == 126:
-                if n - pos < 4:
-                    break
-                ln = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-                start = pos + 4
-            elif ln == 127:
-                if n - pos < 10:
-                    break
-                ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                start = pos + 10
-            else:
-                raise BenchError("server frame is masked")
-            end = start + ln
-            if end > n:
-                break
+        """Handle every complete frame in the buffer; keep the tail for the next read."""
+        frames, c.buf = split_frames(c.buf + data if c.buf else data)
+        for b0, payload in frames:
             if b0 == 0x81 or b0 == 0x82:  # the common case: one unfragmented, uncompressed frame
-                self.message(c, buf[start:end])
+                self.message(c, payload)
             elif b0 == 0xC1 or b0 == 0xC2:  # FIN + RSV1: one compressed frame
-                self.message(c, self.inflate(c, buf[start:end] + DEFLATE_TAIL))
+                self.message(c, self.inflate(c, payload + DEFLATE_TAIL))
             else:
-                self.other_frame(c, b0, buf[start:end])
-            pos = end
-        c.buf = buf[pos:] if pos < n else b""
+                self.other_frame(c, b0, payload)
 
     def inflate(self, c: Conn, data: bytes) -> bytes:
         if c.inflater is None:
@@ -579,37 +398,27 @@ class ClientProc:
 
     # -- control -----------------------------------------------------------------------------
 
-    def control(self) -> None:
-        chunk = os.read(0, 65536)
-        if not chunk:
-            self.quit = True
-            return
-        self.control_buf += chunk
-        while b"\n" in self.control_buf:
-            line, self.control_buf = self.control_buf.split(b"\n", 1)
-            cmd = json.loads(line)
-            op = cmd["op"]
-            if op == "expect":
-                self.mode, self.target, self.size = "bcast", int(cmd["m"]), int(cmd["size"])
-                self.remaining, self.messages, self.bad = len(self.conns), 0, 0
-                self.round_deadline = time.monotonic() + float(cmd["timeout"])
-                self.read_interval = float(cmd.get("read_interval", 0.0))
-                for c in self.conns.values():
-                    c.count = 0
-                emit({"expecting": self.target})
-            elif op == "echo":
-                self.echo_payload = make_messages(1, ECHO_SIZE, seed=7)[0].encode()
-                self.echo_frames = [mask_frame(0x1, self.echo_payload) for _ in range(64)]
-                self.mode, self.running = "echo", True
-                self.messages, self.bad, self.inflight = 0, 0, 0
-                self.echo_t0 = time.monotonic()
-                self.echo_stop = self.echo_t0 + float(cmd["duration"])
-                self.read_interval = float(cmd.get("read_interval", 0.0))
-                for c in self.conns.values():
-                    c.count = 0
-                    self.send_echo(c)
-            elif op == "quit":
-                self.quit = True
+    def command(self, cmd: Json) -> None:
+        op = cmd["op"]
+        if op == "expect":
+            self.mode, self.target, self.size = "bcast", int(cmd["m"]), int(cmd["size"])
+            self.remaining, self.messages, self.bad = len(self.conns), 0, 0
+            self.round_deadline = time.monotonic() + float(cmd["timeout"])
+            self.read_interval = float(cmd.get("read_interval", 0.0))
+            for c in self.conns.values():
+                c.count = 0
+            emit({"expecting": self.target})
+        elif op == "echo":
+            self.echo_payload = make_messages(1, ECHO_SIZE, seed=7)[0].encode()
+            self.echo_frames = [mask_frame(0x1, self.echo_payload) for _ in range(64)]
+            self.mode, self.running = "echo", True
+            self.messages, self.bad, self.inflight = 0, 0, 0
+            self.echo_t0 = time.monotonic()
+            self.echo_stop = self.echo_t0 + float(cmd["duration"])
+            self.read_interval = float(cmd.get("read_interval", 0.0))
+            for c in self.conns.values():
+                c.count = 0
+                self.send_echo(c)
 
     def tick(self, now: float) -> None:
         """Time-based transitions: stop echoing, report a drained echo, give up on a round."""
@@ -631,64 +440,21 @@ class ClientProc:
             emit({"done": None, "why": "timeout", "messages": self.messages, "lost": self.lost})
             self.mode = "idle"
 
-    def run(self, max_seconds: float) -> None:
-        """The event loop, bounded in time; every socket is read as soon as it is readable."""
-        ep = select.epoll()
-        ep.register(0, select.EPOLLIN)
-        for fd in self.conns:
-            ep.register(fd, select.EPOLLIN)
-        conns = self.conns
-        give_up = time.monotonic() + max_seconds
-        while not self.quit:
-            now = time.monotonic()
-            if now > give_up:
-                break
-            self.tick(now)
-            if self.mode != "idle" and self.read_interval:
-                # Sleep, then take whatever is ready without blocking: a client that never waits
-                # inside epoll_wait costs the server no wake-up per send, like a remote client.
-                time.sleep(self.read_interval)
-                events = ep.poll(0, len(conns) + 1)
-            else:
-                events = ep.poll(0.01 if self.mode == "echo" else 0.05)
-            for fd, _ in events:
-                if fd == 0:
-                    self.control()
-                    continue
-                c = conns.get(fd)
-                if c is None:
-                    continue
-                try:
-                    data = c.sock.recv(65536)  # below the mmap threshold: no mmap+fault per read
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    ep.unregister(fd)
-                    del conns[fd]
-                    c.sock.close()
-                    self.lost += 1
-                    raise BenchError("a connection was closed by the server")
-                self.feed(c, data)
-        for c in conns.values():
-            c.sock.close()
+    def pace(self) -> tuple[float, float]:
+        if self.mode != "idle" and self.read_interval:
+            return self.read_interval, 0.0
+        return 0.0, (0.01 if self.mode == "echo" else 0.05)
+
+    def server_closed(self, ep: select.epoll, c: Conn) -> None:
+        self.drop(ep, c)
+        self.lost += 1
+        raise BenchError("a connection was closed by the server")
 
 
 def client_main(port: int, conns: int, deflate: bool, batch: int) -> None:
     """Connect, report, then serve control commands until told to quit (or an hour passes)."""
     client = ClientProc(port, deflate)
-    t0 = time.monotonic()
-    client.connect_all(conns, batch)
-    emit(
-        {
-            "connected": len(client.conns),
-            "failed": conns - len(client.conns),
-            "ext": client.ext,
-            "errors": client.errors,
-            "connect_s": time.monotonic() - t0,
-        }
-    )
+    client.connect_and_report(conns, batch)
     try:
         client.run(max_seconds=3600)
     except BenchError as exc:
@@ -701,115 +467,22 @@ def client_main(port: int, conns: int, deflate: bool, batch: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class Child:
-    """A role subprocess with a JSON-lines control channel and a stderr log for post-mortems."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
-        self.name, self.proc, self.log = name, proc, log
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def send(self, obj: Json) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
-        await self.proc.stdin.drain()
-
-    async def recv(self, key: str, timeout: float) -> Json:
-        """The next control line holding ``key`` (others are errors worth seeing)."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        for _ in range(1000):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                line = await asyncio.wait_for(self.proc.stdout.readline(), left)
-            except TimeoutError:
-                break
-            if not line:
-                raise BenchError(f"{self.name} exited early:\n{self.stderr_tail()}")
-            obj: Json = json.loads(line)
-            if key in obj:
-                return obj
-            if "error" in obj:
-                raise BenchError(f"{self.name}: {obj['error']}")
-        raise BenchError(f"{self.name}: no {key!r} within {timeout:.0f}s\n{self.stderr_tail()}")
-
-    def stderr_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join("    " + t for t in text[-lines:])
-
-    async def stop(self) -> None:
-        """Close stdin (the polite quit), then terminate, then kill; never waits unbounded."""
-        if self.proc.returncode is not None:
-            return
-        with contextlib.suppress(Exception):
-            await self.send({"op": "quit"})
-        for action in (None, self.proc.terminate, self.proc.kill):
-            if action is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    action()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-                return
-            except TimeoutError:
-                continue
-
-
-class Bench:
+class Bench(Runner[Child]):
     """Runs scenarios, keeps results, reports progress with elapsed time."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(__file__, "ws_core_bench_", ["--uvloop"] if args.uvloop else [])
         self.args = args
-        self.t0 = time.monotonic()
-        self.tmp = Path(tempfile.mkdtemp(prefix="ws_core_bench_"))
-        self.children: list[Child] = []
-        self.seq = 0
         self.results: dict[str, list[Json]] = {"broadcast": [], "echo": [], "memory": []}
-        self.errors: list[str] = []
 
-    def progress(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=sys.stderr, flush=True)
-
-    async def spawn(self, name: str, role_args: list[str]) -> Child:
-        self.seq += 1
-        log = self.tmp / f"{self.seq:03d}-{name}.log"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, str(Path(__file__).resolve()), *role_args]
-        if self.args.uvloop:
-            cmd.append("--uvloop")
-        with open(log, "wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=err,
-                env=env,
-                limit=1 << 20,
-            )
-        child = Child(name, proc, log)
-        self.children.append(child)
-        return child
-
-    async def stop_all(self) -> None:
-        children, self.children = self.children, []
-        await asyncio.gather(*(c.stop() for c in children))
+    def make_child(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> Child:
+        return Child(name, proc, log)
 
     async def start_server(
         self, impl: str, compression: str, messages: int = 1
     ) -> tuple[Child, int]:
-        server = await self.spawn(
-            f"server-{impl}",
-            ["_server", "--impl", impl, "--compression", compression, "--messages", str(messages)],
-        )
-        ready = await server.recv("ready", 60)
-        return server, int(ready["ready"])
+        role = ["_server", "--impl", impl, "--compression", compression]
+        return await self.spawn_server(f"server-{impl}", [*role, "--messages", str(messages)])
 
     async def server_stats(self, server: Child, collect: bool = False) -> Json:
         await server.send({"op": "stats", "gc": collect})
@@ -819,32 +492,10 @@ class Bench:
         self, port: int, total: int, procs: int, deflate: bool, server: Child
     ) -> tuple[list[Child], Json]:
         """Spread ``total`` connections over ``procs`` client processes and wait for all of them."""
-        procs = max(1, min(procs, total))
-        sizes = [total // procs + (1 if i < total % procs else 0) for i in range(procs)]
-        batch = max(8, 96 // procs)  # handshakes in flight stay under the listen backlog of 100
         t0 = time.monotonic()
-        clients = [
-            await self.spawn(
-                f"client{i}",
-                [
-                    "_client",
-                    "--port",
-                    str(port),
-                    "--conns",
-                    str(n),
-                    "--batch",
-                    str(batch),
-                    *(["--deflate"] if deflate else []),
-                ],
-            )
-            for i, n in enumerate(sizes)
-        ]
-        timeout = 60 + total * 0.01
-        infos = await asyncio.gather(*(c.recv("connected", timeout) for c in clients))
-        failed = sum(i["failed"] for i in infos)
-        if failed:
-            errs = sorted({e for i in infos for e in i["errors"]})
-            raise BenchError(f"{failed} of {total} connections failed: {errs[:3]}")
+        role = ["_client", "--port", str(port), *(["--deflate"] if deflate else [])]
+        clients = await self.spawn_clients(total, procs, lambda n, _: [*role, "--conns", str(n)])
+        infos = await self.await_connected(clients, total)
         ext = next((i["ext"] for i in infos if i["ext"]), None)
         if deflate and not ext:
             raise BenchError("the server did not accept permessage-deflate")
@@ -914,7 +565,7 @@ class Bench:
             "deliveries_per_s": deliveries / wall,
             "server_util": cpu / wall,
             "client_us_per_delivery": (sum(ccpu1) - sum(ccpu0)) / deliveries * 1e6,
-            "other_load_cores": max(0.0, busy1 - busy0 - ours) / window,
+            "other_load_cores": other_load(busy1 - busy0, ours, window),
         }
 
     async def run_broadcast(self, impl: str, n: int, compression: str, m: int) -> None:
@@ -997,8 +648,9 @@ class Bench:
                     "client_user_s": ccpu1[0] - ccpu0[0],
                     "client_sys_s": ccpu1[1] - ccpu0[1],
                     "client_us_per_rt": (sum(ccpu1) - sum(ccpu0)) / rts * 1e6,
-                    "other_load_cores": max(0.0, busy1 - busy0 - cpu - sum(ccpu1) + sum(ccpu0))
-                    / wall,
+                    "other_load_cores": other_load(
+                        busy1 - busy0, cpu + sum(ccpu1) - sum(ccpu0), wall
+                    ),
                 }
             self.results["echo"].append(results)
             self.progress(
@@ -1052,10 +704,6 @@ class Bench:
         finally:
             await self.stop_all()
 
-    def fail(self, label: str, exc: BaseException) -> None:
-        self.errors.append(f"{label}: {exc}")
-        self.progress(f"{label}: FAILED: {exc}")
-
     async def run(self) -> None:
         a = self.args
         impls = IMPLS if a.impl == "both" else (a.impl,)
@@ -1079,9 +727,7 @@ class Bench:
                     for impl in (*impls, *floor):
                         await self.run_memory(impl, conns, compression)
         finally:
-            await self.stop_all()
-            if not self.errors:
-                shutil.rmtree(self.tmp, ignore_errors=True)
+            await self.finish()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1167,16 +813,6 @@ def make_rows(results: dict[str, list[Json]]) -> list[Row]:
     return rows
 
 
-def fmt_num(v: float | None) -> str:
-    if v is None:
-        return "-"
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    if abs(v) >= 100:
-        return f"{v:.1f}"
-    return f"{v:.2f}"
-
-
 def render(rows: list[Row]) -> str:
     """A plain-text table; the floor column appears only when --floor ran."""
     with_floor = any(r.floor is not None for r in rows)
@@ -1197,52 +833,20 @@ def render(rows: list[Row]) -> str:
         table = [
             (*t, "floor" if i == 0 else fmt_num(rows[i - 1].floor)) for i, t in enumerate(table)
         ]
-        head = table[0]
-    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
-    right = {2, 3, 4, 7}
-    lines = []
-    for i, t in enumerate(table):
-        cells = [c.rjust(widths[j]) if j in right else c.ljust(widths[j]) for j, c in enumerate(t)]
-        lines.append("  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths).rstrip())
-    return "\n".join(lines)
-
-
-def git_rev() -> str:
-    """Which hub.ws was measured: the commit, and whether the tree had local changes."""
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "hub"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return rev + (" + uncommitted hub/ changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return format_table(table, right={2, 3, 4, 7})
 
 
 def meta_info(args: argparse.Namespace) -> Json:
     import websockets
 
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     return {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "command": command_line(),
         "python": platform.python_version(),
         "websockets": websockets.__version__,
         "hub": git_rev(),
         "loop": "uvloop" if args.uvloop else "asyncio (default)",
         "platform": platform.platform(),
-        "cpu": f"{cpu} x {os.cpu_count()}",
+        "cpu": cpu_info(),
         "client_procs": args.client_procs,
         "read_interval_ms": args.read_interval_ms,
         "echo_read_interval_ms": args.echo_read_interval_ms,
@@ -1274,8 +878,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: small N, few messages")
     ap.add_argument("--only", choices=("broadcast", "echo", "memory"), help="one scenario group")
-    ap.add_argument("--impl", choices=(*IMPLS, "both"), default="both")
-    ap.add_argument("--json", metavar="OUT", type=Path, help="write meta, results, table")
+    add_impl_json(ap, IMPLS)
     ap.add_argument("--uvloop", action="store_true", help="uvloop in every server (if installed)")
     ap.add_argument(
         "--floor",
@@ -1323,7 +926,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def role_main(argv: list[str]) -> int:
     """The subprocess side: ``_server`` or ``_client``, spawned by the parent only."""
-    ap = argparse.ArgumentParser(prog=f"ws_core.py {argv[0]}")
+    ap = role_parser("ws_core.py", argv)
     ap.add_argument("--uvloop", action="store_true")
     if argv[0] == "_server":
         ap.add_argument("--impl", choices=(*IMPLS, "floor"), required=True)
@@ -1333,9 +936,6 @@ def role_main(argv: list[str]) -> int:
         raise_nofile()
         run_loop(server_main(a.impl, a.compression, a.messages), a.uvloop)
     else:
-        ap.add_argument("--port", type=int, required=True)
-        ap.add_argument("--conns", type=int, required=True)
-        ap.add_argument("--batch", type=int, default=32)
         ap.add_argument("--deflate", action="store_true")
         a = ap.parse_args(argv[1:])
         raise_nofile()
@@ -1345,7 +945,7 @@ def role_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("_server", "_client"):
+    if argv and argv[0] in ROLES:
         return role_main(argv)
     args = parse_args(argv)
     nofile = raise_nofile()
@@ -1362,13 +962,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loop:       {meta['loop']}   cpu: {meta['cpu']}   clients: {args.client_procs} procs")
     sys.stdout.flush()
     bench = Bench(args)
-    started = time.monotonic()
-    try:
-        run_loop(bench.run(), args.uvloop)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    elapsed = run_timed(lambda: run_loop(bench.run(), args.uvloop))
+    if elapsed is None:
         return 130
-    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    meta["elapsed_s"] = elapsed
     rows = make_rows(bench.results)
     print()
     print(render(rows))
@@ -1394,8 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {"meta": meta, "results": bench.results, "table": [asdict(r) for r in rows]}
         payload["errors"] = bench.errors
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, payload)
     return 1 if bench.errors else 0
 
 
