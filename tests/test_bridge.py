@@ -28,7 +28,7 @@ from hub.broker import Publication
 from hub.publisher import AsyncPublisher, Publisher
 
 if TYPE_CHECKING:
-    from redisfix import RedisServer
+    from redisfix import LocalCluster, RedisServer
 
 pytest_plugins = ["redisfix"]  # the redis_server fixture
 
@@ -78,9 +78,10 @@ class Recorder:
 
 @asynccontextmanager
 async def brokers(
-    server: RedisServer, n: int = 2, **options: Any
+    server: RedisServer | LocalCluster, n: int = 2, **options: Any
 ) -> AsyncIterator[list[tuple[RedisBroker, Recorder]]]:
-    """``n`` started brokers on ``server`` (a process each, in spirit), closed on exit."""
+    """``n`` started brokers on ``server`` (a process each, in spirit), closed on exit; a
+    cluster's URL gives cluster brokers."""
     started: list[tuple[RedisBroker, Recorder]] = []
     try:
         for _ in range(n):

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
 from hubfix import api, client, eventually, make_settings, running
-from test_bridge import FAST, Recorder
+from test_bridge import brokers
 from wshelp import run, within
 
 from hub.bridge import BridgeError, RedisBroker, RedisClusterBroker
@@ -57,24 +55,6 @@ def shard_numsub(node: RedisServer, name: str) -> int:
     with redis.Redis(port=node.port, socket_timeout=5) as r:
         reply = r.execute_command("PUBSUB", "SHARDNUMSUB", name)
     return int(reply[1])
-
-
-@asynccontextmanager
-async def brokers(
-    cluster: LocalCluster, n: int = 2, **options: Any
-) -> AsyncIterator[list[tuple[RedisBroker, Recorder]]]:
-    started: list[tuple[RedisBroker, Recorder]] = []
-    try:
-        for _ in range(n):
-            broker = RedisBroker(cluster.url, **{**FAST, **options})
-            recorder = Recorder()
-            recorder.broker = broker
-            await within(broker.start(recorder))
-            started.append((broker, recorder))
-        yield started
-    finally:
-        for broker, _ in started:
-            await within(broker.close())
 
 
 def test_two_brokers_exchange_on_every_shard(redis_cluster: LocalCluster) -> None:
