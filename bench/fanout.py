@@ -735,23 +735,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--client-procs", type=int, default=2, choices=range(1, 5), metavar="1..4")
     ap.add_argument("--read-interval-ms", type=float, default=1.0, help="as fanout_local (1)")
     args = ap.parse_args(argv)
-    q = args.quick
-    args.windows = [int(w) for w in (args.windows or ("16" if q else "16,1")).split(",")]
-    args.tp_seconds = args.tp_seconds or (3.0 if q else 10.0)
-    args.tp_warmup = 1.0 if q else 2.0
-    args.lat_seconds = args.lat_seconds or (4.0 if q else 15.0)
-    args.lat_warmup = 1.0 if q else 3.0
-    args.user_rounds = args.user_rounds or (5 if q else 20)
+    args.user_rounds = args.user_rounds or (5 if args.quick else 20)
     args.py_spy = None
     if not 2 <= args.subscribers <= 20_000 or not 1 <= args.user_rounds <= 1000:
         ap.error("--subscribers must be in 2..20000 and --user-rounds in 1..1000")
-    if not all(1 <= w <= 1024 for w in args.windows) or not 1 <= args.max_lag <= 100_000:
-        ap.error("--windows must be in 1..1024 and --max-lag in 1..100000")
-    if not 0.5 <= args.rate <= 1000 or not 0.5 <= args.tp_seconds <= 300:
-        ap.error("--rate must be in 0.5..1000 and --tp-seconds in 0.5..300")
-    if not 1 <= args.lat_seconds <= 300 or not 0 <= args.read_interval_ms <= 50:
-        ap.error("--lat-seconds must be in 1..300 and --read-interval-ms in 0..50")
-    return args
+    return fl.phase_args(ap, args)
 
 
 def role_main(argv: list[str]) -> int:

@@ -1198,15 +1198,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.py_spy_impls = IMPLS if args.py_spy_impl == "both" else (args.py_spy_impl,)
     if args.py_spy is not None and not 1 <= args.py_spy <= 120:
         ap.error("--py-spy must be in 1..120 seconds")
+    args.subscribers = args.subscribers or (1000 if args.quick else 2000)
+    if not 1 <= args.subscribers <= 20_000:
+        ap.error("--subscribers must be in 1..20000")
+    return phase_args(ap, args)
+
+
+def phase_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults (shorter with --quick) and bounds of the phase options, shared with fanout.py."""
     q = args.quick
-    args.subscribers = args.subscribers or (1000 if q else 2000)
     args.windows = [int(w) for w in (args.windows or ("16" if q else "16,1")).split(",")]
     args.tp_seconds = args.tp_seconds or (3.0 if q else 10.0)
     args.tp_warmup = 1.0 if q else 2.0
     args.lat_seconds = args.lat_seconds or (4.0 if q else 15.0)
     args.lat_warmup = 1.0 if q else 3.0
-    if not 1 <= args.subscribers <= 20_000:
-        ap.error("--subscribers must be in 1..20000")
     if not all(1 <= w <= 1024 for w in args.windows) or not 1 <= args.max_lag <= 100_000:
         ap.error("--windows must be in 1..1024 and --max-lag in 1..100000")
     if not 0.5 <= args.rate <= 1000 or not 0.5 <= args.tp_seconds <= 300:
