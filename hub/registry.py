@@ -20,9 +20,11 @@ class Registry(Generic[S]):
     __slots__ = ("_channels", "_sessions", "_users")
 
     def __init__(self) -> None:
-        self._users: dict[str, set[S]] = {}
+        # A user has a few connections and a connection a few channels: lists, a quarter of the
+        # memory of one-element sets. A channel may have thousands of subscribers: sets.
+        self._users: dict[str, list[S]] = {}
         self._channels: dict[str, set[S]] = {}
-        self._sessions: dict[S, set[str]] = {}  # session -> its channels
+        self._sessions: dict[S, list[str]] = {}  # session -> its channels
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -41,12 +43,12 @@ class Registry(Generic[S]):
 
     def add(self, session: S, user: str) -> bool:
         """Register a connection; True when it is the user's first one here."""
-        self._sessions[session] = set()
+        self._sessions[session] = []
         sessions = self._users.get(user)
         if sessions is None:
-            self._users[user] = {session}
+            self._users[user] = [session]
             return True
-        sessions.add(session)
+        sessions.append(session)
         return False
 
     def remove(self, session: S, user: str) -> tuple[bool, list[str]]:
@@ -58,8 +60,8 @@ class Registry(Generic[S]):
                 emptied.append(channel)
         last_user = False
         sessions = self._users.get(user)
-        if sessions is not None:
-            sessions.discard(session)
+        if sessions is not None and session in sessions:
+            sessions.remove(session)
             if not sessions:
                 del self._users[user]
                 last_user = True
@@ -67,7 +69,7 @@ class Registry(Generic[S]):
 
     def subscribe(self, session: S, channel: str) -> bool:
         """Add a subscription; True when it is the channel's first local subscriber."""
-        self._sessions[session].add(channel)
+        self._sessions[session].append(channel)
         subscribers = self._channels.get(channel)
         if subscribers is None:
             self._channels[channel] = {session}
@@ -80,7 +82,7 @@ class Registry(Generic[S]):
         channels = self._sessions.get(session)
         if channels is None or channel not in channels:
             return False
-        channels.discard(channel)
+        channels.remove(channel)
         return self._discard(channel, session)
 
     def _discard(self, channel: str, session: S) -> bool:
@@ -97,14 +99,14 @@ class Registry(Generic[S]):
         channels = self._sessions.get(session)
         return channels is not None and channel in channels
 
-    def channels_of(self, session: S) -> set[str]:
-        return self._sessions.get(session, set())
+    def channels_of(self, session: S) -> list[str]:
+        return self._sessions.get(session, [])
 
     def subscribers(self, channel: str) -> set[S]:
         return self._channels.get(channel) or set()
 
-    def user_sessions(self, user: str) -> set[S]:
-        return self._users.get(user) or set()
+    def user_sessions(self, user: str) -> list[S]:
+        return self._users.get(user) or []
 
     def has_channel(self, channel: str) -> bool:
         return channel in self._channels

@@ -75,6 +75,22 @@ class Response:
         return head.encode() + self.headers.serialize() + self.body
 
 
+# Every connection keeps its request, so the names and values that every handshake repeats map
+# to shared string objects instead of fresh copies (a fixed table: clients cannot grow it).
+_COMMON_NAMES = [
+    "Host", "Upgrade", "Connection", "Origin", "User-Agent", "Authorization", "Cookie",
+    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol", "Accept-Encoding", "Accept-Language", "Cache-Control", "Pragma",
+    "Content-Type", "Content-Length", "Accept", "X-Forwarded-For", "X-Real-IP",
+]  # fmt: skip
+_COMMON_VALUES = [
+    "websocket", "Upgrade", "upgrade", "13", "keep-alive, Upgrade", "no-cache",
+    "permessage-deflate; client_max_window_bits", "gzip, deflate", "gzip, deflate, br",
+]  # fmt: skip
+_NAMES = {n.encode(): n for n in _COMMON_NAMES} | {
+    n.lower().encode(): n.lower() for n in _COMMON_NAMES
+}
+_VALUES = {v.encode(): v for v in _COMMON_VALUES}
 _TOO_LARGE = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) (HTTP/\d\.\d)\r\n")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -120,7 +136,8 @@ def parse_request(reader: StreamReader, limits: Limits) -> Generator[None, None,
         value = value.strip(b" \t")
         if _HEADER_VALUE.fullmatch(value) is None:
             raise InvalidMessage(f"invalid value in header {name.decode()}")
-        headers[name.decode("ascii")] = value.decode("latin-1")
+        key = _NAMES.get(name) or name.decode("ascii")
+        headers[key] = _VALUES.get(value) or value.decode("latin-1")
 
     body = b""
     if "Transfer-Encoding" in headers:
