@@ -44,7 +44,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,6 @@ from benchlib import (
     run_timed,
     stdin_reader,
     usage,
-    write_json,
 )
 
 CHANNEL = fl.CHANNEL
@@ -808,21 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{TARGETS['p99_ms']:g} ms, idle <= {TARGETS['idle_kb']:g} KiB/conn, integrity 0."
     )
     print(f"elapsed: {elapsed}s")
-    if bench.errors:
-        print(f"\n{len(bench.errors)} run(s) failed (logs kept in {bench.tmp}):")
-        for e in bench.errors:
-            print(f"  - {e}")
-    integrity_ok = all(r.verdict == "PASS" for r in rows if r.target == "0") and bool(bench.results)
-    if args.json:
-        payload = {
-            "meta": meta,
-            "targets": TARGETS,
-            "results": bench.results,
-            "table": [asdict(r) for r in rows],
-            "errors": bench.errors,
-        }
-        write_json(args.json, payload)
-    return 1 if bench.errors or not integrity_ok else 0
+    return fl.finish(args, meta, TARGETS, rows, bench)
 
 
 if __name__ == "__main__":

@@ -1280,15 +1280,20 @@ def main(argv: list[str] | None = None) -> int:
             print(render_profile(prof).replace("hub server", f"{impl} server"))
             print(f"  raw stacks: {prof['raw']}")
     print(f"elapsed: {meta['elapsed_s']}s")
+    return finish(args, meta, TARGETS, rows, bench)
+
+
+def finish(args: argparse.Namespace, meta: Json, targets: Json, rows: list[Any], bench: Any) -> int:
+    """Report failed runs, write --json, and exit 1 on a failed run or any integrity miss."""
     if bench.errors:
-        print(f"\n{len(bench.errors)} implementation run(s) failed (logs kept in {bench.tmp}):")
+        print(f"\n{len(bench.errors)} run(s) failed (logs kept in {bench.tmp}):")
         for e in bench.errors:
             print(f"  - {e}")
     integrity_ok = all(r.verdict == "PASS" for r in rows if r.target == "0") and bool(bench.results)
     if args.json:
         payload = {
             "meta": meta,
-            "targets": TARGETS,
+            "targets": targets,
             "results": bench.results,
             "table": [asdict(r) for r in rows],
             "errors": bench.errors,
