@@ -60,10 +60,10 @@ class JsonCodec(Codec):
         return obj
 
     def encode(self, obj: dict[str, Any]) -> str:
-        try:
-            return _dumps(obj)
-        except (TypeError, ValueError):
-            raise BadRequest("data cannot be encoded as json") from None
+        text = self.encode_or_none(obj)
+        if text is None:
+            raise BadRequest("data cannot be encoded as json")
+        return text
 
     @staticmethod
     def encode_or_none(obj: dict[str, Any]) -> str | None:

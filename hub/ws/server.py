@@ -87,13 +87,17 @@ class Server:
         self.handler = handler
         self._handler_path = _handler_wants_path(handler)
         auth = getattr(handler, "_hub_process_request", None)  # set by @basic_auth(...)
-        self.process_requests = [p for p in (auth, process_request) if p is not None]
+        # Which calling convention each hook uses is decided once here, not per handshake.
+        self.process_requests = [
+            (p, _takes_legacy_path(p)) for p in (auth, process_request) if p is not None
+        ]
         self.process_response = process_response
         self.origins = origins
         self.extensions = list(extensions)
         self.subprotocols = subprotocols
         self.select_subprotocol = select_subprotocol
         self.extra_headers = extra_headers
+        self._extra_legacy = callable(extra_headers) and _takes_legacy_path(extra_headers)
         self.server_header = server_header
         self.open_timeout = open_timeout
         self.ping_interval = ping_interval
@@ -149,8 +153,8 @@ class Server:
         protocol = connection.protocol
         if self._closing:
             return protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down.\n")
-        for hook in self.process_requests:
-            if _takes_legacy_path(hook):
+        for hook, legacy in self.process_requests:
+            if legacy:
                 result = await _maybe_await(hook(request.path, request.headers))
             else:
                 result = await _maybe_await(hook(connection, request))
@@ -168,7 +172,7 @@ class Server:
         extra = self.extra_headers
         if extra is not None:
             if callable(extra):
-                if _takes_legacy_path(extra):
+                if self._extra_legacy:
                     extra = extra(request.path, request.headers)
                 else:
                     extra = extra(connection, request)
