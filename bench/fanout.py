@@ -8,7 +8,7 @@ WebSocket, and every server process fans out what Redis hands it.
 - hub: a subprocess ``hub serve --workers 2 --redis redis://127.0.0.1:<private> --port P``
   (supervisor + 2 workers on one port with SO_REUSEPORT). The publisher is
   ``hub.publisher.AsyncPublisher``: ``publish("bench:room", data)`` (Redis channel
-  ``hub:ch:bench:room``, msgpack ``{"data": ...}``) and ``send_to_user("u<i>", data)``
+  ``hub:ch:bench:room``, msgpack ``{"data": ...}``) and ``send_to_users([("u<i>", data), ...])``
   (``hub:user:u<i>``).
 - baseline: 2 processes, each a ``websockets.asyncio.server.serve(..., reuse_port=True)`` on the
   same port, with the FAQ's ``CHANNELS`` registry (``fanout_local.baseline_handler``), a
@@ -16,7 +16,9 @@ WebSocket, and every server process fans out what Redis hands it.
   arrives from Redis as the finished JSON push and goes out with ``websockets.broadcast``; a
   per-user message arrives on one Redis channel (``bench:users``) that both processes listen to,
   and each looks the user up in its dict (the FAQ's ``message_user``). The publisher writes those
-  messages with the same pipelined Redis connection as the hub's (``AsyncPublisher._publish``).
+  messages with the same pipelined Redis connection as the hub's (``AsyncPublisher._publish``;
+  per-user messages in batches of 100 through the pipeline's ``execute_many``, like the hub's
+  ``send_to_users``).
 
 Server CPU is the sum over the server processes (for the hub: the supervisor too), read from
 /proc. Redis's CPU is reported on its own row.
@@ -76,7 +78,8 @@ from benchlib import (
 CHANNEL = fl.CHANNEL
 USERS_CHANNEL = "bench:users"  # the baseline's one Redis channel for per-user messages
 HUB_TOML = "drain_seconds = 0\n" + fl.HUB_TOML
-USER_INFLIGHT = 1000  # per-user phase: publishes in flight at most
+USER_INFLIGHT = 1000  # per-user phase: messages in flight at most
+USER_BATCH = 100  # per-user phase: messages per pipelined batch (send_to_users)
 _dumps = fl._dumps
 
 
@@ -336,13 +339,36 @@ class RedisPub:
             push = _dumps({"channel": CHANNEL, "data": data}).encode()
             self._start(self.pub._publish(CHANNEL, push), 2)
 
-    def send_to_user(self, index: int, rnd: int) -> None:
-        user, data = f"u{index}", {"u": index, "r": rnd}
+    def send_to_users(self, indexes: range, rnd: int) -> None:
+        """One pipelined batch of per-user messages, as a backend notifying many users sends
+        them: ``AsyncPublisher.send_to_users`` for the hub, the same pipeline for the baseline."""
         if self.impl == "hub":
-            self._start(self.pub.send_to_user(user, data), 1)  # only the user's worker listens
+            batch = [(f"u{i}", {"u": i, "r": rnd}) for i in indexes]
+            self._start_batch(self.pub.send_to_users(batch), len(batch), 1)  # one worker listens
         else:
-            msg = _dumps({"user": user, "data": data}).encode()
-            self._start(self.pub._publish(USERS_CHANNEL, msg), 2)
+            msgs = [_dumps({"user": f"u{i}", "data": {"u": i, "r": rnd}}).encode() for i in indexes]
+            commands = [("PUBLISH", USERS_CHANNEL, msg) for msg in msgs]
+            self._start_batch(self.pub._pipeline.execute_many(commands), len(msgs), 2)
+
+    def _start_batch(self, coro: Any, size: int, receivers: int) -> None:
+        self.inflight += size
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(lambda t: self._batch_done(t, size, receivers))
+
+    def _batch_done(self, task: asyncio.Future[list[int]], size: int, receivers: int) -> None:
+        self.tasks.discard(task)
+        self.inflight -= size
+        err = None if task.cancelled() else task.exception()
+        if err is None and not task.cancelled():
+            counts = task.result()
+            self.acked += sum(1 for n in counts if n == receivers)
+            wrong = [n for n in counts if n != receivers]
+            if wrong and len(self.errors) < 5:
+                self.errors.append(f"send_to_users: {len(wrong)} with {wrong[0]} receivers")
+        elif len(self.errors) < 5:
+            self.errors.append(f"send_to_users: {err or 'cancelled'}"[:200])
+        self.wake.set()
 
     async def drain(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -491,14 +517,14 @@ class Bench(fl.Bench):
         s0 = await self.snapshot(servers, clients, pub)
         t0 = time.monotonic()
         for rnd in range(1, rounds + 1):
-            for i in range(n):
+            for first in range(0, n, USER_BATCH):
                 for _ in range(100_000):
                     if pub.inflight < USER_INFLIGHT:
                         break
                     self.wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), 0.05)
-                pub.send_to_user(i, rnd)
+                pub.send_to_users(range(first, min(first + USER_BATCH, n)), rnd)
         t_pub = time.monotonic() - t0
         if not await pub.drain(60):
             raise BenchError(f"{pub.inflight} per-user publishes unanswered")

@@ -48,6 +48,7 @@ from .publisher import (
     SlotMap,
     is_cluster_url,
 )
+from .resp import RespStream
 
 __all__ = ["BridgeError", "RedisBroker", "RedisClusterBroker"]
 
@@ -450,29 +451,42 @@ class _Link:
             await self._until(self._pong, reader, broker.ping_timeout, "ping")
 
     async def _read(self, connection: AbstractConnection) -> None:
+        """Read pushes until the connection fails: a burst read in one chunk is handled in one
+        synchronous loop (``RespStream``), or through redis-py where that is not available."""
+        resp = RespStream.of(connection)
+        if resp is None:
+            await self._read_responses(connection)
+            return
+        resp.timeout = None  # a quiet link is fine: the PING probe finds a dead one
+        handle = self._handle
+        while True:
+            await resp.each(handle)
+
+    async def _read_responses(self, connection: AbstractConnection) -> None:
         read = connection.read_response
-        on_message = self.broker._on_message
-        message_kind, confirm_kind = self._message, self._confirm
+        handle = self._handle
         forever = math.inf
         while True:
-            reply = await read(timeout=forever)
-            if type(reply) is not list or len(reply) < 2:
-                if reply == b"PONG":  # a cluster link with no subscription yet
-                    self._ponged()
-                continue
-            kind = reply[0]
-            if kind == message_kind and len(reply) == 3:
-                on_message(reply[1], reply[2])
-            elif kind == confirm_kind:
-                queue = self._pending.get(reply[1])
-                if queue:
-                    queue.popleft().confirm()
-                    if not queue:
-                        del self._pending[reply[1]]
-            elif kind == b"pong":
+            handle(await read(timeout=forever))
+
+    def _handle(self, reply: Any) -> None:
+        if type(reply) is not list or len(reply) < 2:
+            if reply == b"PONG":  # a cluster link with no subscription yet
                 self._ponged()
-            elif kind == b"sunsubscribe":
-                self._unsubscribed(reply[1])
+            return
+        kind = reply[0]
+        if kind == self._message and len(reply) == 3:
+            self.broker._on_message(reply[1], reply[2])
+        elif kind == self._confirm:
+            queue = self._pending.get(reply[1])
+            if queue:
+                queue.popleft().confirm()
+                if not queue:
+                    del self._pending[reply[1]]
+        elif kind == b"pong":
+            self._ponged()
+        elif kind == b"sunsubscribe":
+            self._unsubscribed(reply[1])
 
     def _ponged(self) -> None:
         pong = self._pong

@@ -7,6 +7,7 @@ shared by every recipient that speaks it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -15,7 +16,32 @@ from .errors import BadRequest
 
 __all__ = ["CODECS", "Codec", "JsonCodec", "MsgpackCodec", "loads_strict"]
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _make_dumps() -> Callable[[Any], str]:
+    """Compact, strict JSON (no NaN/Infinity): ``_ENCODER.encode`` without its Python layers.
+
+    Encoding a push is on every fan-out; calling CPython's C encoder directly halves the time
+    for small messages. No circular-reference check: what is encoded was decoded from JSON or
+    msgpack, or built by the hub (a cycle still fails, with RecursionError, caught below).
+    Interpreters without the C encoder use the public path.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _ENCODER.encode
+    encode = make(
+        None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    join = "".join
+
+    def dumps(obj: Any) -> str:
+        return join(encode(obj, 0))
+
+    return dumps
+
+
+_dumps = _make_dumps()
 
 
 def _reject_constant(name: str) -> Any:
@@ -69,7 +95,7 @@ class JsonCodec(Codec):
     def encode_or_none(obj: dict[str, Any]) -> str | None:
         try:
             return _dumps(obj)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return None
 
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (``hub_`` prefix). Hot paths count once per fan-out, not per recipient.
+"""Prometheus metrics (``hub_`` prefix). Hot paths add to plain numbers, read at scrape time.
 
 With ``PROMETHEUS_MULTIPROC_DIR`` set (the supervisor of ``hub serve --workers N`` sets it to a
 fresh directory before any worker imports prometheus-client), every worker writes its values to
@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "multiprocess_dir"]
 
 #: How a gauge's per-worker values add up: the sum over live workers (a dead worker's share is
 #: dropped when the supervisor calls ``mark_process_dead``). Ignored in single-process mode.
 LIVESUM = "livesum"
+
+#: Counters a broker keeps as plain attributes (no prometheus calls on its hot path).
+BROKER_COUNTERS = (
+    ("malformed", "hub_bridge_malformed", "Malformed payloads received from Redis."),
+    ("reconnects", "hub_bridge_reconnects", "Times the Redis link was re-established."),
+    ("handler_errors", "hub_bridge_handler_errors", "Broker callbacks that raised."),
+)
 
 
 def multiprocess_dir() -> str | None:
@@ -36,7 +42,7 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         self.multiprocess_dir = multiprocess_dir()
         self._sampled: list[tuple[Gauge, Callable[[], float]]] = []
-        self._mirrored: list[tuple[Counter, object, str, float]] = []
+        self._pulled: list[list[Any]] = []
         self.connections = Gauge(
             "hub_connections", "Open client connections.", registry=r, multiprocess_mode=LIVESUM
         )
@@ -78,7 +84,7 @@ class Metrics:
         )
         self.fanout_seconds = Histogram(
             "hub_fanout_duration_seconds",
-            "Time to hand one message to every local recipient.",
+            "Time to hand one event-loop turn's arrivals to every local recipient.",
             buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
@@ -124,48 +130,39 @@ class Metrics:
                 self._sampled.append((gauge, function))
 
     def track_broker(self, broker: object) -> None:
-        """Expose a broker's own counters (e.g. the Redis bridge's) at scrape time."""
-        if self.multiprocess_dir is None:
-            self.registry.register(_BrokerCollector(broker))
-            return
-        for attr, name, doc in _BrokerCollector.COUNTERS:
+        """Expose a broker's own counters (e.g. the Redis bridge's plain attributes)."""
+        for attr, name, doc in BROKER_COUNTERS:
             if getattr(broker, attr, None) is not None:
                 counter = Counter(name, doc, registry=self.registry)
-                self._mirrored.append((counter, broker, attr, 0.0))
+                self.pull(counter, lambda attr=attr: getattr(broker, attr))
+
+    def pull(self, counter: Counter, read: Callable[[], float]) -> None:
+        """Feed ``counter`` from a plain number its owner increments on a hot path.
+
+        A prometheus ``inc()`` takes a lock; a hot path adding to an int and :meth:`refresh`
+        copying the growth into the counter before each scrape costs far less per message.
+        """
+        self._pulled.append([counter, read, 0.0])
 
     def refresh(self) -> None:
-        """Multiprocess mode: copy the sampled values into this worker's metric files."""
+        """Bring pulled counters (and, in multiprocess mode, sampled gauges) up to date.
+
+        Called before each render and, in multiprocess mode, about once a second by ``Hub`` so
+        the files other workers' scrapes read stay fresh.
+        """
         for gauge, function in self._sampled:
             gauge.set(function())
-        for i, (counter, broker, attr, seen) in enumerate(self._mirrored):
-            value = float(getattr(broker, attr))
+        for entry in self._pulled:
+            counter, read, seen = entry
+            value = float(read())
             if value > seen:
                 counter.inc(value - seen)
-                self._mirrored[i] = (counter, broker, attr, value)
+                entry[2] = value
 
     def render(self) -> bytes:
+        self.refresh()
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
-        self.refresh()
         registry = CollectorRegistry()
         MultiProcessCollector(registry, self.multiprocess_dir)
         return generate_latest(registry)
-
-
-class _BrokerCollector(Collector):
-    """Counters the broker keeps as plain attributes (no prometheus calls on its hot path)."""
-
-    COUNTERS = (
-        ("malformed", "hub_bridge_malformed", "Malformed payloads received from Redis."),
-        ("reconnects", "hub_bridge_reconnects", "Times the Redis link was re-established."),
-        ("handler_errors", "hub_bridge_handler_errors", "Broker callbacks that raised."),
-    )
-
-    def __init__(self, broker: object) -> None:
-        self.broker = broker
-
-    def collect(self):  # type: ignore[no-untyped-def]
-        for attr, name, doc in self.COUNTERS:
-            value = getattr(self.broker, attr, None)
-            if value is not None:
-                yield CounterMetricFamily(name, doc, value=value)

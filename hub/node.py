@@ -116,11 +116,15 @@ class Node:
         self._started = False
         self._queue: list[tuple[int, str, dict[str, Any]]] = []
         self._flush_scheduled = False
-        self._delivered = (
-            self.metrics.delivered_channel,
-            self.metrics.delivered_user,
-            self.metrics.delivered_broadcast,
-        )
+        # Hot-path counters as plain numbers (by kind: channel, user, broadcast), which the
+        # metrics read at scrape time.
+        self.delivered = [0, 0, 0]
+        self.bytes_sent = 0
+        metrics = self.metrics
+        children = (metrics.delivered_channel, metrics.delivered_user, metrics.delivered_broadcast)
+        for kind, child in enumerate(children):
+            metrics.pull(child, lambda kind=kind: self.delivered[kind])
+        metrics.pull(metrics.bytes_sent, lambda: self.bytes_sent)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -194,16 +198,21 @@ class Node:
     def _flush(self) -> None:
         self._flush_scheduled = False
         queue, self._queue = self._queue, []
+        start = time.perf_counter()
         i, end = 0, len(queue)
         while i < end:
-            kind, key, _ = queue[i]
+            kind, key, obj = queue[i]
             j = i + 1
             while j < end and queue[j][0] == kind and queue[j][1] == key:
                 j += 1
-            self._fanout(kind, key, [Push(obj) for _, _, obj in queue[i:j]])
+            if j == i + 1:  # the usual case for per-user sends: one push, nothing to join
+                self._fanout(kind, key, Push(obj), 1)
+            else:
+                self._fanout(kind, key, PushRun([Push(q[2]) for q in queue[i:j]]), j - i)
             i = j
+        self.metrics.fanout_seconds.observe(time.perf_counter() - start)
 
-    def _fanout(self, kind: int, key: str, pushes: list[Push]) -> None:
+    def _fanout(self, kind: int, key: str, push: Push | PushRun, count: int) -> None:
         registry = self.registry
         if kind == CHANNEL:
             sessions: Iterable[Session] = registry.subscribers(key)
@@ -211,21 +220,15 @@ class Node:
             sessions = registry.user_sessions(key)
         else:
             sessions = registry.sessions
-        if not sessions:
-            return
-        start = time.perf_counter()
-        run = PushRun(pushes)
         delivered = 0
         sent = 0
         for session in sessions:
-            n = session.push(run)
+            n = session.push(push)
             if n:
                 delivered += 1
                 sent += n
-        if sent:
-            self.metrics.bytes_sent.inc(sent)
-        self._delivered[kind].inc(delivered * len(pushes))
-        self.metrics.fanout_seconds.observe(time.perf_counter() - start)
+        self.bytes_sent += sent
+        self.delivered[kind] += delivered * count
 
     def on_publication(self, publication: Publication) -> None:
         obj = {"channel": publication.channel, "data": publication.data}

@@ -467,6 +467,30 @@ def test_publisher_and_async_publisher_write_the_documented_envelope(
     run(main)
 
 
+def test_send_to_users_sends_every_message_in_order_in_one_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    async def main() -> None:
+        async with brokers(redis_server, 1) as [(a, ra)]:
+            await a.subscribe_user("alice")
+            await a.subscribe_user("carol")
+            batch = [("alice", 1), ("bob", 2), ("carol", b"\x03"), ("alice", {"n": 4})]
+            with Publisher(redis_server.url) as pub:
+                assert pub.send_to_users(batch) == [1, 0, 1, 1]  # bob is connected nowhere
+                with pytest.raises(ValueError):
+                    pub.send_to_users([("alice", 5), ("", 6)])  # checked before anything is sent
+            async with AsyncPublisher(redis_server.url) as apub:
+                assert await apub.send_to_users(batch) == [1, 0, 1, 1]
+                assert await apub.send_to_users([]) == []
+                with pytest.raises(ValueError):
+                    await apub.send_to_users([("alice", 5), ("", 6)])
+            expected = [("alice", 1), ("carol", b"\x03"), ("alice", {"n": 4})]
+            await eventually(lambda: len(ra.user_messages) == 6)
+            assert ra.user_messages == expected + expected
+
+    run(main)
+
+
 def test_async_publisher_reconnects_after_a_redis_restart(redis_server: RedisServer) -> None:
     async def main() -> None:
         async with AsyncPublisher(redis_server.url, timeout=1) as pub:

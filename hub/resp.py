@@ -1,0 +1,116 @@
+"""RESP on a connection redis-py has opened, without redis-py's per-command layers.
+
+redis-py connects, authenticates, selects the database and names the client; after that the
+bridge's pub/sub link and the publisher's pipeline only ever send known commands and read their
+replies or pushes. Per reply, ``read_response`` costs several coroutine layers and (with a socket
+timeout) a timer; per command, ``pack_command`` costs more than the PUBLISH it packs. On the hot
+paths (a burst of pushes from Redis, a batch of publishes) this module reads whole socket chunks
+into a hiredis reader and packs commands with one format string each.
+
+It relies on the connection's ``_reader`` stream (redis-py 5 to 8); :meth:`RespStream.of`
+returns None where that is not there (or hiredis is missing) and callers fall back to redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import AskError, MovedError, ResponseError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+try:
+    import hiredis
+except ImportError:  # redis-py without its hiredis extra: callers use redis-py's parser
+    hiredis = None
+
+__all__ = ["RespStream", "pack_commands"]
+
+#: Bytes read from the socket at a time.
+READ_SIZE = 1 << 16
+
+#: Error replies that redis-py raises as their own classes (a cluster publisher retries them).
+_ERRORS: dict[str, type[ResponseError]] = {
+    "MOVED": MovedError,
+    "ASK": AskError,
+    "TRYAGAIN": TryAgainError,
+}
+
+
+def _bulk(arg: bytes | str | int) -> bytes:
+    if isinstance(arg, str):
+        arg = arg.encode()
+    elif not isinstance(arg, bytes):
+        arg = b"%d" % arg
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
+
+
+def pack_commands(commands: Iterable[tuple[bytes | str | int, ...]]) -> bytes:
+    """Commands as RESP arrays of bulk strings, joined for one write."""
+    return b"".join(
+        b"*%d\r\n%b" % (len(command), b"".join(map(_bulk, command))) for command in commands
+    )
+
+
+def reply_error(reply: Exception) -> ResponseError:
+    """The redis-py exception for an error reply (what ``read_response`` would have raised)."""
+    text = str(reply)
+    code, _, rest = text.partition(" ")
+    error = _ERRORS.get(code)
+    return error(rest) if error is not None else ResponseError(text)
+
+
+class RespStream:
+    """Replies and pushes read straight off a connected redis-py connection's stream."""
+
+    __slots__ = ("_feed", "_gets", "_read", "timeout")
+
+    def __init__(self, stream: asyncio.StreamReader, timeout: float | None) -> None:
+        assert hiredis is not None
+        parser = hiredis.Reader()
+        self._feed, self._gets, self._read = parser.feed, parser.gets, stream.read
+        #: Seconds a read may wait for Redis (None: forever), like redis-py's socket_timeout.
+        self.timeout = timeout
+
+    @classmethod
+    def of(cls, connection: AbstractConnection) -> RespStream | None:
+        """For a connection that has just connected (nothing unread), or None to fall back."""
+        stream = getattr(connection, "_reader", None)
+        if hiredis is None or not isinstance(stream, asyncio.StreamReader):
+            return None
+        return cls(stream, getattr(connection, "socket_timeout", None))
+
+    async def _fill(self) -> None:
+        if self.timeout is None:
+            chunk = await self._read(READ_SIZE)
+        else:
+            async with asyncio.timeout(self.timeout):
+                chunk = await self._read(READ_SIZE)
+        if not chunk:
+            raise RedisConnectionError("redis closed the connection")
+        self._feed(chunk)
+
+    async def next(self) -> Any:
+        """The next reply; an error reply is returned as its redis-py exception, not raised, so
+        a pipeline can fail one command and go on with the next."""
+        reply = self._gets()
+        while reply is False:
+            await self._fill()
+            reply = self._gets()
+        if isinstance(reply, hiredis.ReplyError):
+            return reply_error(reply)
+        return reply
+
+    async def each(self, handle: Callable[[Any], None]) -> None:
+        """Read one chunk and hand every complete reply in it to ``handle``, synchronously (a
+        burst of pushes costs one await). An error reply raises."""
+        await self._fill()
+        gets = self._gets
+        reply = gets()
+        while reply is not False:
+            if isinstance(reply, hiredis.ReplyError):
+                raise reply_error(reply)
+            handle(reply)
+            reply = gets()

@@ -1,0 +1,84 @@
+"""hub.resp: the RESP fast path under the bridge's pub/sub link and the publisher's pipeline,
+checked against redis-py's own packing and error classes and against a real Redis."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import redis.asyncio
+from redis.asyncio.connection import Connection
+from redis.exceptions import AskError, MovedError, ResponseError, TryAgainError
+from wshelp import run
+
+from hub.publisher import _Pipeline
+from hub.resp import RespStream, pack_commands, reply_error
+
+if TYPE_CHECKING:
+    from redisfix import RedisServer
+
+pytest_plugins = ["redisfix"]
+
+
+@pytest.mark.parametrize(
+    "commands",
+    [
+        [("PUBLISH", "hub:user:é", b"\x00\r\n\xff")],
+        [("SUBSCRIBE", b"a", "b", 7), ("PING",), ("PUBLISH", "x", b"")],
+        [("SET", "k", 10**20), ("GET", "k")],
+    ],
+)
+def test_pack_commands_writes_what_redis_py_writes(commands: list[tuple]) -> None:
+    assert pack_commands(commands) == b"".join(Connection().pack_commands(commands))
+
+
+def test_error_replies_become_redis_py_exceptions() -> None:
+    moved = reply_error(Exception("MOVED 3999 127.0.0.1:6381"))
+    assert type(moved) is MovedError
+    assert (moved.slot_id, moved.host, moved.port) == (3999, "127.0.0.1", 6381)
+    assert type(reply_error(Exception("ASK 1 127.0.0.1:7000"))) is AskError
+    assert type(reply_error(Exception("TRYAGAIN Multiple keys"))) is TryAgainError
+    other = reply_error(Exception("ERR wrong number of arguments for 'publish' command"))
+    assert type(other) is ResponseError
+    assert str(other) == "ERR wrong number of arguments for 'publish' command"
+
+
+def test_a_failing_command_in_a_batch_fails_alone(redis_server: RedisServer) -> None:
+    """One error reply fails its own command; the commands around it still get their replies,
+    and the connection stays usable."""
+
+    async def main() -> None:
+        pool = redis.asyncio.ConnectionPool.from_url(redis_server.url)
+        pipeline = _Pipeline(pool.make_connection)
+        try:
+            with pytest.raises(ResponseError, match="wrong number of arguments"):
+                await pipeline.execute_many([("SET", "a", "1"), ("PUBLISH", "x"), ("GET", "a")])
+            assert await pipeline.execute_many([("GET", "a"), ("PING",)]) == [b"1", b"PONG"]
+            assert pipeline._resp is not None  # the fast path was the one exercised
+        finally:
+            await pipeline.close()
+            await pool.disconnect()
+
+    run(main)
+
+
+def test_replies_split_across_reads_are_reassembled(redis_server: RedisServer) -> None:
+    """A reply larger than one socket read arrives in pieces and is still one reply."""
+
+    async def main() -> None:
+        pool = redis.asyncio.ConnectionPool.from_url(redis_server.url)
+        connection = pool.make_connection()
+        await connection.connect()
+        try:
+            resp = RespStream.of(connection)
+            assert resp is not None
+            big = b"x" * (3 << 16)
+            await connection.send_packed_command(
+                pack_commands([("SET", "big", big), ("GET", "big"), ("GET", "none")])
+            )
+            assert [await resp.next() for _ in range(3)] == [b"OK", big, None]
+        finally:
+            await connection.disconnect()
+            await pool.disconnect()
+
+    run(main)
