@@ -21,6 +21,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import os
 import resource
 import select
@@ -541,9 +542,17 @@ class Runner(Generic[ChildT]):
         self.seq = 0
         self.keep_tmp = False
         self.errors: list[str] = []
+        #: Phases planned for the whole run and done so far: the progress lines' bar.
+        self.steps_total = 0
+        self.steps_done = 0
 
     def progress(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=sys.stderr, flush=True)
+        bar = progress_bar(self.steps_done, self.steps_total)
+        print(f"[{time.monotonic() - self.t0:6.1f}s]{bar} {text}", file=sys.stderr, flush=True)
+
+    def step(self) -> None:
+        """One planned phase is over (the bar moves on the next progress line)."""
+        self.steps_done = min(self.steps_done + 1, self.steps_total)
 
     def fail(self, label: str, exc: BaseException) -> None:
         self.errors.append(f"{label}: {exc}")
@@ -620,6 +629,59 @@ class Runner(Generic[ChildT]):
         await self.stop_all()
         if not self.errors and not self.keep_tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def percentile(ordered: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of a sorted sequence."""
+    if not ordered:
+        return None
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """`` [######--------------]  30%``, or nothing when no phases were planned."""
+    if total <= 0:
+        return ""
+    filled = round(width * done / total)
+    return f" [{'#' * filled}{'-' * (width - filled)}] {100 * done // total:3d}%"
+
+
+def plot_latency(series: dict[str, tuple[Sequence[float], Sequence[float]]], out: str) -> None:
+    """A PNG of delivery latency over the timed fixed-rate phase, one panel line per server.
+
+    ``series`` maps a label to (publish times in seconds, latencies in ms), one pair per
+    delivery; each 100 ms of publish time is drawn as its median and its 99th percentile.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchError("--plot needs matplotlib: pip install -e '.[bench]'") from None
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for label, (times, lats) in series.items():
+        if not times:
+            continue
+        start = min(times)
+        bins: dict[int, list[float]] = {}
+        for t, lat in zip(times, lats, strict=True):
+            bins.setdefault(int((t - start) * 10), []).append(lat)
+        xs = sorted(bins)
+        p50 = [percentile(sorted(bins[x]), 0.50) for x in xs]
+        p99 = [percentile(sorted(bins[x]), 0.99) for x in xs]
+        seconds = [x / 10 for x in xs]
+        (line,) = ax.plot(seconds, p99, label=f"{label} p99")
+        ax.plot(seconds, p50, linestyle="--", color=line.get_color(), label=f"{label} p50")
+    ax.set_xlabel("seconds into the timed fixed-rate phase (publish time, 100 ms bins)")
+    ax.set_ylabel("delivery latency (ms)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
 
 
 def run_timed(run: Callable[[], object]) -> float | None:

@@ -611,17 +611,22 @@ class Bench(fl.Bench):
             )
             if min(spread) <= 0:
                 raise BenchError(f"connections did not spread over both processes: {spread}")
+            self.step()
             pub = RedisPub(impl, self.redis_url, self.wake, fl.PUSH_SIZE)
             for c in clients:
                 await c.send({"op": "run", "read_interval": a.read_interval_ms / 1000})
             lat = await self.latency_phase(label, servers, clients, pub, n)  # type: ignore[arg-type]
+            self.step()
             tps = []
             for w in a.windows:
                 tps.append(
                     await self.throughput_phase(label, servers, clients, pub, n, w)  # type: ignore[arg-type]
                 )
+                self.step()
             final = await self.sync(clients, pub.seq)
+            self.step()
             users = await self.user_phase(label, servers, clients, pub, n)
+            self.step()
             integrity = {
                 k: sum(int(o[k]) for o in final)
                 for k in ("lost", "dup", "reordered", "bad", "closed")
@@ -660,6 +665,7 @@ class Bench(fl.Bench):
 
     async def run(self) -> None:
         impls = fl.IMPLS if self.args.impl == "both" else (self.args.impl,)
+        self.steps_total = len(impls) * (4 + len(self.args.windows))
         try:
             await self.start_redis()
             for impl in impls:
@@ -756,6 +762,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tp-seconds", type=float, help="measured closed-loop seconds (10; quick 3)")
     ap.add_argument("--lat-seconds", type=float, help="timed fixed-rate seconds (15; quick 4)")
     ap.add_argument("--user-rounds", type=int, help="per-user rounds of N messages (20; quick 5)")
+    ap.add_argument("--plot", metavar="PNG", help="also draw latency over time (needs matplotlib)")
     ap.add_argument("--client-procs", type=int, default=2, choices=range(1, 5), metavar="1..4")
     ap.add_argument("--read-interval-ms", type=float, default=1.0, help="as fanout_local (1)")
     args = ap.parse_args(argv)

@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -74,6 +73,8 @@ from benchlib import (  # the shared client, process and report pieces
     machine_busy_s,
     mask_frame,
     other_load,
+    percentile,
+    plot_latency,
     raise_nofile,
     role_parser,
     run_timed,
@@ -269,6 +270,7 @@ class SubscriberProc(EpollClient[Sub]):
         self.reported = -1
         self.lo, self.hi = 1, 0  # record latencies for lo <= seq <= hi
         self.lat = array.array("d")
+        self.lat_t = array.array("d")  # and each one's publish time (--plot)
         self.sync: Json | None = None
 
     # -- connecting --------------------------------------------------------------------------
@@ -314,6 +316,7 @@ class SubscriberProc(EpollClient[Sub]):
                 self.irregular(c, seq)
             if lo <= seq <= hi:
                 self.lat.append(now - hit[1])
+                self.lat_t.append(hit[1])
         c.count += got
         self.messages += got
 
@@ -389,6 +392,7 @@ class SubscriberProc(EpollClient[Sub]):
         elif op == "record":
             self.lo, self.hi = int(cmd["lo"]), int(cmd["hi"])
             self.lat = array.array("d")
+            self.lat_t = array.array("d")
         elif op == "mark":
             emit({"mark": self.messages, "t": time.monotonic()})
         elif op == "sync":
@@ -423,8 +427,11 @@ class SubscriberProc(EpollClient[Sub]):
         if dump:
             with open(dump, "wb") as f:
                 self.lat.tofile(f)
+            with open(dump + ".t", "wb") as f:
+                self.lat_t.tofile(f)
             self.lo, self.hi = 1, 0
             self.lat = array.array("d")
+            self.lat_t = array.array("d")
         emit(
             {
                 "synced": ok,
@@ -547,13 +554,6 @@ def gc_text(r: Json) -> str:
     return "server gc " + ", ".join(parts)
 
 
-def percentile(ordered: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of a sorted list."""
-    if not ordered:
-        return None
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
-
-
 def aggregate_pyspy(path: Path, top: int = 15) -> Json:
     """Fold py-spy's raw stacks (``frame;frame;... count``) into self and inclusive shares.
 
@@ -614,6 +614,8 @@ class Bench(Runner[Child]):
         self.args = args
         self.syncs = 0
         self.results: dict[str, Json] = {}
+        #: Per server: (publish time s, latency ms) of every timed delivery, for --plot.
+        self.series: dict[str, tuple[array.array[float], array.array[float]]] = {}
         self.wake = asyncio.Event()
         self.config = self.tmp / "hub.toml"
         self.config.write_text(HUB_TOML)
@@ -723,8 +725,12 @@ class Bench(Runner[Child]):
         if not all(o["synced"] for o in outs):
             raise BenchError(f"subscribers did not get seq {hi}: {outs}")
         lat = array.array("d")
+        lat_t = array.array("d")
         for o in outs:
             lat.frombytes(Path(o["path"]).read_bytes())
+            lat_t.frombytes(Path(o["path"] + ".t").read_bytes())
+        if a.plot:
+            self.series[label] = (lat_t, array.array("d", (x * 1000 for x in lat)))
         expected = meas_n * n
         ordered = sorted(x * 1000 for x in lat)
         r: Json = {
@@ -916,6 +922,7 @@ class Bench(Runner[Child]):
             if count != n:
                 raise BenchError(f"the server sees {count} subscribers of {n}")
             connect_s = time.monotonic() - t0
+            self.step()
             self.progress(
                 f"{label}: {n:,} subscribed in {connect_s:.1f}s (server pid {server.pid})"
             )
@@ -924,9 +931,11 @@ class Bench(Runner[Child]):
                 for c in clients:
                     await c.send({"op": "run", "read_interval": a.read_interval_ms / 1000})
                 lat = await self.latency_phase(label, server, clients, pub, n)
+                self.step()
                 tps = []
                 for w in a.windows:
                     tps.append(await self.throughput_phase(label, server, clients, pub, n, w))
+                    self.step()
                 profiles = []
                 if a.py_spy and impl in a.py_spy_impls:
                     for w in a.windows:
@@ -934,6 +943,7 @@ class Bench(Runner[Child]):
                         if prof is not None:
                             profiles.append(prof)
                 final = await self.sync(clients, pub.seq)
+                self.step()
                 await server.send({"op": "stats", "objects": True})
                 stats = await server.recv("stats", 30)
                 await server.send({"op": "gc"})
@@ -985,6 +995,7 @@ class Bench(Runner[Child]):
 
     async def run(self) -> None:
         impls = IMPLS if self.args.impl == "both" else (self.args.impl,)
+        self.steps_total = len(impls) * (3 + len(self.args.windows))
         try:
             for impl in impls:
                 await self.run_impl(impl)
@@ -1172,6 +1183,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "subscriber (default 64)",
     )
     ap.add_argument("--tp-seconds", type=float, help="measured closed-loop seconds (10; quick 3)")
+    ap.add_argument("--plot", metavar="PNG", help="also draw latency over time (needs matplotlib)")
     ap.add_argument("--lat-seconds", type=float, help="timed fixed-rate seconds (15; quick 4)")
     ap.add_argument("--client-procs", type=int, default=2, choices=range(1, 5), metavar="1..4")
     ap.add_argument(
@@ -1290,6 +1302,8 @@ def finish(args: argparse.Namespace, meta: Json, targets: Json, rows: list[Any],
         for e in bench.errors:
             print(f"  - {e}")
     integrity_ok = all(r.verdict == "PASS" for r in rows if r.target == "0") and bool(bench.results)
+    if args.plot and bench.series:
+        plot_latency(bench.series, args.plot)
     if args.json:
         payload = {
             "meta": meta,
