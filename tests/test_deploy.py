@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -345,6 +346,29 @@ def test_dockerfile_agrees_with_the_hub_and_compose(monkeypatch: pytest.MonkeyPa
     assert settings.port == port and settings.host == "0.0.0.0"
     for name, service in hub_services().items():
         assert service["environment"]["HUB_PORT"] == str(port), name
+        assert health_url(service["healthcheck"]["test"]) == url, f"{name}: another healthcheck"
+
+
+def test_the_image_gets_every_package_and_the_build_context_only_those() -> None:
+    """The build stage copies what ``pip install .`` needs; the ignore file lets exactly that in."""
+    copied = {
+        src.rstrip("/")
+        for word, rest in dockerfile()
+        if word == "COPY" and "--from" not in rest
+        for src in shlex.split(rest)[:-1]
+    }
+    assert {"pyproject.toml", "README.md"} <= copied, copied
+    for src in copied:
+        assert (REPO / src).exists(), src
+    with (REPO / "pyproject.toml").open("rb") as f:
+        project = tomllib.load(f)
+    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        assert pattern.removesuffix("*") in copied, f"package {pattern} not copied"
+    ignore = (REPO / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+    rules = [line.strip() for line in ignore if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*", "ignore everything, then let in what is copied"
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    assert allowed == copied, (allowed, copied)
 
 
 def test_nginx_balances_websockets_over_every_hub_service() -> None:
