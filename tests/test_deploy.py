@@ -566,6 +566,7 @@ async def ws_client(nginx_port: int, user: str) -> tuple[ClientConnection, int]:
     return conn, int(conn.response.headers[WORKER_HEADER])
 
 
+@pytest.mark.timeout(240)  # bounded waits add up on a loaded machine; it takes ~10 s when idle
 def test_the_compose_topology_serves_through_nginx_and_is_scraped_by_prometheus(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
