@@ -469,11 +469,12 @@ class HubProcess:
 
 @contextmanager
 def process(
-    argv: list[str], log_path: Path, env: dict[str, str]
+    argv: list[str], log_path: Path, env: dict[str, str], err_path: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process with its output in ``log_path``; SIGTERM (then SIGKILL) on the way out."""
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    """A child process with its output in ``log_path`` (stderr too, unless ``err_path``);
+    SIGTERM (then SIGKILL) on the way out."""
+    with log_path.open("wb") as log, (err_path or log_path).open("ab") as err:
+        proc = subprocess.Popen(argv, stdout=log, stderr=err, env=env)
     try:
         yield proc
     finally:
@@ -550,6 +551,17 @@ def by_instance(base: str, query: str) -> dict[str, float]:
     return {r["metric"].get("instance", ""): float(r["value"][1]) for r in promql(base, query)}
 
 
+def http_post(port: int, path: str, body: Any) -> tuple[int, int]:
+    """POST to the publish API with the deployment's key: (status, pid of the worker)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "X-API-Key": SECRETS["HUB_API_KEY"]},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, int(response.headers[WORKER_HEADER])
+
+
 async def ws_client(nginx_port: int, user: str) -> tuple[ClientConnection, int]:
     """A client through nginx, and the pid of the hub worker that took it."""
     token = mint_token(user, SECRETS["HUB_TOKEN_SECRET"])
@@ -603,7 +615,8 @@ def test_the_compose_topology_serves_through_nginx_and_is_scraped_by_prometheus(
         ]
         for hub in hubs:
             wait_ready(hub)
-        nginx = stack.enter_context(process(nginx_argv, tmp_path / "nginx.log", clean_env()))
+        access_log, error_log = tmp_path / "nginx-access.log", tmp_path / "nginx-error.log"
+        nginx = stack.enter_context(process(nginx_argv, access_log, clean_env(), error_log))
         prometheus = stack.enter_context(
             process(prom_argv, tmp_path / "prometheus.log", clean_env())
         )
@@ -613,7 +626,7 @@ def test_the_compose_topology_serves_through_nginx_and_is_scraped_by_prometheus(
             START_TIMEOUT,
             "nginx answers",
         )
-        assert nginx.poll() is None, (tmp_path / "nginx.log").read_text()
+        assert nginx.poll() is None, error_log.read_text()
 
         # The healthchecks compose runs in each hub container pass against the real hub.
         for address, hub in local.items():
@@ -644,14 +657,11 @@ def test_the_compose_topology_serves_through_nginx_and_is_scraped_by_prometheus(
                     assert json.loads(await within(conn.recv())) == {"id": 1, "result": {}}
 
                 def post(data: Any) -> str:
-                    request = urllib.request.Request(
-                        f"http://127.0.0.1:{nginx_port}/api/publish",
-                        json.dumps({"channel": "news", "data": data}).encode(),
-                        {"Content-Type": "application/json", "X-API-Key": SECRETS["HUB_API_KEY"]},
+                    status, pid = http_post(
+                        nginx_port, "/api/publish", {"channel": "news", "data": data}
                     )
-                    with urllib.request.urlopen(request, timeout=10) as response:
-                        assert response.status == 200
-                        return pid_hub[int(response.headers[WORKER_HEADER])]
+                    assert status == 200
+                    return pid_hub[pid]
 
                 answered = [await asyncio.to_thread(post, m) for m in messages[:4]]
                 publisher = Publisher(redis_server.url, prefix=Settings().redis_prefix)
@@ -676,7 +686,7 @@ def test_the_compose_topology_serves_through_nginx_and_is_scraped_by_prometheus(
 
         per_hub = run(main, timeout=90)
         assert all(per_hub.values()), per_hub
-        access = (tmp_path / "nginx.log").read_text()
+        access = access_log.read_text()
         assert "GET /ws " in access and "token=" not in access, "tokens stay out of the log"
 
         # Prometheus scraped both hubs: up, and each hub's own counts (summed over its workers).
@@ -703,3 +713,27 @@ def test_the_compose_topology_serves_through_nginx_and_is_scraped_by_prometheus(
         for expr in dashboard_exprs():
             promql(base, expr.replace("$__rate_interval", "1m").replace("$instance", ".*"))
         assert promql(base, 'sum(up{job="hub"})')
+
+        # One hub stops (drains, exits): nginx sends new clients and publishes to the other one,
+        # and Prometheus reports the stopped one down.
+        stopped, survivor = hubs
+        stopped.proc.send_signal(signal.SIGTERM)
+        assert stopped.proc.wait(15) == 0, stopped.log()
+
+        async def failover() -> None:
+            for n in range(4):
+                conn, pid = await ws_client(nginx_port, f"after{n}")
+                await within(conn.close())
+                assert pid_hub.get(pid) == survivor.name, "nginx sent a client to a stopped hub"
+            status, _ = await asyncio.to_thread(
+                http_post, nginx_port, "/api/publish", {"channel": "news", "data": "still up"}
+            )
+            assert status == 200
+
+        run(failover, timeout=60)
+        down = {f"127.0.0.1:{stopped.port}": 0.0, f"127.0.0.1:{survivor.port}": 1.0}
+        wait_until(
+            lambda: by_instance(base, f'up{{job="{job_name}"}}') == down,
+            START_TIMEOUT,
+            "prometheus sees the stopped hub down",
+        )
