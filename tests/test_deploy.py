@@ -473,7 +473,9 @@ def process(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A child process with its output in ``log_path`` (stderr too, unless ``err_path``);
     SIGTERM (then SIGKILL) on the way out."""
-    with log_path.open("wb") as log, (err_path or log_path).open("ab") as err:
+    with ExitStack() as files:
+        log = files.enter_context(log_path.open("wb"))
+        err = files.enter_context(err_path.open("wb")) if err_path else subprocess.STDOUT
         proc = subprocess.Popen(argv, stdout=log, stderr=err, env=env)
     try:
         yield proc
@@ -503,10 +505,16 @@ def run_hub(name: str, service: dict[str, Any], redis_url: str, tmp: Path) -> It
             yield hub
     finally:
         for pid in hub.pids() if hub else ():  # never leave a worker behind
-            try:
+            if is_worker(pid):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+
+
+def is_worker(pid: int) -> bool:
+    """True while ``pid`` is still a hub worker (not gone, and not a reused pid)."""
+    try:
+        return b"workers.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def wait_ready(hub: HubProcess) -> None:
