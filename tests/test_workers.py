@@ -468,6 +468,57 @@ def test_a_port_in_use_is_an_error_not_a_shared_port(redis_server: RedisServer) 
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
+@pytest.mark.parametrize("dev", [True, False], ids=["dev-mode", "tokens"])
+def test_serve_reports_each_worker_then_the_urls_on_stderr(
+    redis_server: RedisServer, tmp_path: Path, dev: bool
+) -> None:
+    """Progress goes to stderr, in order: each worker as it is ready (k of N), then the URL to
+    open; in dev mode also the page to open in a browser, never with tokens required."""
+    port = free_port()
+    extra = {} if dev else {"HUB_TOKEN_SECRET": "s" * 32}
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [HUB, "serve", "--workers", "3", "--port", str(port), "--redis", redis_server.url],
+            env=clean_env(HUB_DRAIN_SECONDS=str(DRAIN), TMPDIR=str(tmp_path), **extra),
+            stdout=out,
+            stderr=err,
+        )
+    pids: list[int] = []
+    try:
+        ws_line = f"ready: ws://127.0.0.1:{port}/ws (3 workers"
+        wait_until(
+            lambda: proc.poll() is not None or ws_line in err_path.read_text(),
+            START_TIMEOUT,
+            "hub serve --workers 3 ready",
+        )
+        assert proc.poll() is None, err_path.read_text()
+        if dev:  # logged right after the ws line
+            wait_until(lambda: "open http://" in err_path.read_text(), 5, "the page URL")
+        pids += [int(p) for p in re.findall(r"ready: pid (\d+)", err_path.read_text())]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(DRAIN + KILL_GRACE + 5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0
+    lines = err_path.read_text().splitlines()
+    progress = [m.group(1) for line in lines if (m := re.search(r"\((\d) of 3\)$", line))]
+    assert progress == ["1", "2", "3"], lines
+    slots = sorted(int(m.group(1)) for line in lines if (m := READY.search(line)))
+    assert slots == [1, 2, 3], lines
+    ws_at = next(i for i, line in enumerate(lines) if ws_line in line)
+    assert ws_at > max(i for i, line in enumerate(lines) if "(3 of 3)" in line)
+    page = [i for i, line in enumerate(lines) if f"open http://127.0.0.1:{port}/" in line]
+    assert page == ([ws_at + 1] if dev else []), lines
+    assert out_path.read_text() == "", "progress belongs on stderr"
+
+
 # --- pieces --------------------------------------------------------------------------------------
 
 

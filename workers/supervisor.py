@@ -321,9 +321,22 @@ class Supervisor:
                 elif event == "ready" and not worker.ready.is_set():
                     worker.ready_at = time.monotonic()
                     worker.ready.set()
-                    log.info(
-                        "worker %d ready: pid %d, port %s", worker.slot, worker.pid, worker.port
-                    )
+                    self._log_ready(worker)
+
+    def _log_ready(self, worker: Worker) -> None:
+        """One line per worker as it gets ready; at start, how many of the N are up so far."""
+        if not self._initial:
+            log.info("worker %d ready: pid %d, port %s", worker.slot, worker.pid, worker.port)
+            return
+        up = sum(1 for slot in self.slots if slot.worker is not None and slot.worker.ready.is_set())
+        log.info(
+            "worker %d ready: pid %d, port %s (%d of %d)",
+            worker.slot,
+            worker.pid,
+            worker.port,
+            up,
+            len(self.slots),
+        )
 
     def _reap(self) -> None:
         """Collect exited workers (SIGCHLD, and a periodic poll in case one was coalesced)."""
@@ -477,7 +490,8 @@ class Supervisor:
     # -- supervisor-wide -----------------------------------------------------------------------
 
     async def _announce(self) -> None:
-        """Log the URL once every first worker is ready (each one is logged as it gets there)."""
+        """Log the URL once every first worker is ready (each one is logged as it gets there);
+        in dev mode also the page to open in a browser (the demo page at ``/``)."""
         while True:
             workers = [slot.worker for slot in self.slots]
             if all(w is not None and w.ready.is_set() for w in workers):
@@ -494,6 +508,8 @@ class Supervisor:
             len(self.slots),
             os.getpid(),
         )
+        if s.insecure:
+            log.info("dev mode (no auth, loopback only): open http://%s:%d/", host, self.port)
 
     def _on_stop_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
