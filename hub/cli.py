@@ -45,7 +45,10 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     await hub.start()
-    log.info("hub %s ready: ws://%s:%d/ws", __version__, settings.host, hub.port)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info("hub %s ready: ws://%s:%d/ws", __version__, host, hub.port)
+    if settings.insecure:
+        log.info("dev mode (no auth, loopback only): open http://%s:%d/", host, hub.port)
     try:
         await stop
     finally:

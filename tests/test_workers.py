@@ -519,6 +519,31 @@ def test_serve_reports_each_worker_then_the_urls_on_stderr(
     assert out_path.read_text() == "", "progress belongs on stderr"
 
 
+def test_single_process_serve_reports_the_page_url_in_dev_mode(tmp_path: Path) -> None:
+    """``hub serve`` without workers says the same: the ws URL, then in dev mode the page."""
+    port = free_port()
+    err_path = tmp_path / "stderr"
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [HUB, "serve", "--port", str(port)],
+            env=clean_env(HUB_DRAIN_SECONDS="0"),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or "open http://" in err_path.read_text(),
+            START_TIMEOUT,
+            "hub serve ready",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(DRAIN + KILL_GRACE + 5)
+    lines = err_path.read_text().splitlines()
+    ws_at = next(i for i, line in enumerate(lines) if f"ready: ws://127.0.0.1:{port}/ws" in line)
+    assert f"open http://127.0.0.1:{port}/" in lines[ws_at + 1], lines
+
+
 # --- pieces --------------------------------------------------------------------------------------
 
 
