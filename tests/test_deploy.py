@@ -49,7 +49,7 @@ from wshelp import run, within
 
 from hub import cli
 from hub.config import Settings
-from hub.metrics import Metrics, _BrokerCollector
+from hub.metrics import BROKER_COUNTERS, Metrics
 from hub.publisher import Publisher
 from hub.tokens import mint_token
 from workers.supervisor import Policy
@@ -432,7 +432,7 @@ def real_metric_names() -> set[str]:
     names = {
         family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]
     }
-    return names | {name + "_total" for _, name, _ in _BrokerCollector.COUNTERS}
+    return names | {name + "_total" for _, name, _ in BROKER_COUNTERS}
 
 
 def dashboard_exprs() -> list[str]:
