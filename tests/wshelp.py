@@ -28,6 +28,10 @@ def run(main: Callable[[], Coroutine[Any, Any, T]], timeout: float = TEST_TIMEOU
         async with asyncio.timeout(timeout):
             return await main()
 
+    if os.environ.get("HUB_TEST_LOOP") == "uvloop":  # set by tests/test_uvloop.py
+        import uvloop
+
+        return uvloop.run(bounded())
     return asyncio.run(bounded())
 
 

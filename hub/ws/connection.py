@@ -12,7 +12,7 @@ import os
 import uuid
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .exceptions import ConcurrencyError, ConnectionClosedOK, InvalidState
 from .frames import Opcode
@@ -189,8 +189,8 @@ class ServerConnection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; not always an asyncio.Transport subclass (uvloop's are not).
+        self.transport = cast(asyncio.Transport, transport)
         server = self.server
         transport.set_write_buffer_limits(server.write_limit)
         server._register(self)
