@@ -53,7 +53,7 @@ __all__ = ["BridgeError", "RedisBroker", "RedisClusterBroker"]
 
 log = logging.getLogger("hub.bridge")
 
-_RESERVED = frozenset({"channel", "data", "gap"})
+_RESERVED = frozenset({"channel", "data", "gap", "join", "leave"})
 
 
 class BridgeError(HubUnavailable):
@@ -581,7 +581,7 @@ class RedisBroker(Broker):
         self.batch_size = batch_size
         self.forward = tuple(forward)
         if _RESERVED.intersection(self.forward):
-            raise ValueError("forward must not name channel, data or gap")
+            raise ValueError("forward must not name channel, data, gap, join or leave")
         self.start_timeout = start_timeout
 
         self.malformed = 0

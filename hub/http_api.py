@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .codec import loads_strict
 from .errors import BadRequest, CloseCode, HubUnavailable
 from .metrics import CONTENT_TYPE_LATEST
+from .presence import PresenceUnavailable
 from .session import check_channel
 from .ws import Headers, Request, Response
 
@@ -88,8 +89,7 @@ class HttpApi:
                 response.headers["Allow"] = "POST"
             return response
         except HubUnavailable as exc:
-            what = "presence" if "presence" in path else "broker"
-            log.debug("http api %s: %s", path, exc)
+            what = "presence" if isinstance(exc, PresenceUnavailable) else "broker"
             return _json(503, {"error": {"message": f"{what} unavailable"}})
         except Exception:
             log.exception("http api %s failed", path)

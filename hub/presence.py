@@ -39,6 +39,9 @@ log = logging.getLogger("hub.presence")
 
 Entry = dict[str, Any]
 
+#: Script calls a refresh keeps in flight at once (a window of the pipeline, not all at once).
+REFRESH_WINDOW = 256
+
 
 class PresenceUnavailable(HubUnavailable):
     """The presence store cannot answer right now (Redis is down or slow)."""
@@ -310,13 +313,16 @@ class RedisPresence(Presence):
             log.warning("presence write to redis failed (retried by the refresh): %s", exc)
 
     async def refresh(self) -> None:
-        """Rewrite every local entry with a fresh expiry, pipelined (one call per ``batch``)."""
-        calls = []
+        """Rewrite every local entry with a fresh expiry: one script call per ``batch`` entries
+        of a channel, ``REFRESH_WINDOW`` calls pipelined at a time."""
+        calls: list[tuple[str, list[str]]] = []
         for channel, entries in self._local.items():
             clients = list(entries)
             for start in range(0, len(clients), self.batch):
-                calls.append(self._refresh_some(channel, clients[start : start + self.batch]))
-        await asyncio.gather(*calls)
+                calls.append((channel, clients[start : start + self.batch]))
+        for start in range(0, len(calls), REFRESH_WINDOW):
+            window = calls[start : start + REFRESH_WINDOW]
+            await asyncio.gather(*(self._refresh_some(c, clients) for c, clients in window))
 
     async def _refresh_some(self, channel: str, clients: list[str]) -> None:
         # Read the entries when the call is made, not when the list was taken: one removed in
