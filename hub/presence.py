@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -257,6 +258,11 @@ class RedisPresence(Presence):
         self._commands: _Commands | None = None
         # This process's entries, packed, by channel and client id: what the refresh rewrites.
         self._local: dict[str, dict[str, bytes]] = {}
+        # Removals that failed (Redis down), with when they failed: retried by the refresh, so
+        # a connection that left during an outage does not linger for a TTL once Redis is back.
+        # After a TTL the entry has expired anyway and the retry is dropped (memory stays
+        # bounded during a long outage).
+        self._unremoved: dict[str, dict[str, float]] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._last_error = -1e9
         self.write_errors = 0
@@ -289,6 +295,7 @@ class RedisPresence(Presence):
     async def add(self, channel: str, client: str, entry: Entry) -> None:
         packed = msgpack.packb(entry, use_bin_type=True)
         self._local.setdefault(channel, {})[client] = packed
+        self._forget_unremoved(channel, [client])
         await self._write(ADD, channel, [self.ttl, client, packed])
 
     async def remove(self, channel: str, client: str) -> None:
@@ -297,13 +304,24 @@ class RedisPresence(Presence):
             entries.pop(client, None)
             if not entries:
                 del self._local[channel]
-        await self._write(REMOVE, channel, [client])
+        if not await self._write(REMOVE, channel, [client]):
+            self._unremoved.setdefault(channel, {})[client] = time.monotonic()
 
-    async def _write(self, script: _Script, channel: str, args: list[Any]) -> None:
+    def _forget_unremoved(self, channel: str, clients: list[str]) -> None:
+        pending = self._unremoved.get(channel)
+        if pending is not None:
+            for client in clients:
+                pending.pop(client, None)
+            if not pending:
+                del self._unremoved[channel]
+
+    async def _write(self, script: _Script, channel: str, args: list[Any]) -> bool:
         try:
             await self._cmd().script(script, self.keys(channel), args)
         except (HubUnavailable, RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
+            return False
+        return True
 
     def _failed(self, exc: BaseException) -> None:
         self.write_errors += 1
@@ -313,18 +331,35 @@ class RedisPresence(Presence):
             log.warning("presence write to redis failed (retried by the refresh): %s", exc)
 
     async def refresh(self) -> None:
-        """Rewrite every local entry with a fresh expiry: one script call per ``batch`` entries
-        of a channel, ``REFRESH_WINDOW`` calls pipelined at a time."""
-        calls: list[tuple[str, list[str]]] = []
+        """Retry failed removals, then rewrite every local entry with a fresh expiry: one
+        script call per ``batch`` entries of a channel, ``REFRESH_WINDOW`` calls pipelined at a
+        time."""
+        unremoved, self._unremoved = self._unremoved, {}
+        oldest = time.monotonic() - self.ttl
+        # (function, arguments): coroutines are made per window, never left unawaited.
+        calls: list[tuple[Callable[..., Awaitable[None]], tuple[Any, ...]]] = []
+        for channel, gone in unremoved.items():
+            live = [(client, failed) for client, failed in gone.items() if failed > oldest]
+            for start in range(0, len(live), self.batch):
+                some = dict(live[start : start + self.batch])
+                calls.append((self._remove_again, (channel, some)))
         for channel, entries in self._local.items():
             clients = list(entries)
             for start in range(0, len(clients), self.batch):
-                calls.append((channel, clients[start : start + self.batch]))
+                calls.append((self._rewrite, (channel, clients[start : start + self.batch])))
         for start in range(0, len(calls), REFRESH_WINDOW):
             window = calls[start : start + REFRESH_WINDOW]
-            await asyncio.gather(*(self._refresh_some(c, clients) for c, clients in window))
+            await asyncio.gather(*(function(*args) for function, args in window))
 
-    async def _refresh_some(self, channel: str, clients: list[str]) -> None:
+    async def _remove_again(self, channel: str, gone: dict[str, float]) -> None:
+        entries = self._local.get(channel, {})
+        clients = [c for c in gone if c not in entries]  # not re-added meanwhile
+        if clients and not await self._write(REMOVE, channel, clients):
+            pending = self._unremoved.setdefault(channel, {})
+            for client in clients:
+                pending[client] = gone[client]
+
+    async def _rewrite(self, channel: str, clients: list[str]) -> None:
         # Read the entries when the call is made, not when the list was taken: one removed in
         # between must not be written back.
         entries = self._local.get(channel, {})

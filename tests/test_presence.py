@@ -450,6 +450,39 @@ def test_entries_of_a_silent_process_expire(redis_server: RedisServer) -> None:
     run(main)
 
 
+def test_a_removal_that_failed_is_retried_by_the_refresh(tmp_path: Path) -> None:
+    """Redis (persistent here, so the entries survive) goes away just when a connection
+    leaves: the removal fails, and the next refresh after Redis is back performs it instead of
+    leaving the entry for a whole TTL."""
+    from redisfix import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.extra = {"appendonly": "yes", "appendfsync": "always"}
+    server.start()
+
+    async def main() -> None:
+        store = RedisPresence(server.url, ttl=60, refresh_interval=3600, timeout=2)
+        await store.start()
+        try:
+            await store.add("room:1", "gone", entry("gone"))
+            await store.add("room:1", "stays", entry("stays"))
+            server.kill()
+            await store.remove("room:1", "gone")  # fails: redis is down
+            assert store.write_errors == 1
+            server.start()
+            assert sorted(await store.clients("room:1")) == ["gone", "stays"]  # still there
+            await store.refresh()
+            assert sorted(await store.clients("room:1")) == ["stays"]
+            assert store.write_errors == 1
+        finally:
+            await store.close()
+
+    try:
+        run(main)
+    finally:
+        server.close()
+
+
 async def _keys(aw: Any, expected: list[str]) -> bool:
     return sorted(await aw) == expected
 
