@@ -41,7 +41,7 @@ def check_channel(channel: Any, max_length: int) -> str:
 
 
 class Session:
-    __slots__ = ("abuse", "client_id", "codec", "connection", "credentials", "node", "user")
+    __slots__ = ("_client_id", "abuse", "codec", "connection", "credentials", "node", "user")
 
     def __init__(
         self, node: Node, connection: ServerConnection, credentials: Credentials, codec: Codec
@@ -52,11 +52,19 @@ class Session:
         self.user = credentials.user
         self.codec = codec
         self.abuse = 0
-        # Names this connection in presence and join/leave, unique across processes.
-        self.client_id = uuid.uuid4().hex
+        self._client_id: str | None = None
 
     def __repr__(self) -> str:
         return f"<Session user={self.user!r} {self.connection.remote_address}>"
+
+    @property
+    def client_id(self) -> str:
+        """Names this connection in presence and join/leave, unique across processes. Made on
+        first use: most connections of most deployments never need one."""
+        cid = self._client_id
+        if cid is None:
+            cid = self._client_id = uuid.uuid4().hex
+        return cid
 
     def presence_entry(self) -> dict[str, Any]:
         """What presence and join/leave pushes show of this connection."""
