@@ -159,6 +159,7 @@ class _BrokerCollector(Collector):
         ("malformed", "hub_bridge_malformed", "Malformed payloads received from Redis."),
         ("reconnects", "hub_bridge_reconnects", "Times the Redis link was re-established."),
         ("handler_errors", "hub_bridge_handler_errors", "Broker callbacks that raised."),
+        ("write_errors", "hub_presence_write_errors", "Presence writes to Redis that failed."),
     )
 
     def __init__(self, broker: object) -> None:

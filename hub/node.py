@@ -118,6 +118,7 @@ class Node:
         self.metrics = metrics or Metrics()
         self.registry: Registry[Session] = Registry()
         self.metrics.track_broker(self.broker)
+        self.metrics.track_broker(self.presence)  # its counters, when it keeps any
         self.metrics.track(
             lambda: len(self.registry),
             lambda: self.registry.subscription_count,

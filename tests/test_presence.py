@@ -30,7 +30,9 @@ from hubfix import (
     client,
     eventually,
     make_settings,
+    metric,
     running,
+    scrape,
     secure_settings,
 )
 from websockets.asyncio.client import connect
@@ -414,9 +416,12 @@ def test_presence_while_redis_is_down_is_unavailable_and_heals(redis_server: Red
                 await eventually(lambda: not hub.node.ready)
                 assert await a.error("presence", channel="room:1") == 111
                 assert await a.error("presence_stats", channel="room:1") == 111
+                before = metric(await scrape(hub), "hub_presence_write_errors_total")
                 status, body = await api(hub, "/api/presence", {"channel": "room:1"})
                 assert (status, body) == (503, {"error": {"message": "presence unavailable"}})
                 await a.ok("subscribe", channel="room:2")  # presence down never fails this
+                after = metric(await scrape(hub), "hub_presence_write_errors_total")
+                assert after >= before + 1
                 redis_server.start()  # empty: every entry is gone
                 await eventually(lambda: hub.node.ready, timeout=10)
                 presence_ = hub.node.presence
