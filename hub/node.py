@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .broker import Broker, MemoryBroker, Publication
@@ -190,8 +190,10 @@ class Node:
             await self.broker.unsubscribe(emptied)
         if last_user:
             await self.broker.unsubscribe_user(session.user)
-        # Concurrently, so the removals share round trips to Redis.
-        await asyncio.gather(*(self._left(session, channel) for channel in channels))
+        removals = [self._left(session, channel) for channel in channels]
+        removals = [r for r in removals if r is not None]
+        if removals:  # concurrently, so they share round trips to Redis
+            await asyncio.gather(*removals)
 
     async def subscribe(self, session: Session, channel: str) -> None:
         if self.registry.subscribe(session, channel):
@@ -209,15 +211,19 @@ class Node:
             return False
         if self.registry.unsubscribe(session, channel):
             await self.broker.unsubscribe([channel])
-        await self._left(session, channel)
+        removal = self._left(session, channel)
+        if removal is not None:
+            await removal
         return True
 
-    async def _left(self, session: Session, channel: str) -> None:
+    def _left(self, session: Session, channel: str) -> Awaitable[None] | None:
+        """Note the leave; the presence removal to await, if the namespace keeps presence."""
         ns = self.settings.namespace(channel)
         if ns.join_leave:
             self._note_join_leave(channel, session.presence_entry(), joined=False)
         if ns.presence:
-            await self.presence.remove(channel, session.client_id)
+            return self.presence.remove(channel, session.client_id)
+        return None
 
     # -- join/leave ----------------------------------------------------------------------------
     #
