@@ -495,20 +495,28 @@ async def _keys(aw: Any, expected: list[str]) -> bool:
 # --- Redis Cluster -------------------------------------------------------------------------------
 
 
-def test_presence_across_two_hubs_on_a_redis_cluster(redis_cluster: LocalCluster) -> None:
+def test_presence_and_join_leave_across_two_hubs_on_a_redis_cluster(
+    redis_cluster: LocalCluster,
+) -> None:
     async def main() -> None:
-        settings = make_settings(NAMESPACES, redis_url=redis_cluster.url)
+        settings = make_settings(NAMESPACES, redis_url=redis_cluster.url, join_leave_interval=0.05)
         # Channels on every shard.
         channels: dict[int, str] = {}
         for i in range(200):
-            owner = redis_cluster.owner(f"hub:ch:room:{i}").port
-            channels.setdefault(owner, f"room:{i}")
+            owner = redis_cluster.owner(f"hub:ch:chat:{i}").port
+            channels.setdefault(owner, f"chat:{i}")
         assert len(channels) == 3
         async with running(settings) as h1, running(settings) as h2:
             async with client(h1, user="a") as a, client(h2, user="b") as b:
                 for channel in channels.values():
                     await a.ok("subscribe", channel=channel)
+                own = await joins_and_leaves(a, lambda got: len(got) >= 3)
+                assert sorted(p["channel"] for p in own) == sorted(channels.values())
+                for channel in channels.values():
                     await b.ok("subscribe", channel=channel)
+                joins = await joins_and_leaves(a, lambda got: len(got) >= 3)
+                assert sorted(p["channel"] for p in joins) == sorted(channels.values())
+                assert {e["user"] for p in joins for e in p["join"]} == {"b"}
                 for port, channel in channels.items():
                     assert await stats(a, channel) == {"num_clients": 2, "num_users": 2}
                     users = sorted(e["user"] for e in (await presence(b, channel)).values())
@@ -516,6 +524,8 @@ def test_presence_across_two_hubs_on_a_redis_cluster(redis_cluster: LocalCluster
                     with redis.Redis(port=port, socket_timeout=5) as r:  # the owning shard
                         assert r.hlen("{hub:ch:" + channel + "}:presence") == 2
                 await b.raw.close()
+                leaves = await joins_and_leaves(a, lambda got: len(got) >= 3)
+                assert {e["user"] for p in leaves for e in p["leave"]} == {"b"}
                 for channel in channels.values():
                     await eventually(
                         lambda c=channel: _equals(stats(a, c), {"num_clients": 1, "num_users": 1})
