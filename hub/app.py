@@ -20,6 +20,7 @@ from .config import Settings
 from .errors import CloseCode
 from .http_api import HttpApi
 from .node import Node
+from .presence import Presence, RedisPresence
 from .session import Session
 from .tokens import Credentials, TokenError, TokenExpired, TokenVerifier
 
@@ -42,11 +43,17 @@ METRICS_REFRESH = 1.0
 class Hub:
     def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
         self.settings = settings
-        if broker is None and settings.redis_url:
-            from .bridge import RedisBroker
+        presence: Presence | None = None
+        if settings.redis_url:
+            if broker is None:
+                from .bridge import RedisBroker
 
-            broker = RedisBroker(settings.redis_url, settings.redis_prefix)
-        self.node = Node(settings, broker)
+                broker = RedisBroker(settings.redis_url, settings.redis_prefix)
+            # The same Redis (or cluster, by the URL's scheme) and prefix as the bridge.
+            presence = RedisPresence(
+                settings.redis_url, settings.redis_prefix, settings.presence_ttl
+            )
+        self.node = Node(settings, broker, presence=presence)
         self.api = HttpApi(self.node, settings.api_key, settings.insecure)
         self.verifier: TokenVerifier | None = None
         if settings.token_secret or settings.token_public_key:

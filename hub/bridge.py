@@ -54,7 +54,7 @@ __all__ = ["BridgeError", "RedisBroker", "RedisClusterBroker"]
 
 log = logging.getLogger("hub.bridge")
 
-_RESERVED = frozenset({"channel", "data", "gap"})
+_RESERVED = frozenset({"channel", "data", "gap", "join", "leave"})
 
 
 class BridgeError(HubUnavailable):
@@ -595,7 +595,7 @@ class RedisBroker(Broker):
         self.batch_size = batch_size
         self.forward = tuple(forward)
         if _RESERVED.intersection(self.forward):
-            raise ValueError("forward must not name channel, data or gap")
+            raise ValueError("forward must not name channel, data, gap, join or leave")
         self.start_timeout = start_timeout
 
         self.malformed = 0
@@ -724,6 +724,19 @@ class RedisBroker(Broker):
     async def disconnect(self, user: str, code: int, reason: str) -> None:
         await self._publishing(self._pub().disconnect(user, code, reason))
 
+    async def join_leave(
+        self, channel: str, join: list[dict[str, Any]], leave: list[dict[str, Any]]
+    ) -> None:
+        """On the channel's own Redis name (every process with a subscriber listens there),
+        as a map with ``join`` / ``leave`` lists instead of ``data``."""
+        envelope: dict[str, Any] = {}
+        if join:
+            envelope["join"] = join
+        if leave:
+            envelope["leave"] = leave
+        payload = msgpack.packb(envelope, use_bin_type=True)
+        await self._publishing(self._pub()._publish(self.names.channel(channel), payload))
+
     # -- incoming messages ---------------------------------------------------------------------
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
@@ -753,6 +766,9 @@ class RedisBroker(Broker):
             self._on_control(name, envelope)
             return
         if "data" not in envelope:
+            if name.startswith(self._ch) and ("join" in envelope or "leave" in envelope):
+                self._on_join_leave(name, envelope)
+                return
             self._malformed(name, "no data field")
             return
         data = envelope["data"]
@@ -766,6 +782,17 @@ class RedisBroker(Broker):
             self._call(handler.on_user_message, name[len(self._user) :].decode(), data)
         elif name == self._all:
             self._call(handler.on_broadcast, data)
+
+    def _on_join_leave(self, name: bytes, envelope: dict[str, Any]) -> None:
+        """``{"join": [entry, ...], "leave": [...]}`` from a hub's coalesced join/leave."""
+        assert self.handler is not None
+        join, leave = envelope.get("join", []), envelope.get("leave", [])
+        for entries in (join, leave):
+            if type(entries) is not list or not all(type(e) is dict for e in entries):
+                self._malformed(name, "join/leave must be lists of maps")
+                return
+        channel = name[len(self._ch) :].decode()
+        self._call(self.handler.on_join_leave, channel, join, leave)
 
     def _on_control(self, name: bytes, message: dict[str, Any]) -> None:
         assert self.handler is not None

@@ -37,6 +37,10 @@ class BrokerHandler(Protocol):
 
     def on_gap(self, channels: Iterable[str]) -> None: ...
 
+    def on_join_leave(
+        self, channel: str, join: list[dict[str, Any]], leave: list[dict[str, Any]]
+    ) -> None: ...
+
 
 class Broker(abc.ABC):
     """Interface between the node and the transport that links processes."""
@@ -77,6 +81,16 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def disconnect(self, user: str, code: int, reason: str) -> None: ...
+
+    async def join_leave(
+        self, channel: str, join: list[dict[str, Any]], leave: list[dict[str, Any]]
+    ) -> None:
+        """Coalesced join/leave notices of one channel, to every process with subscribers
+        (the node batches them, see ``Node._note_join_leave``). Here: this process only, which
+        is right for a broker that links no other process."""
+        if self.handler is None:
+            raise RuntimeError("broker not started")
+        self.handler.on_join_leave(channel, join, leave)
 
 
 class MemoryBroker(Broker):

@@ -65,6 +65,8 @@ class Settings:
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
     drain_seconds: float = 10.0
+    presence_ttl: float = 60.0
+    join_leave_interval: float = 0.5
     log_level: str = "info"
     namespaces: dict[str, Namespace] = field(default_factory=dict)
 
@@ -218,6 +220,12 @@ def validate(s: Settings) -> None:
     ):
         raise ConfigError(
             f"redis_url: expected redis://, unix:// or redis+cluster://, got {s.redis_url!r}"
+        )
+    if not 1.0 <= s.presence_ttl <= 86400:
+        raise ConfigError(f"presence_ttl: expected 1 to 86400 seconds, got {s.presence_ttl}")
+    if not 0.0 <= s.join_leave_interval <= 60:
+        raise ConfigError(
+            f"join_leave_interval: expected 0 to 60 seconds, got {s.join_leave_interval}"
         )
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {s.log_level!r}")

@@ -1,8 +1,9 @@
 """HTTP endpoints served on the WebSocket port, before the upgrade (via ``process_request``).
 
 ``/healthz`` (alive), ``/readyz`` (broker usable), ``/metrics`` (Prometheus), and the publish
-API for backends: ``POST /api/publish|broadcast|send|disconnect`` with a JSON body and an API key
-in ``Authorization: apikey <key>`` or ``X-API-Key``. Errors are JSON with a fitting status.
+API for backends: ``POST /api/publish|broadcast|send|disconnect|presence|presence_stats`` with a
+JSON body and an API key in ``Authorization: apikey <key>`` or ``X-API-Key``. Errors are JSON with
+a fitting status.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .codec import loads_strict
-from .errors import CloseCode, HubUnavailable
+from .errors import BadRequest, CloseCode, HubUnavailable
 from .metrics import CONTENT_TYPE_LATEST
+from .presence import PresenceUnavailable
+from .session import check_channel
 from .ws import Headers, Request, Response
 
 if TYPE_CHECKING:
@@ -55,6 +58,8 @@ class HttpApi:
             "/api/broadcast": self._broadcast,
             "/api/send": self._send,
             "/api/disconnect": self._disconnect,
+            "/api/presence": self._presence,
+            "/api/presence_stats": self._presence_stats,
         }
 
     async def handle(self, request: Request) -> Response | None:
@@ -83,8 +88,9 @@ class HttpApi:
             if exc.status == 405:
                 response.headers["Allow"] = "POST"
             return response
-        except HubUnavailable:
-            return _json(503, {"error": {"message": "broker unavailable"}})
+        except HubUnavailable as exc:
+            what = "presence" if isinstance(exc, PresenceUnavailable) else "broker"
+            return _json(503, {"error": {"message": f"{what} unavailable"}})
         except Exception:
             log.exception("http api %s failed", path)
             return _json(500, {"error": {"message": "internal error"}})
@@ -151,3 +157,19 @@ class HttpApi:
             raise ApiError(400, "invalid field: reason (a string of at most 120 bytes)")
         await self.node.disconnect(user, code, reason)
         return {}
+
+    def _presence_channel(self, body: dict[str, Any]) -> str:
+        channel = self._field(body, "channel")
+        try:
+            check_channel(channel, self.node.settings.max_channel_length)
+        except BadRequest as exc:
+            raise ApiError(400, f"invalid field: channel ({exc.message})") from None
+        if not self.node.settings.namespace(channel).presence:
+            raise ApiError(400, "presence is not enabled for this channel's namespace")
+        return str(channel)
+
+    async def _presence(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"clients": await self.node.presence.clients(self._presence_channel(body))}
+
+    async def _presence_stats(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.node.presence.stats(self._presence_channel(body))

@@ -24,11 +24,13 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "multiprocess_dir"]
 #: dropped when the supervisor calls ``mark_process_dead``). Ignored in single-process mode.
 LIVESUM = "livesum"
 
-#: Counters a broker keeps as plain attributes (no prometheus calls on its hot path).
+#: Counters a broker or presence store keeps as plain attributes (no prometheus calls on its
+#: hot path).
 BROKER_COUNTERS = (
     ("malformed", "hub_bridge_malformed", "Malformed payloads received from Redis."),
     ("reconnects", "hub_bridge_reconnects", "Times the Redis link was re-established."),
     ("handler_errors", "hub_bridge_handler_errors", "Broker callbacks that raised."),
+    ("write_errors", "hub_presence_write_errors", "Presence writes to Redis that failed."),
 )
 
 

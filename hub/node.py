@@ -3,6 +3,9 @@
 Server-side API: :meth:`Node.publish`, :meth:`Node.send_to_user`, :meth:`Node.broadcast`,
 :meth:`Node.disconnect`. Every message arriving from the broker is encoded once per client
 encoding and once per wire format, and the same bytes are written to every local recipient.
+
+The node also keeps presence (``hub.presence``) for namespaces with ``presence = true`` and
+sends coalesced join/leave pushes for namespaces with ``join_leave = true``.
 """
 
 from __future__ import annotations
@@ -10,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .broker import Broker, MemoryBroker, Publication
 from .codec import CODECS, JSON, MSGPACK
 from .config import Settings
-from .errors import CloseCode
+from .errors import CloseCode, HubUnavailable
 from .metrics import Metrics
+from .presence import MemoryPresence, Presence
 from .registry import Registry
 from .ws.broadcast import encode_once
 from .ws.frames import Opcode
@@ -28,6 +32,10 @@ if TYPE_CHECKING:
 __all__ = ["Node", "Push"]
 
 log = logging.getLogger("hub.node")
+
+#: Most entries in one join/leave message; a bigger batch is split (a mass reconnect into one
+#: channel must not make one enormous push).
+JOIN_LEAVE_CHUNK = 500
 
 
 class Push:
@@ -102,12 +110,15 @@ class Node:
         settings: Settings | None = None,
         broker: Broker | None = None,
         metrics: Metrics | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self.settings = settings or Settings(insecure=True)
         self.broker = broker or MemoryBroker()
+        self.presence = presence or MemoryPresence()
         self.metrics = metrics or Metrics()
         self.registry: Registry[Session] = Registry()
         self.metrics.track_broker(self.broker)
+        self.metrics.track_broker(self.presence)  # its counters, when it keeps any
         self.metrics.track(
             lambda: len(self.registry),
             lambda: self.registry.subscription_count,
@@ -125,15 +136,26 @@ class Node:
         for kind, child in enumerate(children):
             metrics.pull(child, lambda kind=kind: self.delivered[kind])
         metrics.pull(metrics.bytes_sent, lambda: self.bytes_sent)
+        # Join/leave notices waiting for the next flush: per channel, (joins, leaves) by client.
+        self._join_leave: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._join_leave_timer: asyncio.TimerHandle | None = None
+        self._join_leave_sends: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.broker.start(self)
+        await self.presence.start()
         self._started = True
 
     async def close(self) -> None:
         self._started = False
+        if self._join_leave_timer is not None:  # the last leaves still go out
+            self._join_leave_timer.cancel()
+            self._flush_join_leave()
+        if self._join_leave_sends:
+            await asyncio.gather(*self._join_leave_sends, return_exceptions=True)
+        await self.presence.close()
         await self.broker.close()
 
     @property
@@ -165,23 +187,90 @@ class Node:
             await self.broker.subscribe_user(session.user)
 
     async def remove_session(self, session: Session) -> None:
+        channels = list(self.registry.channels_of(session))
         last_user, emptied = self.registry.remove(session, session.user)
         self.metrics.connections_closed.labels(str(_closing_code(session))).inc()
         if emptied:
             await self.broker.unsubscribe(emptied)
         if last_user:
             await self.broker.unsubscribe_user(session.user)
+        removals = [self._left(session, channel) for channel in channels]
+        removals = [r for r in removals if r is not None]
+        if removals:  # concurrently, so they share round trips to Redis
+            await asyncio.gather(*removals)
 
     async def subscribe(self, session: Session, channel: str) -> None:
         if self.registry.subscribe(session, channel):
             await self.broker.subscribe([channel])
+        ns = self.settings.namespace(channel)
+        if ns.presence or ns.join_leave:
+            entry = session.presence_entry()
+            if ns.presence:
+                await self.presence.add(channel, session.client_id, entry)
+            if ns.join_leave:
+                self._note_join_leave(channel, entry, joined=True)
 
     async def unsubscribe(self, session: Session, channel: str) -> bool:
         if not self.registry.is_subscribed(session, channel):
             return False
         if self.registry.unsubscribe(session, channel):
             await self.broker.unsubscribe([channel])
+        removal = self._left(session, channel)
+        if removal is not None:
+            await removal
         return True
+
+    def _left(self, session: Session, channel: str) -> Awaitable[None] | None:
+        """Note the leave; the presence removal to await, if the namespace keeps presence."""
+        ns = self.settings.namespace(channel)
+        if ns.join_leave:
+            self._note_join_leave(channel, session.presence_entry(), joined=False)
+        if ns.presence:
+            return self.presence.remove(channel, session.client_id)
+        return None
+
+    # -- join/leave ----------------------------------------------------------------------------
+    #
+    # Joins and leaves are not pushed one by one: a mass reconnect (a deploy, a network blip)
+    # would make N subscribers x N joins pushes. Each process collects them per channel and
+    # flushes at most once per ``join_leave_interval``, one message per channel (lists of
+    # entries) through the broker to every process. A join and a leave of the same client within
+    # one interval cancel out: nobody saw it come, nobody needs to see it go.
+
+    def _note_join_leave(self, channel: str, entry: dict[str, Any], *, joined: bool) -> None:
+        pending = self._join_leave.get(channel)
+        if pending is None:
+            pending = self._join_leave[channel] = ({}, {})
+        same, other = pending if joined else pending[::-1]
+        client = entry["client"]
+        if other.pop(client, None) is None:
+            same[client] = entry
+        if self._join_leave_timer is None:
+            loop = asyncio.get_running_loop()
+            interval = self.settings.join_leave_interval
+            self._join_leave_timer = loop.call_later(interval, self._flush_join_leave)
+
+    def _flush_join_leave(self) -> None:
+        self._join_leave_timer = None
+        pending, self._join_leave = self._join_leave, {}
+        loop = asyncio.get_running_loop()
+        for channel, (joins, leaves) in pending.items():
+            join, leave = list(joins.values()), list(leaves.values())
+            for start in range(0, len(join) + len(leave), JOIN_LEAVE_CHUNK):
+                end = start + JOIN_LEAVE_CHUNK
+                part_join = join[start:end]
+                part_leave = leave[max(0, start - len(join)) : max(0, end - len(join))]
+                task = loop.create_task(self._send_join_leave(channel, part_join, part_leave))
+                self._join_leave_sends.add(task)
+                task.add_done_callback(self._join_leave_sends.discard)
+
+    async def _send_join_leave(
+        self, channel: str, join: list[dict[str, Any]], leave: list[dict[str, Any]]
+    ) -> None:
+        try:
+            await self.broker.join_leave(channel, join, leave)
+        except HubUnavailable as exc:  # best effort: presence itself stays right
+            log.info("join/leave on %r not sent: %s", channel, exc)
 
     # -- broker callbacks (fan-out) ------------------------------------------------------------
     #
@@ -245,6 +334,18 @@ class Node:
     def on_disconnect(self, user: str, code: int, reason: str) -> None:
         for session in list(self.registry.user_sessions(user)):
             session.close_soon(code, reason)
+
+    def on_join_leave(
+        self, channel: str, join: list[dict[str, Any]], leave: list[dict[str, Any]]
+    ) -> None:
+        if not self.registry.has_channel(channel):
+            return
+        # Joins first: a user reconnecting (new connection in, old one out in the same batch)
+        # never looks gone for a moment.
+        if join:
+            self._enqueue(CHANNEL, channel, {"channel": channel, "join": join})
+        if leave:
+            self._enqueue(CHANNEL, channel, {"channel": channel, "leave": leave})
 
     def on_gap(self, channels: Iterable[str]) -> None:
         """Messages may have been lost on these channels: tell their subscribers at once."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from .codec import Codec
@@ -16,9 +17,10 @@ from .ws import ConnectionClosed, ServerConnection
 from .ws.protocol import OPEN
 
 if TYPE_CHECKING:
+    from .config import Namespace
     from .node import Node, Push, PushRun
 
-__all__ = ["Session"]
+__all__ = ["Session", "check_channel"]
 
 log = logging.getLogger("hub.session")
 
@@ -27,8 +29,19 @@ MAX_ABUSE = 10  # bad commands tolerated before the connection is closed
 SLOW_CONSUMER_GRACE = 1.0  # seconds a closed slow consumer gets to drain before it is dropped
 
 
+def check_channel(channel: Any, max_length: int) -> str:
+    """``channel`` if it is a valid channel name, else :class:`BadRequest` saying why."""
+    if not isinstance(channel, str) or not channel:
+        raise BadRequest("channel must be a non-empty string")
+    if len(channel) > max_length:
+        raise BadRequest("channel name too long")
+    if _CHANNEL.fullmatch(channel) is None:
+        raise BadRequest("channel name has invalid characters")
+    return channel
+
+
 class Session:
-    __slots__ = ("abuse", "codec", "connection", "credentials", "node", "user")
+    __slots__ = ("_client_id", "abuse", "codec", "connection", "credentials", "node", "user")
 
     def __init__(
         self, node: Node, connection: ServerConnection, credentials: Credentials, codec: Codec
@@ -39,9 +52,23 @@ class Session:
         self.user = credentials.user
         self.codec = codec
         self.abuse = 0
+        self._client_id: str | None = None
 
     def __repr__(self) -> str:
         return f"<Session user={self.user!r} {self.connection.remote_address}>"
+
+    @property
+    def client_id(self) -> str:
+        """Names this connection in presence and join/leave, unique across processes. Made on
+        first use: most connections of most deployments never need one."""
+        cid = self._client_id
+        if cid is None:
+            cid = self._client_id = uuid.uuid4().hex
+        return cid
+
+    def presence_entry(self) -> dict[str, Any]:
+        """What presence and join/leave pushes show of this connection."""
+        return {"user": self.user, "client": self.client_id, "info": self.credentials.info}
 
     # -- outbound ------------------------------------------------------------------------------
 
@@ -115,24 +142,19 @@ class Session:
     # -- commands ------------------------------------------------------------------------------
 
     def _channel(self, command: dict[str, Any]) -> str:
-        channel = command.get("channel")
-        if not isinstance(channel, str) or not channel:
-            raise BadRequest("channel must be a non-empty string")
-        if len(channel) > self.node.settings.max_channel_length:
-            raise BadRequest("channel name too long")
-        if _CHANNEL.fullmatch(channel) is None:
-            raise BadRequest("channel name has invalid characters")
-        return channel
+        return check_channel(command.get("channel"), self.node.settings.max_channel_length)
 
-    async def _subscribe(self, command: dict[str, Any]) -> dict[str, Any]:
-        channel = self._channel(command)
-        settings = self.node.settings
-        ns = settings.namespace(channel)
+    def _may_subscribe(self, channel: str, ns: Namespace) -> None:
         if ns.personal:
             if channel.partition(":")[2] != self.user:
                 raise ReplyError("personal channel of another user", ErrorCode.PERMISSION_DENIED)
         elif ns.subscribe == "token" and not self.credentials.may_subscribe(channel):
             raise ReplyError("token does not grant this channel", ErrorCode.PERMISSION_DENIED)
+
+    async def _subscribe(self, command: dict[str, Any]) -> dict[str, Any]:
+        channel = self._channel(command)
+        settings = self.node.settings
+        self._may_subscribe(channel, settings.namespace(channel))
         registry = self.node.registry
         if registry.is_subscribed(self, channel):
             raise ReplyError("already subscribed", ErrorCode.ALREADY_SUBSCRIBED)
@@ -165,6 +187,30 @@ class Session:
             raise ReplyError("broker unavailable, try again", ErrorCode.UNAVAILABLE) from None
         return {}
 
+    def _presence_channel(self, command: dict[str, Any]) -> str:
+        """The channel whose presence may be read: presence is on in its namespace, and who
+        may not subscribe a channel may not see who is in it either."""
+        channel = self._channel(command)
+        ns = self.node.settings.namespace(channel)
+        if not ns.presence:
+            raise ReplyError("presence is not enabled here", ErrorCode.NOT_ENABLED)
+        self._may_subscribe(channel, ns)
+        return channel
+
+    async def _presence(self, command: dict[str, Any]) -> dict[str, Any]:
+        channel = self._presence_channel(command)
+        try:
+            return {"clients": await self.node.presence.clients(channel)}
+        except HubUnavailable:
+            raise ReplyError("presence unavailable, try again", ErrorCode.UNAVAILABLE) from None
+
+    async def _presence_stats(self, command: dict[str, Any]) -> dict[str, Any]:
+        channel = self._presence_channel(command)
+        try:
+            return await self.node.presence.stats(channel)
+        except HubUnavailable:
+            raise ReplyError("presence unavailable, try again", ErrorCode.UNAVAILABLE) from None
+
     async def _not_enabled(self, command: dict[str, Any]) -> dict[str, Any]:
         self._channel(command)
         raise ReplyError(f"{command['op']} is not enabled", ErrorCode.NOT_ENABLED)
@@ -175,5 +221,6 @@ _OPS = {
     "unsubscribe": Session._unsubscribe,
     "publish": Session._publish,
     "history": Session._not_enabled,
-    "presence": Session._not_enabled,
+    "presence": Session._presence,
+    "presence_stats": Session._presence_stats,
 }
