@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import AskError, MovedError, ResponseError, TryAgainError
+from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 try:
@@ -31,11 +31,20 @@ __all__ = ["RespStream", "pack_commands"]
 #: Bytes read from the socket at a time.
 READ_SIZE = 1 << 16
 
-#: Error replies that redis-py raises as their own classes (a cluster publisher retries them).
+try:  # redis-py's own table of error replies to exception classes, where it is importable
+    from redis._parsers.base import BaseParser
+
+    _parse_error: Callable[[str], ResponseError] | None = BaseParser.parse_error
+except ImportError:
+    _parse_error = None
+
+#: Without redis-py's table: the error replies callers tell apart (cluster redirections, a
+#: script not loaded yet).
 _ERRORS: dict[str, type[ResponseError]] = {
     "MOVED": MovedError,
     "ASK": AskError,
     "TRYAGAIN": TryAgainError,
+    "NOSCRIPT": NoScriptError,
 }
 
 
@@ -57,6 +66,8 @@ def pack_commands(commands: Iterable[tuple[bytes | str | int, ...]]) -> bytes:
 def reply_error(reply: Exception) -> ResponseError:
     """The redis-py exception for an error reply (what ``read_response`` would have raised)."""
     text = str(reply)
+    if _parse_error is not None:
+        return _parse_error(text)
     code, _, rest = text.partition(" ")
     error = _ERRORS.get(code)
     return error(rest) if error is not None else ResponseError(text)
