@@ -277,11 +277,11 @@ class SequencePublisher(threading.Thread):
         self.channel = channel
         self.count = 0
         self.error: BaseException | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 self.publisher.publish(
                     self.channel, {"seq": self.count}, history_size=100000, history_ttl=600
                 )
@@ -291,7 +291,7 @@ class SequencePublisher(threading.Thread):
             self.error = exc
 
     def finish(self) -> int:
-        self._stop.set()
+        self._halt.set()
         self.join(WAIT)
         self.publisher.close()
         if self.error is not None:
