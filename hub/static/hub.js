@@ -233,7 +233,7 @@ export class Hub extends EventTarget {
 
   async _sendSubscribe(channel) {
     const sub = this.subs.get(channel);
-    if (!sub || sub.pending) return;
+    if (!sub || sub.pending || sub.active || this.state !== "connected") return;
     sub.pending = true;
     const fields = { channel };
     const since = sub.offset !== null && sub.epoch !== null;
@@ -249,7 +249,14 @@ export class Hub extends EventTarget {
         return; // tried again after the reconnect
       }
       if (err.code === 105) result = {}; // already subscribed on this connection: fine
-      else {
+      else if (err.code === 111 || err.code === 100) {
+        // The hub cannot reach its broker (or failed): try again later, the subscription stays.
+        sub.retries = (sub.retries || 0) + 1;
+        const base = Math.min(this.options.maxDelay, this.options.minDelay * 2 ** sub.retries);
+        setTimeout(() => this._sendSubscribe(channel), base / 2 + (Math.random() * base) / 2);
+        this._emit("error", { channel, error: err, retrying: true });
+        return;
+      } else {
         this.subs.delete(channel);
         for (const w of sub.waiters.splice(0)) w.reject(err);
         this._emit("error", { channel, error: err });
@@ -259,6 +266,7 @@ export class Hub extends EventTarget {
     if (this.subs.get(channel) !== sub) return;
     sub.pending = false;
     sub.active = true;
+    sub.retries = 0;
     if (result && typeof result.offset === "number") {
       if (since && result.recovered === false) {
         this._emit("reload", { channel, reason: "history lost" });
