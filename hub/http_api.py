@@ -102,7 +102,10 @@ class HttpApi:
         if path == "/metrics":
             return _text(200, self.node.metrics.render().decode(), CONTENT_TYPE_LATEST)
         if path == "/hub.js":
-            return self.client_js.response(request, CLIENT_MAX_AGE)
+            response = self.client_js.response(request, CLIENT_MAX_AGE)
+            # A module script from another origin (the app's page) is fetched with CORS.
+            response.headers["Access-Control-Allow-Origin"] = "*"
+            return response
         if path == "/" and self.demo is not None:
             return self.demo.response(request, 0)
         if path == "/api/stats":

@@ -60,8 +60,8 @@ history_ttl = 600
 
 # Loaded into a page served by a hub: a hub.js client whose events are recorded on window.
 SETUP_JS = """
-async ({urls, options}) => {
-  const { Hub } = await import("/hub.js");
+async ({urls, options, src}) => {
+  const { Hub } = await import(src || "/hub.js");
   const hub = new Hub(urls, options);
   window.hub = hub;
   window.states = [];
@@ -267,6 +267,16 @@ def test_demo_pages_chat_through_two_hub_processes(
     carol.press("#text", "Enter")
     expect(dave.locator("#log")).to_contain_text("carol: via http")
 
+    # An app page on another origin imports hub.js from a hub (CORS) and connects to it.
+    app = context.new_page()
+    app.goto(a.base + "/healthz")
+    ws_b = b.base.replace("http:", "ws:") + "/ws"
+    app.evaluate(SETUP_JS, {"urls": [ws_b], "options": {"user": "erin"}, "src": b.base + "/hub.js"})
+    app.evaluate("() => window.hub.subscribe('chat:lobby')")
+    alice.fill("#text", "cross-origin hello")
+    alice.press("#text", "Enter")
+    wait_js(app, "() => window.msgs.some((m) => m.data.text === 'cross-origin hello')")
+
 
 # -- 2. a hub restart loses nothing on a history channel ------------------------------------------
 
@@ -445,6 +455,7 @@ def test_static_routes_and_stats() -> None:
             assert status == 200
             assert headers["Content-Type"] == "text/javascript; charset=utf-8"
             assert "max-age" in headers["Cache-Control"]
+            assert headers["Access-Control-Allow-Origin"] == "*"  # importable from app pages
             assert b"export class Hub" in body
             etag = headers["ETag"]
             status, _, body = await http(dev, "GET", "/hub.js", headers={"If-None-Match": etag})
