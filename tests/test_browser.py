@@ -312,14 +312,23 @@ class SequencePublisher(threading.Thread):
         return self.count
 
 
+@pytest.mark.parametrize("mode", ["restart", "failover"])
 def test_hub_restart_loses_no_message_on_a_history_channel(
-    context: Any, hubs: Callable[..., HubProcess], redis_server: RedisServer
+    context: Any, hubs: Callable[..., HubProcess], redis_server: RedisServer, mode: str
 ) -> None:
-    """The page's hub is SIGKILLed and restarted on its port while a publisher goes on; hub.js
-    reconnects (single url, backoff) and resubscribes with ``since``: every sequence number
-    arrives exactly once, in order."""
+    """A publisher goes on while the page's hub goes away; hub.js resubscribes with ``since``
+    and every sequence number arrives exactly once, in order.
+
+    restart: one url; the hub is SIGKILLed (1006) and restarted on its port, hub.js retries with
+    backoff until it is back. failover: two urls (hubs sharing Redis); the page's hub is stopped
+    with SIGTERM (drain, 1001) and hub.js reconnects to the other one.
+    """
     a = hubs(HISTORY, redis_server.url)
-    page = client_page(context, a, ["/ws"], user="reader")
+    urls = ["/ws"]
+    if mode == "failover":
+        b = hubs(HISTORY, redis_server.url)
+        urls = [a.base.replace("http:", "ws:") + "/ws", b.base.replace("http:", "ws:") + "/ws"]
+    page = client_page(context, a, urls, user="reader")
     channel = "chat:feed"
     reply = page.evaluate("(ch) => window.hub.subscribe(ch)", channel)
     assert isinstance(reply, dict) and isinstance(reply.get("offset"), int), (
@@ -330,12 +339,19 @@ def test_hub_restart_loses_no_message_on_a_history_channel(
     publisher.start()
     try:
         wait_js(page, "() => window.msgs.length >= 50")
-        a.kill()
-        wait_js(page, "() => window.hub.state !== 'connected'")
-        at_kill = publisher.count
-        until(lambda: publisher.count >= at_kill + 100, "publications while the hub is down")
-        a.start()
+        if mode == "restart":
+            a.kill()
+            wait_js(page, "() => window.hub.state !== 'connected'")
+            at_kill = publisher.count
+            until(lambda: publisher.count >= at_kill + 100, "publications while the hub is down")
+            a.start()
+        else:
+            a.stop()
         wait_js(page, "() => window.hub.state === 'connected' && window.hub.connections === 2")
+        if mode == "failover":
+            assert page.evaluate("window.hub.url").startswith(urls[1])
+            states = page.evaluate("window.states")
+            assert [s["code"] for s in states if s["state"] == "disconnected"] == [1001]
         at_restart = publisher.count
         wait_js(page, "(n) => window.msgs.length > n + 50", at_restart)
     finally:
