@@ -400,6 +400,37 @@ def test_browser_negotiates_permessage_deflate(
     assert 0 < sent < len(text) / 10, sent
 
 
+def test_binary_pushes_are_decoded_from_msgpack(
+    context: Any, hubs: Callable[..., HubProcess], redis_server: RedisServer
+) -> None:
+    """Data JSON cannot carry reaches a JSON client as a msgpack binary frame; hub.js decodes it
+    into the same message event."""
+    hub = hubs(CHAT, redis_server.url)
+    page = client_page(context, hub, ["/ws"], user="bin")
+    page.evaluate("() => window.hub.subscribe('chat:bin')")
+    data = {
+        "blob": bytes(range(256)) * 2,
+        "big": 2**40 + 3,
+        "neg": -(2**33),
+        "small": [-1, -33, 200, 70000],
+        "f": 1.5,
+        "s": "\u00e9" * 40,
+        "nested": {"ok": True, "none": None, "list": list(range(20))},
+    }
+    with Publisher(redis_server.url, prefix="hub") as publisher:
+        publisher.publish("chat:bin", data)
+    got = wait_js(
+        page,
+        """() => {
+          const m = window.msgs[0];
+          if (!m) return null;
+          const d = m.data;
+          return {...d, blob: d.blob instanceof Uint8Array ? Array.from(d.blob) : d.blob};
+        }""",
+    )
+    assert got == {**data, "blob": list(data["blob"])}
+
+
 def _metric(hub: HubProcess, name: str) -> float:
     with urllib.request.urlopen(hub.base + "/metrics", timeout=WAIT) as response:
         for line in response.read().decode().splitlines():
