@@ -328,7 +328,9 @@ def test_hub_restart_loses_no_message_on_a_history_channel(
     if mode == "failover":
         b = hubs(HISTORY, redis_server.url)
         urls = [a.base.replace("http:", "ws:") + "/ws", b.base.replace("http:", "ws:") + "/ws"]
-    page = client_page(context, a, urls, user="reader")
+    # failover: reconnect after 0.5-1 s, so that publications are missed and must be recovered
+    delays = {"minDelay": 1000, "maxDelay": 1000} if mode == "failover" else {}
+    page = client_page(context, a, urls, user="reader", **delays)
     channel = "chat:feed"
     reply = page.evaluate("(ch) => window.hub.subscribe(ch)", channel)
     assert isinstance(reply, dict) and isinstance(reply.get("offset"), int), (
@@ -347,7 +349,11 @@ def test_hub_restart_loses_no_message_on_a_history_channel(
             a.start()
         else:
             a.stop()
+            wait_js(page, "() => window.hub.state !== 'connected'")
+            at_drop = publisher.count
         wait_js(page, "() => window.hub.state === 'connected' && window.hub.connections === 2")
+        if mode == "failover":
+            assert publisher.count > at_drop + 10, "nothing was published while away"
         if mode == "failover":
             assert page.evaluate("window.hub.url").startswith(urls[1])
             states = page.evaluate("window.states")
