@@ -1,14 +1,17 @@
 """HTTP endpoints served on the WebSocket port, before the upgrade (via ``process_request``).
 
-``/healthz`` (alive), ``/readyz`` (broker usable), ``/metrics`` (Prometheus), and the publish
-API for backends: ``POST /api/publish|broadcast|send|disconnect|presence|presence_stats`` with a
-JSON body and an API key in ``Authorization: apikey <key>`` or ``X-API-Key``. Errors are JSON with
-a fitting status.
+``/healthz`` (alive), ``/readyz`` (broker usable), ``/metrics`` (Prometheus), ``/hub.js`` (the
+browser client), ``GET /api/stats`` (this process's counts), ``/`` (a demo page, dev mode only),
+and the API for backends: ``POST /api/publish|broadcast|send|disconnect|presence|presence_stats``
+with a JSON body and an API key in ``Authorization: apikey <key>`` or ``X-API-Key``. Errors are
+JSON with a fitting status.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import importlib.resources
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -48,6 +51,32 @@ def _text(status: int, text: str, content_type: str = "text/plain; charset=utf-8
     return Response(status, "", headers, body)
 
 
+class StaticFile:
+    """A file shipped in ``hub/static``, read once: served with an ETag so browsers revalidate
+    cheaply (304) and a short max-age so a new release is picked up within minutes."""
+
+    __slots__ = ("body", "content_type", "etag")
+
+    def __init__(self, name: str, content_type: str) -> None:
+        self.body = importlib.resources.files("hub").joinpath("static", name).read_bytes()
+        self.content_type = content_type
+        self.etag = '"' + hashlib.sha256(self.body).hexdigest()[:20] + '"'
+
+    def response(self, request: Request, max_age: int) -> Response:
+        headers = Headers([("ETag", self.etag), ("Cache-Control", f"public, max-age={max_age}")])
+        if request.headers.get("If-None-Match") == self.etag:
+            headers["Content-Length"] = "0"
+            return Response(304, "", headers, b"")
+        headers["Content-Type"] = self.content_type
+        headers["Content-Length"] = str(len(self.body))
+        headers["X-Content-Type-Options"] = "nosniff"
+        return Response(200, "", headers, self.body)
+
+
+#: Seconds a browser may use /hub.js without asking again.
+CLIENT_MAX_AGE = 600
+
+
 class HttpApi:
     def __init__(self, node: Node, api_key: str | None, insecure: bool) -> None:
         self.node = node
@@ -61,6 +90,8 @@ class HttpApi:
             "/api/presence": self._presence,
             "/api/presence_stats": self._presence_stats,
         }
+        self.client_js = StaticFile("hub.js", "text/javascript; charset=utf-8")
+        self.demo = StaticFile("index.html", "text/html; charset=utf-8") if insecure else None
 
     async def handle(self, request: Request) -> Response | None:
         """Answer an HTTP request, or return None for a WebSocket upgrade on ``/ws``."""
@@ -74,6 +105,15 @@ class HttpApi:
             return _text(200 if ready else 503, "ready\n" if ready else "not ready\n")
         if path == "/metrics":
             return _text(200, self.node.metrics.render().decode(), CONTENT_TYPE_LATEST)
+        if path == "/hub.js":
+            response = self.client_js.response(request, CLIENT_MAX_AGE)
+            # A module script from another origin (the app's page) is fetched with CORS.
+            response.headers["Access-Control-Allow-Origin"] = "*"
+            return response
+        if path == "/" and self.demo is not None:
+            return self.demo.response(request, 0)
+        if path == "/api/stats":
+            return self._stats(request)
         route = self.routes.get(path)
         if route is None:
             return _json(404, {"error": {"message": "not found"}})
@@ -95,6 +135,29 @@ class HttpApi:
             log.exception("http api %s failed", path)
             return _json(500, {"error": {"message": "internal error"}})
         return _json(200, {"result": result})
+
+    def _stats(self, request: Request) -> Response:
+        """This process's counts, for the demo page and quick checks (open in dev mode)."""
+        try:
+            if request.method != "GET":
+                raise ApiError(405, "use GET")
+            if not self.insecure:
+                self._check_key(request)
+        except ApiError as exc:
+            response = _json(exc.status, {"error": {"message": exc.message}})
+            if exc.status == 405:
+                response.headers["Allow"] = "GET"
+            return response
+        registry = self.node.registry
+        result = {
+            "connections": len(registry),
+            "subscriptions": registry.subscription_count,
+            "channels": registry.channel_count,
+            "users": registry.user_count,
+        }
+        response = _json(200, {"result": result})
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     def _check_key(self, request: Request) -> None:
         if self.api_key is None:

@@ -38,6 +38,10 @@ class Registry(Generic[S]):
         return len(self._channels)
 
     @property
+    def user_count(self) -> int:
+        return len(self._users)
+
+    @property
     def subscription_count(self) -> int:
         return sum(len(s) for s in self._channels.values())
 

@@ -1,0 +1,449 @@
+// hub.js: the browser client of the hub (client protocol v1, docs/protocol.md; API in
+// docs/client-js.md). One dependency-free ES module: connect with a token, subscribe, publish,
+// reconnect with backoff and jitter, recover missed messages on history channels.
+
+/** Close codes after which the client must not reconnect (docs/protocol.md, "Close codes"). */
+export function mayReconnect(code) {
+  if (code >= 4500 && code <= 4999) return false;
+  return ![1002, 1003, 1007, 1008, 1009, 1010].includes(code);
+}
+
+/** A failed command: `code` is the hub's error code, or "timeout" / "disconnected". */
+export class HubError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = "HubError";
+    this.code = code;
+  }
+}
+
+const DEFAULTS = {
+  token: null, // a JWT, sent as ?token=
+  getToken: null, // async () => token, called before every (re)connect (fresh tokens after 4002)
+  user: null, // dev mode only: ?user=
+  minDelay: 500, // ms, first reconnect delay
+  maxDelay: 15000, // ms, cap of the exponential backoff
+  stableAfter: 5000, // ms a connection must stay open before the backoff starts over
+  timeout: 10000, // ms a command waits for its reply
+};
+
+/**
+ * A connection to a hub, kept open until close() or a close code that forbids reconnecting.
+ * Events (EventTarget, or hub.on(name, fn) with fn(detail)):
+ *   state    {state, code, reason, delay}  "connecting" | "connected" | "disconnected" | "closed"
+ *   message  {channel, data, offset, epoch, push}  a publication, or a user message / broadcast
+ *            (no channel)
+ *   gap      {channel, recovering}  messages may have been lost on channel; recovering: hub.js
+ *            is fetching them from history itself
+ *   reload   {channel, reason}  history could not fill a hole: reload the channel's state
+ *   error    {channel, error}  a resubscribe was refused (the subscription is dropped)
+ */
+export class Hub extends EventTarget {
+  constructor(urls, options = {}) {
+    super();
+    this.urls = Array.isArray(urls) ? urls.slice() : [urls];
+    if (!this.urls.length) throw new TypeError("hub.js: at least one url");
+    this.options = { ...DEFAULTS, ...options };
+    this.state = "disconnected";
+    this.ws = null;
+    this.url = null; // the url of the current connection
+    this.attempts = 0; // connection attempts since the last stable connection
+    this.connections = 0; // successful opens, ever
+    this.closeCode = null; // the last close code
+    this.subs = new Map(); // channel -> {offset, epoch, seen, waiters, pending}
+    this._urlIndex = 0;
+    this._ids = 1;
+    this._calls = new Map(); // id -> {resolve, reject, timer}
+    this._timer = null;
+    this._stable = null;
+    this._stopped = true;
+  }
+
+  on(name, fn) {
+    const listener = (event) => fn(event.detail);
+    this.addEventListener(name, listener);
+    return () => this.removeEventListener(name, listener);
+  }
+
+  _emit(name, detail) {
+    this.dispatchEvent(new CustomEvent(name, { detail }));
+  }
+
+  _setState(state, extra = {}) {
+    this.state = state;
+    this._emit("state", { state, ...extra });
+  }
+
+  /** Start connecting (and keep reconnecting). */
+  connect() {
+    this._stopped = false;
+    if (!this.ws && this._timer === null && this.state !== "connecting") this._open();
+    return this;
+  }
+
+  /** Close for good: no reconnect until connect() is called again. */
+  close() {
+    this._stopped = true;
+    clearTimeout(this._timer);
+    this._timer = null;
+    if (this.ws) this.ws.close(1000, "client closing");
+    else this._setState("closed", { code: 1000, reason: "client closing" });
+  }
+
+  async _open() {
+    this._setState("connecting");
+    let token = this.options.token;
+    if (this.options.getToken) {
+      try {
+        token = await this.options.getToken();
+      } catch (err) {
+        this._scheduleReconnect(1006, "getToken failed: " + err);
+        return;
+      }
+    }
+    if (this._stopped) {
+      this._setState("closed", { code: 1000, reason: "client closing" });
+      return;
+    }
+    const url = new URL(this.urls[this._urlIndex % this.urls.length], location.href);
+    if (url.protocol === "http:") url.protocol = "ws:";
+    if (url.protocol === "https:") url.protocol = "wss:";
+    if (token) url.searchParams.set("token", token);
+    else if (this.options.user) url.searchParams.set("user", this.options.user);
+    this.attempts += 1;
+    let ws;
+    try {
+      ws = new WebSocket(url.href, "hub.v1.json");
+    } catch (err) {
+      this._scheduleReconnect(1006, String(err));
+      return;
+    }
+    this.ws = ws;
+    this.url = url.href;
+    ws.binaryType = "arraybuffer";
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (event) => this._onMessage(ws, event.data);
+    ws.onclose = (event) => this._onClose(ws, event.code, event.reason);
+  }
+
+  _onOpen(ws) {
+    if (ws !== this.ws) return;
+    this.connections += 1;
+    this._stable = setTimeout(() => (this.attempts = 0), this.options.stableAfter);
+    this._setState("connected");
+    for (const channel of this.subs.keys()) this._sendSubscribe(channel);
+  }
+
+  _onClose(ws, code, reason) {
+    if (ws !== this.ws) return;
+    this.ws = null;
+    this.closeCode = code;
+    clearTimeout(this._stable);
+    for (const [id, call] of this._calls) {
+      clearTimeout(call.timer);
+      call.reject(new HubError("disconnected", "connection closed before the reply"));
+      this._calls.delete(id);
+    }
+    for (const sub of this.subs.values()) sub.pending = sub.active = false;
+    if (this._stopped || !mayReconnect(code)) {
+      this._stopped = true;
+      this._setState("closed", { code, reason });
+      return;
+    }
+    this._urlIndex += 1; // the next url of the list, if there are several
+    this._scheduleReconnect(code, reason);
+  }
+
+  _scheduleReconnect(code, reason) {
+    // Exponential backoff with jitter: half fixed, half random, so that clients dropped
+    // together (a hub restart) do not all come back in the same instant.
+    const base = Math.min(
+      this.options.maxDelay,
+      this.options.minDelay * 2 ** Math.min(this.attempts, 16),
+    );
+    const delay = Math.round(base / 2 + (Math.random() * base) / 2);
+    this._setState("disconnected", { code, reason, delay });
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      if (!this._stopped) this._open();
+    }, delay);
+  }
+
+  // -- commands ----------------------------------------------------------------------------
+
+  /** Send a command; resolves with its result, rejects with a HubError. */
+  call(op, fields = {}, timeout = this.options.timeout) {
+    return new Promise((resolve, reject) => {
+      const ws = this.ws;
+      if (!ws || ws.readyState !== WebSocket.OPEN) {
+        reject(new HubError("disconnected", "not connected"));
+        return;
+      }
+      const id = this._ids++;
+      const timer = setTimeout(() => {
+        this._calls.delete(id);
+        reject(new HubError("timeout", `no reply to ${op} within ${timeout} ms`));
+      }, timeout);
+      this._calls.set(id, { resolve, reject, timer });
+      ws.send(JSON.stringify({ op, ...fields, id }));
+    });
+  }
+
+  /** Publish to a channel whose namespace allows client publishing. */
+  publish(channel, data) {
+    return this.call("publish", { channel, data });
+  }
+
+  /**
+   * Subscribe to a channel, now or as soon as connected, and again after every reconnect (with
+   * `since` on history channels, so nothing is lost). Resolves with the first reply's result.
+   */
+  subscribe(channel) {
+    let sub = this.subs.get(channel);
+    if (sub && sub.active) return Promise.resolve({ offset: sub.offset, epoch: sub.epoch });
+    if (!sub) {
+      sub = { offset: null, epoch: null, seen: null, waiters: [], pending: false, active: false };
+      this.subs.set(channel, sub);
+    }
+    const done = new Promise((resolve, reject) => sub.waiters.push({ resolve, reject }));
+    if (this.state === "connected") this._sendSubscribe(channel);
+    return done;
+  }
+
+  /** Stop receiving a channel (and stop resubscribing it). */
+  async unsubscribe(channel) {
+    const sub = this.subs.get(channel);
+    if (!sub) return {};
+    this.subs.delete(channel);
+    for (const w of sub.waiters) w.reject(new HubError("unsubscribed", "unsubscribed"));
+    if (this.state !== "connected") return {};
+    try {
+      return await this.call("unsubscribe", { channel });
+    } catch (err) {
+      if (err.code === 109) return {}; // not subscribed (e.g. the subscribe was still pending)
+      throw err;
+    }
+  }
+
+  /** Where a channel stands: {offset, epoch} of the last publication seen (history channels). */
+  position(channel) {
+    const sub = this.subs.get(channel);
+    return sub ? { offset: sub.offset, epoch: sub.epoch } : null;
+  }
+
+  async _sendSubscribe(channel) {
+    const sub = this.subs.get(channel);
+    if (!sub || sub.pending || sub.active || this.state !== "connected") return;
+    sub.pending = true;
+    const fields = { channel };
+    const since = sub.offset !== null && sub.epoch !== null;
+    if (since) fields.since = { offset: sub.offset, epoch: sub.epoch };
+    let result;
+    try {
+      result = await this.call("subscribe", fields);
+    } catch (err) {
+      if (this.subs.get(channel) !== sub) return;
+      sub.pending = false;
+      if (err.code === "disconnected" || err.code === "timeout") {
+        if (err.code === "timeout" && this.ws) this.ws.close(4000, "subscribe timed out");
+        return; // tried again after the reconnect
+      }
+      if (err.code === 105) result = {}; // already subscribed on this connection: fine
+      else if (err.code === 111 || err.code === 100) {
+        // The hub cannot reach its broker (or failed): try again later, the subscription stays.
+        sub.retries = (sub.retries || 0) + 1;
+        const base = Math.min(this.options.maxDelay, this.options.minDelay * 2 ** sub.retries);
+        setTimeout(() => this._sendSubscribe(channel), base / 2 + (Math.random() * base) / 2);
+        this._emit("error", { channel, error: err, retrying: true });
+        return;
+      } else {
+        this.subs.delete(channel);
+        for (const w of sub.waiters.splice(0)) w.reject(err);
+        this._emit("error", { channel, error: err });
+        return;
+      }
+    }
+    if (this.subs.get(channel) !== sub) return;
+    sub.pending = false;
+    sub.active = true;
+    sub.retries = 0;
+    if (result && typeof result.offset === "number") {
+      if (since && result.recovered === false) {
+        this._emit("reload", { channel, reason: "history lost" });
+        sub.offset = result.offset;
+        sub.epoch = result.epoch;
+        sub.seen = null;
+      } else if (!since) {
+        // A first subscribe: continue from the top (pushes that came first may be past it).
+        if (sub.offset === null || sub.offset < result.offset) sub.offset = result.offset;
+        sub.epoch = result.epoch;
+      }
+      // recovered: the missed publications follow as pushes and move the offset forward.
+    }
+    for (const w of sub.waiters.splice(0)) w.resolve(result);
+  }
+
+  // -- inbound -----------------------------------------------------------------------------
+
+  _onMessage(ws, raw) {
+    if (ws !== this.ws) return;
+    if (typeof raw !== "string") {
+      // msgpack-encoded push of data JSON cannot carry (docs/protocol.md): decode it.
+      try {
+        raw = decodeMsgpack(new Uint8Array(raw));
+      } catch (err) {
+        this._emit("error", { channel: null, error: err });
+        return;
+      }
+    } else {
+      try {
+        raw = JSON.parse(raw);
+      } catch (err) {
+        this._emit("error", { channel: null, error: err });
+        return;
+      }
+    }
+    const msg = raw;
+    if (msg === null || typeof msg !== "object") return;
+    if ("id" in msg && ("result" in msg || "error" in msg)) {
+      const call = this._calls.get(msg.id);
+      if (!call) return;
+      this._calls.delete(msg.id);
+      clearTimeout(call.timer);
+      if (msg.error) call.reject(new HubError(msg.error.code, msg.error.message));
+      else call.resolve(msg.result);
+      return;
+    }
+    const channel = msg.channel;
+    if (channel === undefined) {
+      this._emit("message", { channel: null, data: msg.data, push: msg });
+      return;
+    }
+    const sub = this.subs.get(channel);
+    if (!sub) return; // unsubscribed meanwhile
+    if (msg.gap) {
+      this._onGap(channel, sub);
+      return;
+    }
+    if (typeof msg.offset === "number") {
+      if (sub.epoch !== null && msg.epoch !== sub.epoch) {
+        sub.seen = null; // a new stream: offsets start over
+      } else if (sub.seen !== null && msg.offset <= sub.seen) {
+        return; // a duplicate of a publication already delivered
+      }
+      sub.seen = msg.offset;
+      sub.offset = msg.offset;
+      sub.epoch = msg.epoch;
+    }
+    this._emit("message", {
+      channel,
+      data: msg.data,
+      offset: msg.offset,
+      epoch: msg.epoch,
+      push: msg,
+    });
+  }
+
+  async _onGap(channel, sub) {
+    const recovering = sub.offset !== null && sub.epoch !== null;
+    this._emit("gap", { channel, recovering });
+    if (!recovering || sub.pending) return;
+    // Resubscribe from where we are: the hub replays what we missed from history.
+    sub.pending = true;
+    sub.active = false;
+    try {
+      await this.call("unsubscribe", { channel });
+    } catch (err) {
+      if (err.code !== 109) {
+        sub.pending = false;
+        return; // disconnected: the reconnect resubscribes with since anyway
+      }
+    }
+    sub.pending = false;
+    if (this.subs.get(channel) === sub) this._sendSubscribe(channel);
+  }
+}
+
+// -- a small msgpack decoder (pushes whose data JSON cannot carry) ----------------------------
+
+function decodeMsgpack(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const text = new TextDecoder();
+  let pos = 0;
+  const u8 = () => view.getUint8(pos++);
+  const take = (n) => {
+    const out = bytes.subarray(pos, pos + n);
+    if (out.length !== n) throw new Error("msgpack: truncated");
+    pos += n;
+    return out;
+  };
+  const num = (kind, n) => {
+    const v = view[kind](pos);
+    pos += n;
+    return v;
+  };
+  const u64 = (signed) => {
+    const hi = signed ? view.getInt32(pos) : view.getUint32(pos);
+    const lo = view.getUint32(pos + 4);
+    pos += 8;
+    return hi * 4294967296 + lo;
+  };
+  const arr = (n) => Array.from({ length: n }, () => value());
+  const map = (n) => {
+    const out = {};
+    for (let i = 0; i < n; i++) {
+      const k = value();
+      out[String(k)] = value();
+    }
+    return out;
+  };
+  const ext = (n) => {
+    const type = view.getInt8(pos++);
+    return { extType: type, data: take(n) };
+  };
+  function value() {
+    const b = u8();
+    if (b <= 0x7f) return b;
+    if (b <= 0x8f) return map(b & 0x0f);
+    if (b <= 0x9f) return arr(b & 0x0f);
+    if (b <= 0xbf) return text.decode(take(b & 0x1f));
+    if (b >= 0xe0) return b - 256;
+    switch (b) {
+      case 0xc0: return null;
+      case 0xc2: return false;
+      case 0xc3: return true;
+      case 0xc4: return take(u8());
+      case 0xc5: return take(num("getUint16", 2));
+      case 0xc6: return take(num("getUint32", 4));
+      case 0xc7: return ext(u8());
+      case 0xc8: return ext(num("getUint16", 2));
+      case 0xc9: return ext(num("getUint32", 4));
+      case 0xca: return num("getFloat32", 4);
+      case 0xcb: return num("getFloat64", 8);
+      case 0xcc: return u8();
+      case 0xcd: return num("getUint16", 2);
+      case 0xce: return num("getUint32", 4);
+      case 0xcf: return u64(false);
+      case 0xd0: return num("getInt8", 1);
+      case 0xd1: return num("getInt16", 2);
+      case 0xd2: return num("getInt32", 4);
+      case 0xd3: return u64(true);
+      case 0xd4: return ext(1);
+      case 0xd5: return ext(2);
+      case 0xd6: return ext(4);
+      case 0xd7: return ext(8);
+      case 0xd8: return ext(16);
+      case 0xd9: return text.decode(take(u8()));
+      case 0xda: return text.decode(take(num("getUint16", 2)));
+      case 0xdb: return text.decode(take(num("getUint32", 4)));
+      case 0xdc: return arr(num("getUint16", 2));
+      case 0xdd: return arr(num("getUint32", 4));
+      case 0xde: return map(num("getUint16", 2));
+      case 0xdf: return map(num("getUint32", 4));
+      default: throw new Error("msgpack: bad byte 0x" + b.toString(16));
+    }
+  }
+  const out = value();
+  if (pos !== bytes.length) throw new Error("msgpack: trailing bytes");
+  return out;
+}
