@@ -1,8 +1,8 @@
 """HTTP endpoints served on the WebSocket port, before the upgrade (via ``process_request``).
 
 ``/healthz`` (alive), ``/readyz`` (broker usable), ``/metrics`` (Prometheus), and the publish
-API for backends: ``POST /api/publish|broadcast|send|disconnect`` with a JSON body and an API key
-in ``Authorization: apikey <key>`` or ``X-API-Key``. Errors are JSON with a fitting status.
+API for backends: ``POST /api/publish|broadcast|send|disconnect|history`` with a JSON body and an
+API key in ``Authorization: apikey <key>`` or ``X-API-Key``. Errors are JSON with a fitting status.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .codec import loads_strict
-from .errors import CloseCode, HubUnavailable
+from .errors import CloseCode, HubUnavailable, ReplyError
 from .metrics import CONTENT_TYPE_LATEST
+from .session import history_result, parse_since
 from .ws import Headers, Request, Response
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class HttpApi:
             "/api/broadcast": self._broadcast,
             "/api/send": self._send,
             "/api/disconnect": self._disconnect,
+            "/api/history": self._history,
         }
 
     async def handle(self, request: Request) -> Response | None:
@@ -151,3 +153,21 @@ class HttpApi:
             raise ApiError(400, "invalid field: reason (a string of at most 120 bytes)")
         await self.node.disconnect(user, code, reason)
         return {}
+
+    async def _history(self, body: dict[str, Any]) -> dict[str, Any]:
+        channel = self._field(body, "channel", str)
+        ns = self.node.settings.namespace(channel)
+        if not ns.history_size:
+            raise ApiError(400, "history is not enabled on this channel")
+        limit = body.get("limit")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ApiError(400, "invalid field: limit (a non-negative integer)")
+        try:
+            since = parse_since(body)
+        except ReplyError as exc:
+            raise ApiError(400, f"invalid field: {exc.message}") from None
+        limit = ns.history_size if limit is None else min(limit, ns.history_size)
+        page = await self.node.history(
+            channel, ns, since=None if since is None else since[0], limit=limit
+        )
+        return history_result(page, since)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .broker import Broker, MemoryBroker, Publication
 from .codec import CODECS, JSON, MSGPACK
-from .config import Settings
+from .config import Namespace, Settings
 from .errors import CloseCode
+from .history import HistoryPage
 from .metrics import Metrics
+from .recovery import Tracker
 from .registry import Registry
 from .ws.broadcast import encode_once
 from .ws.frames import Opcode
@@ -116,6 +118,8 @@ class Node:
         self._started = False
         self._queue: list[tuple[int, str, dict[str, Any]]] = []
         self._flush_scheduled = False
+        # Sessions joining a history channel, by channel (see hub.recovery).
+        self._tracked: dict[str, dict[Session, Tracker]] = {}
         self._delivered = (
             self.metrics.delivered_channel,
             self.metrics.delivered_user,
@@ -140,7 +144,25 @@ class Node:
 
     async def publish(self, channel: str, data: Any, *, source: str = "api", **meta: Any) -> None:
         self.metrics.published.labels(source).inc()
-        await self.broker.publish(channel, data, **meta)
+        ns = self.settings.namespace(channel)
+        if ns.history_size:
+            await self.broker.publish(
+                channel, data, history_size=ns.history_size, history_ttl=ns.history_ttl, **meta
+            )
+        else:
+            await self.broker.publish(channel, data, **meta)
+
+    async def history(
+        self, channel: str, ns: Namespace, *, since: int | None, limit: int | None
+    ) -> HistoryPage:
+        """The stored publications of a channel whose namespace keeps history."""
+        return await self.broker.history(
+            channel,
+            since=since,
+            limit=limit,
+            history_size=ns.history_size,
+            history_ttl=ns.history_ttl,
+        )
 
     async def send_to_user(self, user: str, data: Any) -> None:
         await self.broker.send_to_user(user, data)
@@ -161,6 +183,9 @@ class Node:
             await self.broker.subscribe_user(session.user)
 
     async def remove_session(self, session: Session) -> None:
+        if self._tracked:
+            for channel in self.registry.channels_of(session):
+                self._untrack(channel, session)
         last_user, emptied = self.registry.remove(session, session.user)
         self.metrics.connections_closed.labels(str(_closing_code(session))).inc()
         if emptied:
@@ -175,9 +200,60 @@ class Node:
     async def unsubscribe(self, session: Session, channel: str) -> bool:
         if not self.registry.is_subscribed(session, channel):
             return False
+        if self._tracked:
+            self._untrack(channel, session)
         if self.registry.unsubscribe(session, channel):
             await self.broker.unsubscribe([channel])
         return True
+
+    async def subscribe_history(
+        self, session: Session, channel: str, ns: Namespace, since: tuple[int, str] | None
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Subscribe to a channel with history, recovering what came after ``since``.
+
+        Returns the reply's result and a function to call right after the reply is written: it
+        writes the recovered publications and the live ones held back meanwhile, and switches
+        the session to live delivery, with no await in between (hub.recovery).
+        """
+        tracker = Tracker()
+        self._tracked.setdefault(channel, {})[session] = tracker
+        try:
+            await self.subscribe(session, channel)  # live at the broker from here on
+            page = await self.history(
+                channel, ns, since=None if since is None else since[0], limit=None if since else 0
+            )
+        except BaseException:
+            self._untrack(channel, session)
+            await self.unsubscribe(session, channel)
+            raise
+        result: dict[str, Any]
+        recovered: list[dict[str, Any]] = []
+        if since is None:
+            result = {"offset": page.offset, "epoch": page.epoch}
+        else:
+            ok = page.covers(*since)
+            result = {"recovered": ok, "offset": page.offset, "epoch": page.epoch}
+            if ok:
+                recovered = page.entries
+
+        def go_live() -> None:
+            if self._tracked.get(channel, {}).get(session) is not tracker:
+                return  # unsubscribed or gone meanwhile
+            pushes = [Push({"channel": channel, **entry}) for entry in recovered]
+            pushes.extend(tracker.go_live(page.epoch, page.offset))
+            for push in pushes:
+                session.push(push)
+            if tracker.done:
+                self._untrack(channel, session)
+
+        return result, go_live
+
+    def _untrack(self, channel: str, session: Session) -> None:
+        tracked = self._tracked.get(channel)
+        if tracked is not None:
+            tracked.pop(session, None)
+            if not tracked:
+                del self._tracked[channel]
 
     # -- broker callbacks (fan-out) ------------------------------------------------------------
     #
@@ -205,8 +281,11 @@ class Node:
 
     def _fanout(self, kind: int, key: str, pushes: list[Push]) -> None:
         registry = self.registry
+        tracked = None
         if kind == CHANNEL:
             sessions: Iterable[Session] = registry.subscribers(key)
+            if self._tracked:
+                tracked = self._tracked.get(key)
         elif kind == USER:
             sessions = registry.user_sessions(key)
         else:
@@ -217,11 +296,26 @@ class Node:
         run = PushRun(pushes)
         delivered = 0
         sent = 0
-        for session in sessions:
-            n = session.push(run)
-            if n:
-                delivered += 1
-                sent += n
+        if tracked is None:
+            for session in sessions:
+                n = session.push(run)
+                if n:
+                    delivered += 1
+                    sent += n
+        else:
+            # Some subscribers are joining this history channel: they get what their tracker
+            # admits; the others the shared run.
+            for session in sessions:
+                tracker = tracked.get(session)
+                if tracker is None:
+                    n = session.push(run)
+                else:
+                    n = sum(session.push(push) for push in tracker.admit(pushes))
+                    if tracker.done:
+                        self._untrack(key, session)
+                if n:
+                    delivered += 1
+                    sent += n
         if sent:
             self.metrics.bytes_sent.inc(sent)
         self._delivered[kind].inc(delivered * len(pushes))

@@ -28,16 +28,27 @@ import redis.asyncio
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.cluster import ClusterNode
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .history import PUBLISH_SCRIPT, READ_SCRIPT, HistoryPage, Published, publish_args, read_args
 
 __all__ = [
     "CLUSTER_SCHEME",
     "DEFAULT_PREFIX",
     "DISCONNECT_CODE",
     "AsyncPublisher",
+    "HistoryPage",
     "Names",
+    "Published",
     "Publisher",
     "SlotMap",
     "is_cluster_url",
@@ -99,6 +110,23 @@ def pack_message(data: Any, fields: Mapping[str, Any] | None = None) -> bytes:
             raise ValueError("the data field is given separately")
         envelope.update(fields)
     return msgpack.packb(envelope, use_bin_type=True)
+
+
+def _history_options(size: Any, ttl: Any, fields: Mapping[str, Any]) -> None:
+    """Check the history keywords: bad values fail at the caller, not inside Redis."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError("history_size must be a non-negative integer")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
+        raise ValueError("history_ttl must be a non-negative number of seconds")
+    if "offset" in fields or "epoch" in fields:
+        raise ValueError("offset and epoch are assigned by the history script")
+
+
+def _limit(since: int | None, limit: int | None) -> None:
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise ValueError("since must be a non-negative integer offset")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError("limit must be a non-negative integer")
 
 
 def pack_disconnect(user: str, code: int = DISCONNECT_CODE, reason: str = "") -> bytes:
@@ -253,12 +281,50 @@ class Publisher:
         # Sharded pub/sub on a cluster: a plain PUBLISH there is broadcast over the cluster bus
         # and never reaches SSUBSCRIBE subscribers.
         sharded = isinstance(client, redis.RedisCluster)
+        self._sharded = sharded
         self._send: Callable[[str, bytes], Any] = client.spublish if sharded else client.publish
+        self._publish_script = client.register_script(PUBLISH_SCRIPT.text)
+        self._read_script = client.register_script(READ_SCRIPT.text)
 
-    def publish(self, channel: str, data: Any, **fields: Any) -> int:
-        """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields."""
+    def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+        **fields: Any,
+    ) -> Published:
+        """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields.
+
+        With ``history_size > 0`` (the channel's namespace keeps history: pass its
+        ``history_size`` and ``history_ttl``) the publication is stored and gets the channel's
+        next offset, in one script run (``hub/history.lua``); the result then carries
+        ``offset`` and ``epoch``.
+        """
         name = self.names.channel(_non_empty("channel", channel))
-        return int(self._send(name, pack_message(data, fields)))
+        _history_options(history_size, history_ttl, fields)
+        payload = pack_message(data, fields)
+        if not history_size:
+            return Published(int(self._send(name, payload)))
+        args = publish_args(name, payload, history_size, history_ttl, self._sharded)
+        return Published.from_reply(self._publish_script(keys=args[1:3], args=args[3:]))
+
+    def history(
+        self,
+        channel: str,
+        *,
+        since: int | None = None,
+        limit: int | None = None,
+        history_ttl: float = 0.0,
+    ) -> HistoryPage:
+        """The channel's stored publications: after offset ``since`` (at most ``limit``), or
+        the newest ``limit`` (all when None), oldest first, with the current offset and epoch."""
+        name = self.names.channel(_non_empty("channel", channel))
+        _limit(since, limit)
+        args = read_args(name, since, limit, history_ttl)
+        reply = self._read_script(keys=args[1:3], args=args[3:])
+        return HistoryPage.from_reply(reply, newest_first=since is None and limit is not None)
 
     def send_to_user(self, user: str, data: Any) -> int:
         name = self.names.user(_non_empty("user", user))
@@ -418,9 +484,10 @@ class AsyncPublisher:
             raise ValueError("give a redis url or a client")
         self._pipeline = _Pipeline(pool.make_connection)
 
-    async def _publish(self, name: str, payload: bytes) -> int:
+    async def _execute(self, name: str, *command: Any) -> Any:
+        """Run ``command`` on the connection for ``name`` (its shard's, on a cluster)."""
         if self._map is None:
-            return int(await self._pipeline.execute("PUBLISH", name, payload))
+            return await self._pipeline.execute(*command)
         for attempt in range(3):
             if self._map.slots is None or (
                 self._stale and time.monotonic() - self._map.refreshed_at > STALE_REFRESH
@@ -434,7 +501,7 @@ class AsyncPublisher:
             if shard is None:
                 shard = self._shards[addr] = _Pipeline(self._map.pool(addr).make_connection)
             try:
-                return int(await shard.execute("SPUBLISH", name, payload))
+                return await shard.execute(*command)
             except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
                 # Not retried (it may have been delivered), but the shard may have failed over
                 # to another address: look again before the next publish.
@@ -446,10 +513,52 @@ class AsyncPublisher:
                 await self._map.refresh()  # not executed by Redis: safe to send again
         raise AssertionError("unreachable")
 
-    async def publish(self, channel: str, data: Any, **fields: Any) -> int:
-        """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields."""
+    async def _publish(self, name: str, payload: bytes) -> int:
+        command = "PUBLISH" if self._map is None else "SPUBLISH"
+        return int(await self._execute(name, command, name, payload))
+
+    async def _script(self, name: str, script: Any, args: list[Any]) -> Any:
+        """``EVALSHA``, and ``EVAL`` once when Redis does not know the script (a fresh or
+        flushed server): NOSCRIPT means it did not run, so sending it again is safe."""
+        try:
+            return await self._execute(name, "EVALSHA", script.sha, *args)
+        except NoScriptError:
+            return await self._execute(name, "EVAL", script.text, *args)
+
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+        **fields: Any,
+    ) -> Published:
+        """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields. With
+        ``history_size > 0`` it is stored in the channel's history and the result carries
+        ``offset`` and ``epoch`` (see :meth:`Publisher.publish`)."""
         name = self.names.channel(_non_empty("channel", channel))
-        return await self._publish(name, pack_message(data, fields))
+        _history_options(history_size, history_ttl, fields)
+        payload = pack_message(data, fields)
+        if not history_size:
+            return Published(await self._publish(name, payload))
+        sharded = self._map is not None
+        args = publish_args(name, payload, history_size, history_ttl, sharded)
+        return Published.from_reply(await self._script(name, PUBLISH_SCRIPT, args))
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: int | None = None,
+        limit: int | None = None,
+        history_ttl: float = 0.0,
+    ) -> HistoryPage:
+        """See :meth:`Publisher.history`."""
+        name = self.names.channel(_non_empty("channel", channel))
+        _limit(since, limit)
+        reply = await self._script(name, READ_SCRIPT, read_args(name, since, limit, history_ttl))
+        return HistoryPage.from_reply(reply, newest_first=since is None and limit is not None)
 
     async def send_to_user(self, user: str, data: Any) -> int:
         return await self._publish(self.names.user(_non_empty("user", user)), pack_message(data))
