@@ -725,7 +725,9 @@ class RedisBroker(Broker):
         history_size: int,
         history_ttl: float,
     ) -> HistoryPage:
-        read = self._pub().history(channel, since=since, limit=limit, history_ttl=history_ttl)
+        read = self._pub().history(
+            channel, since=since, limit=limit, history_size=history_size, history_ttl=history_ttl
+        )
         try:
             page = await read
         except (RedisError, OSError) as exc:

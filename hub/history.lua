@@ -4,7 +4,7 @@
 -- KEYS[2]  meta    {<prefix>:ch:<channel>}:meta      (hash: offset, epoch)
 -- ARGV[1]  the pub/sub channel <prefix>:ch:<channel>
 -- ARGV[2]  the envelope: a msgpack map {"data": ..., ...} without offset and epoch
--- ARGV[3]  history size (entries kept)
+-- ARGV[3]  history size (entries kept; the stream is trimmed approximately, readers skip older)
 -- ARGV[4]  stream TTL in milliseconds after the last publication ("0": none)
 -- ARGV[5]  meta TTL in milliseconds ("0": none)
 -- ARGV[6]  epoch to use if the channel has none yet (a fresh random string)
@@ -35,7 +35,7 @@ else
   return redis.error_reply('ERR envelope must be a msgpack map')
 end
 
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], string.format('%d-0', offset), 'e', env)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], string.format('%d-0', offset), 'e', env)
 if ARGV[4] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end

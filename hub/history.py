@@ -16,8 +16,9 @@ docs/publish-api.md.
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import secrets
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,9 +47,9 @@ __all__ = [
 META_TTL_MIN = 86400.0
 
 
-def _ms(seconds: float) -> str:
+def _ms(seconds: float) -> bytes:
     """A TTL for the scripts: milliseconds, "0" for none."""
-    return str(max(1, round(seconds * 1000))) if seconds > 0 else "0"
+    return b"%d" % max(1, round(seconds * 1000)) if seconds > 0 else b"0"
 
 
 def meta_ttl(history_ttl: float) -> float:
@@ -59,11 +60,13 @@ def meta_ttl(history_ttl: float) -> float:
 class Script:
     """A Lua script shipped in the package: its text and SHA1 (for ``EVALSHA``)."""
 
-    __slots__ = ("sha", "text")
+    __slots__ = ("sha", "sha_bytes", "text", "text_bytes")
 
     def __init__(self, name: str) -> None:
         self.text = resources.files(__package__).joinpath(name).read_text()
-        self.sha = hashlib.sha1(self.text.encode()).hexdigest()
+        self.text_bytes = self.text.encode()
+        self.sha = hashlib.sha1(self.text_bytes).hexdigest()
+        self.sha_bytes = self.sha.encode()
 
 
 PUBLISH_SCRIPT = Script("history.lua")
@@ -80,37 +83,88 @@ def meta_key(pubsub_name: str) -> str:
 
 def new_epoch() -> str:
     """A short random epoch (8 characters, 48 bits)."""
-    return secrets.token_urlsafe(6)
+    return base64.urlsafe_b64encode(os.urandom(6)).decode()
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+class PublishCommands:
+    """``EVALSHA`` of the publish script, packed in RESP: per channel only the envelope and the
+    epoch candidate change, so the rest is packed once and kept (publishing with history is
+    a hot path, and redis-py's general packer costs more than the script run in Redis)."""
+
+    __slots__ = ("_parts",)
+
+    LIMIT = 10_000  # channels remembered; the cache starts over beyond that
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[str, int, float, bool], tuple[bytes, bytes, bytes]] = {}
+
+    def packed(
+        self, pubsub_name: str, envelope: bytes, size: int, ttl: float, sharded: bool
+    ) -> tuple[bytes, list[bytes]]:
+        """The packed ``EVALSHA`` and, for the ``EVAL`` fallback, the script's arguments."""
+        epoch = base64.urlsafe_b64encode(os.urandom(6))
+        key = (pubsub_name, size, ttl, sharded)
+        parts = self._parts.get(key)
+        if parts is None:
+            if len(self._parts) >= self.LIMIT:
+                self._parts.clear()
+            args = publish_args(pubsub_name, b"", size, ttl, sharded)
+            head = b"*%d\r\n%s%s" % (
+                len(args) + 2,
+                _bulk(b"EVALSHA"),
+                _bulk(PUBLISH_SCRIPT.sha_bytes),
+            )
+            parts = self._parts[key] = (
+                head + b"".join(_bulk(a) for a in args[:4]),
+                b"".join(_bulk(a) for a in args[5:8]),
+                _bulk(args[9]),
+            )
+        head, middle, tail = parts
+        command = head + _bulk(envelope) + middle + _bulk(epoch) + tail
+        return command, epoch
 
 
 def publish_args(
-    pubsub_name: str, envelope: bytes, size: int, ttl: float, sharded: bool
-) -> list[Any]:
+    pubsub_name: str,
+    envelope: bytes,
+    size: int,
+    ttl: float,
+    sharded: bool,
+    epoch: bytes | None = None,
+) -> list[bytes]:
     """``numkeys, KEYS..., ARGV...`` of the publish script (after ``EVALSHA sha``)."""
+    name = pubsub_name.encode()
     return [
-        2,
-        stream_key(pubsub_name),
-        meta_key(pubsub_name),
-        pubsub_name,
+        b"2",
+        b"{%s}:history" % name,
+        b"{%s}:meta" % name,
+        name,
         envelope,
-        size,
+        b"%d" % size,
         _ms(ttl),
         _ms(meta_ttl(ttl)),
-        new_epoch(),
-        "1" if sharded else "0",
+        new_epoch().encode() if epoch is None else epoch,
+        b"1" if sharded else b"0",
     ]
 
 
-def read_args(pubsub_name: str, since: int | None, limit: int | None, ttl: float) -> list[Any]:
+def read_args(
+    pubsub_name: str, since: int | None, limit: int | None, size: int, ttl: float
+) -> list[bytes]:
     """``numkeys, KEYS..., ARGV...`` of the read script. ``limit`` None: every entry."""
     return [
-        2,
-        stream_key(pubsub_name),
-        meta_key(pubsub_name),
-        "" if since is None else str(since),
-        "-1" if limit is None else str(limit),
+        b"2",
+        stream_key(pubsub_name).encode(),
+        meta_key(pubsub_name).encode(),
+        b"" if since is None else b"%d" % since,
+        b"-1" if limit is None else b"%d" % limit,
         _ms(meta_ttl(ttl)),
-        new_epoch(),
+        new_epoch().encode(),
+        b"%d" % size,
     ]
 
 
@@ -155,7 +209,7 @@ class HistoryPage:
         return bool(self.entries) and self.entries[0]["offset"] == since + 1
 
     @classmethod
-    def from_reply(cls, reply: Any, newest_first: bool) -> HistoryPage:
+    def from_reply(cls, reply: Any) -> HistoryPage:
         top, epoch, raw = reply
         entries = []
         for _entry_id, fields in raw:
@@ -164,8 +218,6 @@ class HistoryPage:
             if type(envelope) is dict and "data" in envelope:
                 if type(envelope.get("offset")) is int:
                     entries.append(envelope)
-        if newest_first:
-            entries.reverse()
         return cls(int(top), _text(epoch), entries)
 
 

@@ -6,8 +6,9 @@
 -- ARGV[2]  limit: "-1" every entry, "0" none (just offset and epoch), n at most n
 -- ARGV[3]  meta TTL in milliseconds ("0": none), used when the meta is created here
 -- ARGV[4]  epoch to use if the channel has none yet
--- Returns {offset, epoch, entries}; entries oldest first, except for since "" with a limit,
--- where they come newest first.
+-- ARGV[5]  history size: offsets older than the newest "size" are not returned (the publish
+--          script trims the stream approximately, so it may still hold some); "0": no bound
+-- Returns {offset, epoch, entries}, entries oldest first.
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
   -- Created on read too, so that a subscriber's epoch stays valid for the first publication.
@@ -20,21 +21,33 @@ if not epoch then
 end
 local top = tonumber(redis.call('HGET', KEYS[2], 'offset'))
 local limit = tonumber(ARGV[2])
-local entries = {}
-if limit ~= 0 then
-  if ARGV[1] == '' then
-    if limit < 0 then
-      entries = redis.call('XRANGE', KEYS[1], '-', '+')
-    else
-      entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
-    end
-  else
-    local start = string.format('%d-1', tonumber(ARGV[1]))
-    if limit < 0 then
-      entries = redis.call('XRANGE', KEYS[1], start, '+')
-    else
-      entries = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', limit)
-    end
-  end
+local size = tonumber(ARGV[5])
+if limit == 0 then
+  return {top, epoch, {}}
+end
+-- Offsets are consecutive entry IDs, so the first one wanted is known without a scan.
+local first
+if ARGV[1] ~= '' then
+  first = tonumber(ARGV[1]) + 1
+elseif limit > 0 then
+  first = top - limit + 1
+else
+  first = 1
+end
+if size > 0 and first < top - size + 1 then
+  first = top - size + 1
+end
+if first < 1 then
+  first = 1
+end
+if first > top then
+  return {top, epoch, {}}
+end
+local start = string.format('%d-0', first)
+local entries
+if limit > 0 then
+  entries = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', limit)
+else
+  entries = redis.call('XRANGE', KEYS[1], start, '+')
 end
 return {top, epoch, entries}

@@ -39,7 +39,16 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .history import PUBLISH_SCRIPT, READ_SCRIPT, HistoryPage, Published, publish_args, read_args
+from .history import (
+    PUBLISH_SCRIPT,
+    READ_SCRIPT,
+    HistoryPage,
+    PublishCommands,
+    Published,
+    Script,
+    publish_args,
+    read_args,
+)
 
 __all__ = [
     "CLUSTER_SCHEME",
@@ -110,6 +119,12 @@ def pack_message(data: Any, fields: Mapping[str, Any] | None = None) -> bytes:
             raise ValueError("the data field is given separately")
         envelope.update(fields)
     return msgpack.packb(envelope, use_bin_type=True)
+
+
+def resp(*args: bytes) -> bytes:
+    """A command in RESP, for arguments that are bytes already: much cheaper than redis-py's
+    general packer for the history script's dozen arguments, on the publish hot path."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
 def _history_options(size: Any, ttl: Any, fields: Mapping[str, Any]) -> None:
@@ -316,15 +331,18 @@ class Publisher:
         *,
         since: int | None = None,
         limit: int | None = None,
+        history_size: int = 0,
         history_ttl: float = 0.0,
     ) -> HistoryPage:
         """The channel's stored publications: after offset ``since`` (at most ``limit``), or
-        the newest ``limit`` (all when None), oldest first, with the current offset and epoch."""
+        the newest ``limit`` (all when None), oldest first, with the current offset and epoch.
+        Give the namespace's ``history_size``: the stream is trimmed approximately, and
+        offsets older than the newest ``history_size`` are left out (0: no bound)."""
         name = self.names.channel(_non_empty("channel", channel))
         _limit(since, limit)
-        args = read_args(name, since, limit, history_ttl)
-        reply = self._read_script(keys=args[1:3], args=args[3:])
-        return HistoryPage.from_reply(reply, newest_first=since is None and limit is not None)
+        _history_options(history_size, history_ttl, {})
+        args = read_args(name, since, limit, history_size, history_ttl)
+        return HistoryPage.from_reply(self._read_script(keys=args[1:3], args=args[3:]))
 
     def send_to_user(self, user: str, data: Any) -> int:
         name = self.names.user(_non_empty("user", user))
@@ -364,15 +382,20 @@ class _Pipeline:
     def __init__(self, make_connection: Callable[[], AbstractConnection]) -> None:
         self._make_connection = make_connection
         self._connection: AbstractConnection | None = None
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        # A command is its arguments, or bytes already in RESP (see ``resp``).
+        self._queue: list[tuple[tuple[Any, ...] | bytes, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     async def execute(self, *args: Any) -> Any:
+        return await self.execute_packed(args)
+
+    async def execute_packed(self, command: tuple[Any, ...] | bytes) -> Any:
+        """Run one command: its arguments, or the command already packed with :func:`resp`."""
         if self._closed:
             raise RedisConnectionError("publisher closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, future))
+        self._queue.append((command, future))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return await future
@@ -398,11 +421,18 @@ class _Pipeline:
         finally:
             self._task = None
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[tuple[Any, ...] | bytes, asyncio.Future[Any]]]) -> None:
         index = 0
         try:
             connection = await self._connect()
-            packed = connection.pack_commands([args for args, _ in batch])
+            commands = [command for command, _ in batch]
+            if all(type(command) is tuple for command in commands):
+                packed = connection.pack_commands(commands)
+            else:
+                packed = [
+                    c if type(c) is bytes else b"".join(connection.pack_command(*c))
+                    for c in commands
+                ]
             await connection.send_packed_command(packed, check_health=False)
             for index, (_, future) in enumerate(batch):  # noqa: B007 - read on failure
                 try:
@@ -483,11 +513,15 @@ class AsyncPublisher:
         else:
             raise ValueError("give a redis url or a client")
         self._pipeline = _Pipeline(pool.make_connection)
+        self._commands = PublishCommands()
 
     async def _execute(self, name: str, *command: Any) -> Any:
+        return await self._execute_packed(name, command)
+
+    async def _execute_packed(self, name: str, command: tuple[Any, ...] | bytes) -> Any:
         """Run ``command`` on the connection for ``name`` (its shard's, on a cluster)."""
         if self._map is None:
-            return await self._pipeline.execute(*command)
+            return await self._pipeline.execute_packed(command)
         for attempt in range(3):
             if self._map.slots is None or (
                 self._stale and time.monotonic() - self._map.refreshed_at > STALE_REFRESH
@@ -501,7 +535,7 @@ class AsyncPublisher:
             if shard is None:
                 shard = self._shards[addr] = _Pipeline(self._map.pool(addr).make_connection)
             try:
-                return await shard.execute(*command)
+                return await shard.execute_packed(command)
             except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
                 # Not retried (it may have been delivered), but the shard may have failed over
                 # to another address: look again before the next publish.
@@ -517,13 +551,13 @@ class AsyncPublisher:
         command = "PUBLISH" if self._map is None else "SPUBLISH"
         return int(await self._execute(name, command, name, payload))
 
-    async def _script(self, name: str, script: Any, args: list[Any]) -> Any:
+    async def _script(self, name: str, script: Script, args: list[bytes]) -> Any:
         """``EVALSHA``, and ``EVAL`` once when Redis does not know the script (a fresh or
         flushed server): NOSCRIPT means it did not run, so sending it again is safe."""
         try:
-            return await self._execute(name, "EVALSHA", script.sha, *args)
+            return await self._execute_packed(name, resp(b"EVALSHA", script.sha_bytes, *args))
         except NoScriptError:
-            return await self._execute(name, "EVAL", script.text, *args)
+            return await self._execute_packed(name, resp(b"EVAL", script.text_bytes, *args))
 
     async def publish(
         self,
@@ -543,8 +577,14 @@ class AsyncPublisher:
         if not history_size:
             return Published(await self._publish(name, payload))
         sharded = self._map is not None
-        args = publish_args(name, payload, history_size, history_ttl, sharded)
-        return Published.from_reply(await self._script(name, PUBLISH_SCRIPT, args))
+        command, epoch = self._commands.packed(name, payload, history_size, history_ttl, sharded)
+        try:
+            reply = await self._execute_packed(name, command)
+        except NoScriptError:
+            args = publish_args(name, payload, history_size, history_ttl, sharded, epoch)
+            command = resp(b"EVAL", PUBLISH_SCRIPT.text_bytes, *args)
+            reply = await self._execute_packed(name, command)
+        return Published.from_reply(reply)
 
     async def history(
         self,
@@ -552,13 +592,15 @@ class AsyncPublisher:
         *,
         since: int | None = None,
         limit: int | None = None,
+        history_size: int = 0,
         history_ttl: float = 0.0,
     ) -> HistoryPage:
         """See :meth:`Publisher.history`."""
         name = self.names.channel(_non_empty("channel", channel))
         _limit(since, limit)
-        reply = await self._script(name, READ_SCRIPT, read_args(name, since, limit, history_ttl))
-        return HistoryPage.from_reply(reply, newest_first=since is None and limit is not None)
+        _history_options(history_size, history_ttl, {})
+        args = read_args(name, since, limit, history_size, history_ttl)
+        return HistoryPage.from_reply(await self._script(name, READ_SCRIPT, args))
 
     async def send_to_user(self, user: str, data: Any) -> int:
         return await self._publish(self.names.user(_non_empty("user", user)), pack_message(data))

@@ -26,7 +26,7 @@ from hub.errors import ErrorCode
 from hub.publisher import AsyncPublisher, Publisher
 
 if TYPE_CHECKING:
-    from redisfix import RedisServer
+    from redisfix import LocalCluster, RedisServer
 
 pytest_plugins = ["redisfix"]
 
@@ -471,7 +471,7 @@ def test_publisher_history_keeps_bytes_and_fields(redis_server: RedisServer) -> 
                         "offset": 1,
                         "epoch": epoch,
                     }
-                    page = pub.history("feed:bin")
+                    page = pub.history("feed:bin", history_size=SIZE)
                     assert page.entries[0]["data"] == b"\x00\xffraw"
                     plain = pub.publish("chat:x", "no history")
                     assert plain.offset is None and plain == 0
@@ -494,7 +494,7 @@ def test_the_script_is_loaded_again_after_script_flush(redis_server: RedisServer
         redis_server.client().script_flush()
         second = await publish_feed(pub, "feed:s", 2)
         assert (second.offset, second.epoch) == (2, first.epoch)
-        page = await pub.history("feed:s")
+        page = await pub.history("feed:s", history_size=SIZE)
         assert [e["data"] for e in page.entries] == [1, 2]
         await pub.aclose()
 
@@ -531,3 +531,49 @@ def test_a_publication_still_in_the_end_of_turn_queue_is_not_sent_twice() -> Non
                 await b.ok("unsubscribe", channel="feed:q")
 
     run(main)
+
+
+def test_history_on_a_redis_cluster(redis_cluster: LocalCluster) -> None:
+    """On a cluster the script stores and SPUBLISHes on the shard owning the channel (its keys
+    share the channel's hash slot), for every shard."""
+    from test_cluster import by_shard
+
+    async def main() -> None:
+        channels = [
+            f"feed:{c}" for names in by_shard(redis_cluster, 1, "h").values() for c in names
+        ]
+        settings = make_settings(CONFIG, redis_url=redis_cluster.url)
+        async with running(settings) as hub:
+            pub = AsyncPublisher(redis_cluster.url)
+            async with client(hub, MSGPACK_PROTO, user="a") as a:
+                epochs = {}
+                for channel in channels:
+                    epochs[channel] = (await a.call("subscribe", channel=channel))["result"][
+                        "epoch"
+                    ]
+                for channel in channels:
+                    sent = await publish_feed(pub, channel, channel)
+                    assert (sent.offset, sent.epoch) == (1, epochs[channel])
+                    push = await a.push()
+                    assert (push["data"], push["offset"], push["epoch"]) == (channel, 1, sent.epoch)
+            for channel in channels:
+                await publish_feed(pub, channel, "missed")
+            async with client(hub, user="a") as a:
+                for channel in channels:
+                    since = {"offset": 1, "epoch": epochs[channel]}
+                    reply = await a.call("subscribe", channel=channel, since=since)
+                    assert reply["result"] == {
+                        "recovered": True,
+                        "offset": 2,
+                        "epoch": since["epoch"],
+                    }
+                    push = await a.push()
+                    assert (push["channel"], push["data"], push["offset"]) == (channel, "missed", 2)
+            await pub.aclose()
+            with Publisher(redis_cluster.url) as sync:
+                sent = sync.publish(channels[0], "sync", history_size=SIZE, history_ttl=300)
+                assert sent.offset == 3
+                page = sync.history(channels[0], since=1, history_size=SIZE)
+                assert [e["data"] for e in page.entries] == ["missed", "sync"]
+
+    run(main, timeout=60)
