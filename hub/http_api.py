@@ -170,4 +170,10 @@ class HttpApi:
         page = await self.node.history(
             channel, ns, since=None if since is None else since[0], limit=limit
         )
-        return history_result(page, since)
+        result = history_result(page, since)
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError):
+            # Published through Redis with bytes (or other msgpack-only values) in data.
+            raise ApiError(422, "history holds data json cannot carry; read it over websocket")
+        return result

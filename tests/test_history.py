@@ -5,6 +5,7 @@ processes (one in this process, one a real ``hub serve`` subprocess)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import socket
@@ -577,3 +578,40 @@ def test_history_on_a_redis_cluster(redis_cluster: LocalCluster) -> None:
                 assert [e["data"] for e in page.entries] == ["missed", "sync"]
 
     run(main, timeout=60)
+
+
+def test_cli_publish_through_redis_follows_the_namespace(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text(CONFIG)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    argv = [HUB, "publish", "--config", str(config), "--redis", redis_server.url]
+    outputs = [
+        subprocess.run(
+            [*argv, channel, '{"n":1}'], env=env, capture_output=True, text=True, timeout=30
+        )
+        for channel in ("feed:cli", "feed:cli", "chat:cli")
+    ]
+    for done in outputs:
+        assert done.returncode == 0, done.stderr
+    first, second, plain = (json.loads(done.stdout)["result"] for done in outputs)
+    assert (first["offset"], second["offset"]) == (1, 2) and first["epoch"] == second["epoch"]
+    assert plain == {"processes": 0}
+    with Publisher(redis_server.url) as pub:
+        page = pub.history("feed:cli", history_size=SIZE)
+    assert [e["data"] for e in page.entries] == [{"n": 1}, {"n": 1}]
+
+
+def test_history_endpoint_refuses_data_json_cannot_carry(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        async with running(make_settings(CONFIG, redis_url=redis_server.url)) as hub:
+            with Publisher(redis_server.url) as pub:
+                pub.publish("feed:raw", b"\x00", history_size=SIZE, history_ttl=300)
+            status, body = await api(hub, "/api/history", {"channel": "feed:raw"})
+            assert status == 422 and "json" in body["error"]["message"]
+            async with client(hub, MSGPACK_PROTO, user="a") as a:
+                reply = await a.call("history", channel="feed:raw")
+                assert reply["result"]["publications"] == [{"data": b"\x00", "offset": 1}]
+
+    run(main)
