@@ -615,3 +615,40 @@ def test_history_endpoint_refuses_data_json_cannot_carry(redis_server: RedisServ
                 assert reply["result"]["publications"] == [{"data": b"\x00", "offset": 1}]
 
     run(main)
+
+
+def test_async_publisher_history_offsets_follow_call_order_and_failures_are_clean(
+    redis_server: RedisServer,
+) -> None:
+    """Pipelined history publishes get offsets in call order, and a connection lost with
+    commands in flight fails each of them once (none hangs); then the publisher reconnects."""
+    from redis.exceptions import RedisError
+
+    async def main() -> None:
+        pub = feed_publisher(redis_server.url)
+        sent = await asyncio.gather(*(publish_feed(pub, "feed:o", i) for i in range(2000)))
+        assert [s.offset for s in sent] == list(range(1, 2001))
+
+        async def keep_publishing() -> list[Any]:
+            results: list[Any] = []
+            for i in range(200):
+                batch = [publish_feed(pub, "feed:o", i) for _ in range(20)]
+                results += await asyncio.gather(*batch, return_exceptions=True)
+                if any(isinstance(r, BaseException) for r in results):
+                    return results
+            return results
+
+        task = asyncio.ensure_future(keep_publishing())
+        await asyncio.sleep(0.05)
+        redis_server.kill()
+        results = await asyncio.wait_for(task, 10)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors and all(isinstance(e, (RedisError, OSError)) for e in errors), errors
+        offsets = [r.offset for r in results if not isinstance(r, BaseException)]
+        assert offsets == list(range(2001, 2001 + len(offsets)))
+        redis_server.start()
+        again = await publish_feed(pub, "feed:o", "after")
+        assert again.offset == 1 and again.epoch != sent[0].epoch  # restarted empty
+        await pub.aclose()
+
+    run(main)
