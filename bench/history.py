@@ -389,10 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         f"flight, {args.rounds} x {args.seconds:g} s per kind, history_size {HISTORY_SIZE}"
     )
     bench = Bench(args)
+    load_before = os.getloadavg()[0]
     elapsed = run_timed(lambda: asyncio.run(bench.run()))
     if elapsed is None:
         return 130
     meta["elapsed_s"] = elapsed
+    # The machine may be shared: rates move with other load (this run adds about 2-3 itself).
+    meta["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     if bench.errors:
         print(f"\n{len(bench.errors)} error(s) (logs kept in {bench.tmp}):")
         for e in bench.errors:
@@ -402,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, summary = summarize(bench.results)
     print()
     print(format_table(rows, right={1, 2}))
-    print(f"elapsed: {elapsed}s")
+    print(f"elapsed: {elapsed}s   load average (1 min) before / after: {meta['loadavg_1min']}")
     if args.json:
         write_json(args.json, {"meta": meta, "summary": summary, "results": bench.results})
     return 1 if bench.errors or summary["verdict"] != "PASS" else 0
