@@ -241,8 +241,10 @@ class Node:
                 return  # unsubscribed or gone meanwhile
             pushes = [Push({"channel": channel, **entry}) for entry in recovered]
             pushes.extend(tracker.go_live(page.epoch, page.offset))
-            for push in pushes:
-                session.push(push)
+            sent = sum(session.push(push) for push in pushes)
+            if sent:
+                self.metrics.bytes_sent.inc(sent)
+                self.metrics.delivered_channel.inc(len(pushes))
             if tracker.done:
                 self._untrack(channel, session)
 
