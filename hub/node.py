@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .broker import Broker, MemoryBroker, Publication
 from .codec import CODECS, JSON, MSGPACK
 from .config import Namespace, Settings
-from .errors import CloseCode
+from .errors import CloseCode, HubUnavailable
 from .history import HistoryPage
 from .metrics import Metrics
 from .recovery import Tracker
@@ -219,6 +219,10 @@ class Node:
         self._tracked.setdefault(channel, {})[session] = tracker
         try:
             await self.subscribe(session, channel)  # live at the broker from here on
+            if not self.broker.ready:
+                # A broker that is down subscribes later (and reports a gap then): not live yet,
+                # so recovering now could leave a hole. The client retries.
+                raise HubUnavailable("broker unavailable")
             page = await self.history(
                 channel, ns, since=None if since is None else since[0], limit=None if since else 0
             )
