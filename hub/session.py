@@ -221,7 +221,7 @@ def parse_since(command: dict[str, Any]) -> tuple[int, str] | None:
     if type(offset) is not int or offset < 0:
         raise BadRequest("since.offset must be a non-negative integer")
     if type(epoch) is not str or not 0 < len(epoch) <= 64:
-        raise BadRequest("since.epoch must be a non-empty string")
+        raise BadRequest("since.epoch must be a string of 1 to 64 characters")
     return offset, epoch
 
 
