@@ -692,9 +692,9 @@ class RedisBroker(Broker):
             raise BridgeError("broker not started")
         return self._publisher
 
-    async def _publishing(self, publish: Awaitable[int]) -> None:
+    async def _publishing(self, publish: Awaitable[Any]) -> Any:
         try:
-            await publish
+            return await publish
         except (RedisError, OSError) as exc:
             raise BridgeError(f"redis unavailable: {exc}") from exc
 
@@ -706,7 +706,7 @@ class RedisBroker(Broker):
         history_size: int = 0,
         history_ttl: float = 0.0,
         **meta: Any,
-    ) -> None:
+    ) -> tuple[int, str] | None:
         unknown = set(meta).difference(self.forward)
         if unknown:
             # They would reach no client (receivers pass on only ``forward``): fail loudly.
@@ -714,7 +714,8 @@ class RedisBroker(Broker):
         publish = self._pub().publish(
             channel, data, history_size=history_size, history_ttl=history_ttl, **meta
         )
-        await self._publishing(publish)
+        sent = await self._publishing(publish)
+        return None if sent.offset is None else (sent.offset, sent.epoch)
 
     async def history(
         self,

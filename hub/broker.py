@@ -77,9 +77,10 @@ class Broker(abc.ABC):
         history_size: int = 0,
         history_ttl: float = 0.0,
         **meta: Any,
-    ) -> None:
+    ) -> tuple[int, str] | None:
         """Deliver to every process; with ``history_size > 0`` also store it in the channel's
-        history, which assigns ``offset`` and ``epoch`` (delivered with it, in ``meta``)."""
+        history, which assigns ``offset`` and ``epoch`` (delivered with it, in ``meta``, and
+        returned)."""
 
     async def history(
         self,
@@ -139,15 +140,17 @@ class MemoryBroker(Broker):
         history_size: int = 0,
         history_ttl: float = 0.0,
         **meta: Any,
-    ) -> None:
+    ) -> tuple[int, str] | None:
         handler = self._handler()
-        if history_size:
-            # Stored and handed to the node in one step (no await): history order is
-            # delivery order.
-            envelope = {"data": data, **meta}
-            self.store.add(channel, envelope, history_size, history_ttl)
-            meta = {k: v for k, v in envelope.items() if k != "data"}
+        if not history_size:
+            handler.on_publication(Publication(channel, data, meta))
+            return None
+        # Stored and handed to the node in one step (no await): history order is delivery order.
+        envelope = {"data": data, **meta}
+        offset = self.store.add(channel, envelope, history_size, history_ttl)
+        meta = {k: v for k, v in envelope.items() if k != "data"}
         handler.on_publication(Publication(channel, data, meta))
+        return offset, self.store.epoch
 
     async def history(
         self,

@@ -132,8 +132,10 @@ class HttpApi:
 
     async def _publish(self, body: dict[str, Any]) -> dict[str, Any]:
         channel = self._field(body, "channel", str)
-        await self.node.publish(channel, self._field(body, "data"), source="http")
-        return {}
+        stored = await self.node.publish(channel, self._field(body, "data"), source="http")
+        if stored is None:
+            return {}
+        return {"offset": stored[0], "epoch": stored[1]}
 
     async def _broadcast(self, body: dict[str, Any]) -> dict[str, Any]:
         await self.node.broadcast(self._field(body, "data"))

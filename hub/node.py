@@ -142,15 +142,18 @@ class Node:
 
     # -- server-side API -----------------------------------------------------------------------
 
-    async def publish(self, channel: str, data: Any, *, source: str = "api", **meta: Any) -> None:
+    async def publish(
+        self, channel: str, data: Any, *, source: str = "api", **meta: Any
+    ) -> tuple[int, str] | None:
+        """Publish to a channel; on a channel with history, its ``(offset, epoch)``."""
         self.metrics.published.labels(source).inc()
         ns = self.settings.namespace(channel)
         if ns.history_size:
-            await self.broker.publish(
+            return await self.broker.publish(
                 channel, data, history_size=ns.history_size, history_ttl=ns.history_ttl, **meta
             )
-        else:
-            await self.broker.publish(channel, data, **meta)
+        await self.broker.publish(channel, data, **meta)
+        return None
 
     async def history(
         self, channel: str, ns: Namespace, *, since: int | None, limit: int | None

@@ -339,14 +339,21 @@ def test_memory_broker_trim_epoch_and_ttl() -> None:
 
 
 async def check_history(hub: Any) -> None:
+    offsets = []
     for i in range(5):
-        status, _ = await api(hub, "/api/publish", {"channel": "small:h", "data": {"n": i}})
+        status, body = await api(hub, "/api/publish", {"channel": "small:h", "data": {"n": i}})
         assert status == 200
+        offsets.append(body["result"]["offset"])
+    assert offsets == [1, 2, 3, 4, 5]
+    status, body = await api(hub, "/api/publish", {"channel": "chat:h", "data": 1})
+    assert (status, body) == (200, {"result": {}})  # no history there
     async with client(hub, user="a") as a:
         reply = await a.call("history", channel="small:h")
         result = reply["result"]
         epoch = result["epoch"]
         assert result["offset"] == 5
+        status, body = await api(hub, "/api/history", {"channel": "small:h", "limit": 0})
+        assert body["result"] == {"publications": [], "offset": 5, "epoch": epoch}
         assert result["publications"] == [
             {"data": {"n": 2}, "offset": 3},
             {"data": {"n": 3}, "offset": 4},
