@@ -110,7 +110,12 @@ def hub_process(redis_url: str, tmp_path: Path) -> Iterator[Proc]:
 
 
 async def hopping_client(
-    hubs: list[Any], channel: str, total: int, seed: int, proto: str | None
+    hubs: list[Any],
+    channel: str,
+    total: int,
+    seed: int,
+    proto: str | None,
+    subscribed: asyncio.Queue[int],
 ) -> tuple[list[int], int]:
     """Subscribe, read a random number of pushes, drop the connection, resubscribe on the next
     hub with ``since``; until sequence number ``total - 1`` arrived. Every sequence number seen
@@ -126,6 +131,7 @@ async def hopping_client(
             if since is None:
                 reply = await c.call("subscribe", channel=channel)
                 assert set(reply["result"]) == {"offset", "epoch"}, reply
+                subscribed.put_nowait(seed)
             else:
                 reply = await c.call("subscribe", channel=channel, since=since)
                 assert reply["result"]["recovered"] is True, (reply, since)
@@ -167,12 +173,14 @@ def test_clients_hopping_between_hub_processes_get_every_publication_once_in_ord
                         if seq % 5 == 0:
                             await asyncio.sleep(0.001)
 
+                subscribed: asyncio.Queue[int] = asyncio.Queue()
                 clients = [
-                    hopping_client([hub, other], channel, total, seed, proto)
+                    hopping_client([hub, other], channel, total, seed, proto, subscribed)
                     for seed, proto in enumerate([None, MSGPACK_PROTO, None, MSGPACK_PROTO])
                 ]
                 tasks = [asyncio.ensure_future(c) for c in clients]
-                await asyncio.sleep(0.5)  # every client's first subscribe is done
+                for _ in tasks:  # every client's first subscribe is done
+                    await asyncio.wait_for(subscribed.get(), 10)
                 started.set()
                 await publisher()
                 results = await asyncio.gather(*tasks)
@@ -191,6 +199,7 @@ def test_memory_broker_recovery_under_non_stop_publishing() -> None:
     async def main() -> None:
         async with running(make_settings(CONFIG)) as hub:
             started = asyncio.Event()
+            subscribed: asyncio.Queue[int] = asyncio.Queue()
 
             async def publisher() -> None:
                 await started.wait()
@@ -200,10 +209,13 @@ def test_memory_broker_recovery_under_non_stop_publishing() -> None:
                         await asyncio.sleep(0.001)
 
             tasks = [
-                asyncio.ensure_future(hopping_client([hub], channel, total, seed, proto))
+                asyncio.ensure_future(
+                    hopping_client([hub], channel, total, seed, proto, subscribed)
+                )
                 for seed, proto in enumerate([None, MSGPACK_PROTO, None])
             ]
-            await asyncio.sleep(0.5)
+            for _ in tasks:
+                await asyncio.wait_for(subscribed.get(), 10)
             started.set()
             await publisher()
             for seen, _hops in await asyncio.gather(*tasks):
