@@ -109,7 +109,7 @@ class MemoryBroker(Broker):
     """One process: every publish is delivered straight back to this process's node.
 
     Subscriptions need no bookkeeping here: the registry already knows who is local. History
-    lives in this process (:class:`~hub.history.MemoryHistory`): a new epoch per start.
+    lives in this process (:class:`~hub.history.MemoryHistory`): new epochs after a restart.
     """
 
     def __init__(self) -> None:
@@ -147,10 +147,10 @@ class MemoryBroker(Broker):
             return None
         # Stored and handed to the node in one step (no await): history order is delivery order.
         envelope = {"data": data, **meta}
-        offset = self.store.add(channel, envelope, history_size, history_ttl)
+        stored = self.store.add(channel, envelope, history_size, history_ttl)
         meta = {k: v for k, v in envelope.items() if k != "data"}
         handler.on_publication(Publication(channel, data, meta))
-        return offset, self.store.epoch
+        return stored
 
     async def history(
         self,
@@ -161,7 +161,7 @@ class MemoryBroker(Broker):
         history_size: int,
         history_ttl: float,
     ) -> HistoryPage:
-        return self.store.read(channel, since, limit, history_size)
+        return self.store.read(channel, since, limit, history_size, history_ttl)
 
     async def send_to_user(self, user: str, data: Any) -> None:
         self._handler().on_user_message(user, data)

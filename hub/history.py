@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
 import time
 from collections import deque
@@ -222,48 +223,69 @@ class HistoryPage:
 
 
 class _Channel:
-    __slots__ = ("entries", "expires", "offset")
+    __slots__ = ("entries", "epoch", "expires", "forget_at", "offset")
 
     def __init__(self, size: int) -> None:
         self.entries: deque[dict[str, Any]] = deque(maxlen=size)
+        self.epoch = new_epoch()
         self.offset = 0
-        self.expires = float("inf")
+        self.expires = math.inf  # when the entries go (history_ttl after the last publication)
+        self.forget_at = math.inf  # when the whole channel goes (the Redis meta's TTL)
 
 
 class MemoryHistory:
     """History for the one-process broker, with the semantics of the Redis one: the last
-    ``size`` publications, dropped ``ttl`` seconds after the channel's last publication (the
-    offset counter is kept, like the Redis meta); one epoch per process."""
+    ``size`` publications, dropped ``ttl`` seconds after the channel's last publication; the
+    offset and epoch live on (like the Redis meta) for ``max(ttl, META_TTL_MIN)``, then the
+    channel is forgotten and starts again under a new epoch. Epochs are random per channel, so
+    a restarted process never reuses one."""
+
+    SWEEP_EVERY = 1000  # operations between sweeps of forgotten channels
 
     def __init__(self, clock: Any = time.monotonic) -> None:
-        self.epoch = new_epoch()
         self._channels: dict[str, _Channel] = {}
         self._clock = clock
+        self._ops = 0
 
-    def _channel(self, channel: str, size: int) -> _Channel:
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def _channel(self, channel: str, size: int, ttl: float) -> _Channel:
+        now = self._clock()
+        self._ops += 1
+        if self._ops >= self.SWEEP_EVERY:
+            self._ops = 0
+            for name in [n for n, c in self._channels.items() if c.forget_at <= now]:
+                del self._channels[name]
         state = self._channels.get(channel)
-        if state is None:
+        if state is None or state.forget_at <= now:
             state = self._channels[channel] = _Channel(size)
         elif state.entries.maxlen != size:  # the namespace's size changed (reload)
             state.entries = deque(state.entries, maxlen=size)
-        if state.expires <= self._clock():
+        if state.expires <= now:
             state.entries.clear()
-            state.expires = float("inf")
+            state.expires = math.inf
+        if ttl > 0 and state.forget_at == math.inf:
+            state.forget_at = now + meta_ttl(ttl)  # subscribed before any publication
         return state
 
-    def add(self, channel: str, envelope: dict[str, Any], size: int, ttl: float) -> int:
-        """Store ``envelope`` (``offset`` and ``epoch`` are added to it); its offset."""
-        state = self._channel(channel, size)
+    def add(self, channel: str, envelope: dict[str, Any], size: int, ttl: float) -> tuple[int, str]:
+        """Store ``envelope`` (``offset`` and ``epoch`` are added to it); its offset and epoch."""
+        state = self._channel(channel, size, ttl)
         state.offset += 1
         envelope["offset"] = state.offset
-        envelope["epoch"] = self.epoch
+        envelope["epoch"] = state.epoch
         state.entries.append(envelope)
         if ttl > 0:
-            state.expires = self._clock() + ttl
-        return state.offset
+            now = self._clock()
+            state.expires = now + ttl
+            state.forget_at = now + meta_ttl(ttl)
+        return state.offset, state.epoch
 
-    def read(self, channel: str, since: int | None, limit: int | None, size: int) -> HistoryPage:
-        state = self._channel(channel, size)
+    def read(
+        self, channel: str, since: int | None, limit: int | None, size: int, ttl: float
+    ) -> HistoryPage:
+        state = self._channel(channel, size, ttl)
         entries = list(state.entries)
         if since is not None:
             entries = [e for e in entries if e["offset"] > since]
@@ -271,4 +293,4 @@ class MemoryHistory:
                 entries = entries[:limit]
         elif limit is not None:
             entries = entries[len(entries) - limit :] if limit else []
-        return HistoryPage(state.offset, self.epoch, entries)
+        return HistoryPage(state.offset, state.epoch, entries)

@@ -335,14 +335,15 @@ def test_memory_broker_trim_epoch_and_ttl() -> None:
                     "subscribe", channel="small:n", since={"offset": 0, "epoch": "nope"}
                 )
                 assert other["result"]["recovered"] is False
-                assert other["result"]["epoch"] == epoch  # one epoch per process
+                assert other["result"]["epoch"] != epoch  # epochs are per channel
             async with client(hub, user="a") as a:
-                await hub.node.publish("brief:x", "old")
+                offset, brief = await hub.node.publish("brief:x", "old")
+                assert offset == 1
                 await asyncio.sleep(0.5)  # past history_ttl: the history is dropped
                 reply = await a.call(
-                    "subscribe", channel="brief:x", since={"offset": 0, "epoch": epoch}
+                    "subscribe", channel="brief:x", since={"offset": 0, "epoch": brief}
                 )
-                assert reply["result"] == {"recovered": False, "offset": 1, "epoch": epoch}
+                assert reply["result"] == {"recovered": False, "offset": 1, "epoch": brief}
 
     run(main)
 
@@ -676,3 +677,28 @@ def test_async_publisher_history_offsets_follow_call_order_and_failures_are_clea
         await pub.aclose()
 
     run(main)
+
+
+def test_memory_history_forgets_idle_channels_under_a_new_epoch() -> None:
+    """Like the Redis meta, a channel's offset and epoch outlive its entries by
+    ``max(ttl, 24 h)``; then the channel is forgotten (memory stays bounded) and comes back
+    under a new epoch, so an old ``since`` is never taken for a new publication."""
+    from hub.history import META_TTL_MIN, MemoryHistory
+
+    now = [1000.0]
+    store = MemoryHistory(clock=lambda: now[0])
+    first = store.add("feed:a", {"data": 1}, 10, 60)
+    assert first[0] == 1
+    now[0] += 61  # entries expired, offset and epoch kept
+    page = store.read("feed:a", 0, None, 10, 60)
+    assert (page.offset, page.epoch, page.entries) == (1, first[1], [])
+    assert store.add("feed:a", {"data": 2}, 10, 60) == (2, first[1])
+    for i in range(5):
+        store.add(f"feed:other{i}", {"data": i}, 10, 60)
+    assert len(store) == 6
+    now[0] += META_TTL_MIN + 1
+    page = store.read("feed:a", None, None, 10, 60)
+    assert page.offset == 0 and page.epoch != first[1]
+    store.SWEEP_EVERY = 1
+    store.read("feed:a", None, 0, 10, 60)
+    assert len(store) == 1  # the idle ones were swept
