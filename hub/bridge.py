@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 
 from .broker import Broker, BrokerHandler, Publication
 from .errors import HubUnavailable
+from .history import HistoryPage
 from .publisher import (
     DEFAULT_PREFIX,
     MAX_REASON_BYTES,
@@ -54,7 +55,9 @@ __all__ = ["BridgeError", "RedisBroker", "RedisClusterBroker"]
 
 log = logging.getLogger("hub.bridge")
 
-_RESERVED = frozenset({"channel", "data", "gap", "join", "leave"})
+_RESERVED = frozenset({"channel", "data", "gap", "join", "leave", "offset", "epoch"})
+#: Envelope fields of a publication on a channel with history, always passed on to clients.
+_HISTORY_FIELDS = ("offset", "epoch")
 
 
 class BridgeError(HubUnavailable):
@@ -595,7 +598,8 @@ class RedisBroker(Broker):
         self.batch_size = batch_size
         self.forward = tuple(forward)
         if _RESERVED.intersection(self.forward):
-            raise ValueError("forward must not name channel, data, gap, join or leave")
+            raise ValueError(f"forward must not name any of {sorted(_RESERVED)}")
+        self._incoming = (*self.forward, *_HISTORY_FIELDS)
         self.start_timeout = start_timeout
 
         self.malformed = 0
@@ -702,18 +706,53 @@ class RedisBroker(Broker):
             raise BridgeError("broker not started")
         return self._publisher
 
-    async def _publishing(self, publish: Awaitable[int]) -> None:
+    async def _publishing(self, publish: Awaitable[Any]) -> Any:
         try:
-            await publish
+            return await publish
         except (RedisError, OSError) as exc:
             raise BridgeError(f"redis unavailable: {exc}") from exc
 
-    async def publish(self, channel: str, data: Any, **meta: Any) -> None:
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+        **meta: Any,
+    ) -> tuple[int, str] | None:
         unknown = set(meta).difference(self.forward)
         if unknown:
             # They would reach no client (receivers pass on only ``forward``): fail loudly.
             raise ValueError(f"envelope fields not forwarded: {', '.join(sorted(unknown))}")
-        await self._publishing(self._pub().publish(channel, data, **meta))
+        publish = self._pub().publish(
+            channel, data, history_size=history_size, history_ttl=history_ttl, **meta
+        )
+        sent = await self._publishing(publish)
+        return None if sent.offset is None else (sent.offset, sent.epoch)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: int | None,
+        limit: int | None,
+        history_size: int,
+        history_ttl: float,
+    ) -> HistoryPage:
+        read = self._pub().history(
+            channel, since=since, limit=limit, history_size=history_size, history_ttl=history_ttl
+        )
+        try:
+            page = await read
+        except (RedisError, OSError) as exc:
+            raise BridgeError(f"redis unavailable: {exc}") from exc
+        # Clients get what live pushes carry: data, the forwarded fields, offset and epoch.
+        keep = self._incoming
+        page.entries = [
+            {"data": e["data"], **{k: e[k] for k in keep if k in e}} for e in page.entries
+        ]
+        return page
 
     async def send_to_user(self, user: str, data: Any) -> None:
         await self._publishing(self._pub().send_to_user(user, data))
@@ -775,7 +814,7 @@ class RedisBroker(Broker):
         if name.startswith(self._ch):
             meta = {}
             if len(envelope) > 1:
-                meta = {k: envelope[k] for k in self.forward if k in envelope}
+                meta = {k: envelope[k] for k in self._incoming if k in envelope}
             channel = name[len(self._ch) :].decode()
             self._call(handler.on_publication, Publication(channel, data, meta))
         elif name.startswith(self._user):

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .history import HistoryPage, MemoryHistory
+
 __all__ = ["Broker", "BrokerHandler", "MemoryBroker", "Publication"]
 
 
@@ -71,7 +73,31 @@ class Broker(abc.ABC):
     async def unsubscribe_user(self, user: str) -> None: ...
 
     @abc.abstractmethod
-    async def publish(self, channel: str, data: Any, **meta: Any) -> None: ...
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+        **meta: Any,
+    ) -> tuple[int, str] | None:
+        """Deliver to every process; with ``history_size > 0`` also store it in the channel's
+        history, which assigns ``offset`` and ``epoch`` (delivered with it, in ``meta``, and
+        returned)."""
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: int | None,
+        limit: int | None,
+        history_size: int,
+        history_ttl: float,
+    ) -> HistoryPage:
+        """The channel's offset, epoch and stored publications (envelopes): after ``since``,
+        or the newest ``limit`` (``None``: all) when ``since`` is None."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no history")
 
     @abc.abstractmethod
     async def send_to_user(self, user: str, data: Any) -> None: ...
@@ -96,8 +122,12 @@ class Broker(abc.ABC):
 class MemoryBroker(Broker):
     """One process: every publish is delivered straight back to this process's node.
 
-    Subscriptions need no bookkeeping here: the registry already knows who is local.
+    Subscriptions need no bookkeeping here: the registry already knows who is local. History
+    lives in this process (:class:`~hub.history.MemoryHistory`): new epochs after a restart.
     """
+
+    def __init__(self) -> None:
+        self.store = MemoryHistory()
 
     async def subscribe(self, channels: Iterable[str]) -> None:
         return None
@@ -116,8 +146,36 @@ class MemoryBroker(Broker):
             raise RuntimeError("broker not started")
         return self.handler
 
-    async def publish(self, channel: str, data: Any, **meta: Any) -> None:
-        self._handler().on_publication(Publication(channel, data, meta))
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+        **meta: Any,
+    ) -> tuple[int, str] | None:
+        handler = self._handler()
+        if not history_size:
+            handler.on_publication(Publication(channel, data, meta))
+            return None
+        # Stored and handed to the node in one step (no await): history order is delivery order.
+        envelope = {"data": data, **meta}
+        stored = self.store.add(channel, envelope, history_size, history_ttl)
+        meta = {k: v for k, v in envelope.items() if k != "data"}
+        handler.on_publication(Publication(channel, data, meta))
+        return stored
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: int | None,
+        limit: int | None,
+        history_size: int,
+        history_ttl: float,
+    ) -> HistoryPage:
+        return self.store.read(channel, since, limit, history_size, history_ttl)
 
     async def send_to_user(self, user: str, data: Any) -> None:
         self._handler().on_user_message(user, data)

@@ -123,13 +123,20 @@ def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> i
             elif args.channel is None:
                 receivers = publisher.broadcast(data)
             else:
-                receivers = publisher.publish(args.channel, data)
+                # The channel's namespace may keep history: publish as the hub itself would.
+                ns = settings.namespace(args.channel)
+                receivers = publisher.publish(
+                    args.channel, data, history_size=ns.history_size, history_ttl=ns.history_ttl
+                )
         finally:
             publisher.close()
     except Exception as exc:  # redis-py raises several families for an unreachable server
         print(f"hub: publish: redis {args.redis}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"result": {"processes": receivers}}))
+    result: dict[str, Any] = {"processes": int(receivers)}
+    if getattr(receivers, "offset", None) is not None:
+        result.update(offset=receivers.offset, epoch=receivers.epoch)  # type: ignore[attr-defined]
+    print(json.dumps({"result": result}))
     return 0
 
 

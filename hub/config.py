@@ -30,7 +30,9 @@ class Namespace:
 
     ``subscribe``: ``"any"`` lets every authenticated user subscribe; ``"token"`` only users
     whose token's ``channels`` claim matches. ``personal``: channel ``<name>:<user id>`` may be
-    subscribed by that user only.
+    subscribed by that user only. ``history_size > 0``: each channel keeps its last
+    ``history_size`` publications, dropped ``history_ttl`` seconds after its last publication
+    (0: kept until pushed out by newer ones); clients can recover missed ones (hub.history).
     """
 
     name: str = ""
@@ -149,9 +151,11 @@ def _namespaces(raw: Any) -> dict[str, Namespace]:
             values[key] = _coerce(f"{where}.{key}", value, str(f.type))
         if values.get("subscribe", "any") not in ("any", "token"):
             raise ConfigError(f"{where}.subscribe: expected 'any' or 'token'")
-        for key in ("max_message_size", "history_size"):
-            if values.get(key, 0) < 0:
+        for key in ("max_message_size", "history_size", "history_ttl"):
+            if not values.get(key, 0) >= 0:  # NaN too
                 raise ConfigError(f"{where}.{key}: must not be negative")
+        if values.get("history_ttl", 0) == float("inf"):
+            raise ConfigError(f"{where}.history_ttl: must be finite (0 keeps history untimed)")
         if ":" in values["name"]:
             raise ConfigError(f"{where}: a namespace name cannot contain ':'")
         result[values["name"]] = Namespace(**values)

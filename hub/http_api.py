@@ -2,9 +2,9 @@
 
 ``/healthz`` (alive), ``/readyz`` (broker usable), ``/metrics`` (Prometheus), ``/hub.js`` (the
 browser client), ``GET /api/stats`` (this process's counts), ``/`` (a demo page, dev mode only),
-and the API for backends: ``POST /api/publish|broadcast|send|disconnect|presence|presence_stats``
-with a JSON body and an API key in ``Authorization: apikey <key>`` or ``X-API-Key``. Errors are
-JSON with a fitting status.
+and the API for backends: ``POST /api/publish|broadcast|send|disconnect|history|presence|``
+``presence_stats`` with a JSON body and an API key in ``Authorization: apikey <key>`` or
+``X-API-Key``. Errors are JSON with a fitting status.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .codec import loads_strict
-from .errors import BadRequest, CloseCode, HubUnavailable
+from .errors import BadRequest, CloseCode, HubUnavailable, ReplyError
 from .metrics import CONTENT_TYPE_LATEST
 from .presence import PresenceUnavailable
-from .session import check_channel
+from .session import check_channel, history_result, parse_since
 from .ws import Headers, Request, Response
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class HttpApi:
             "/api/broadcast": self._broadcast,
             "/api/send": self._send,
             "/api/disconnect": self._disconnect,
+            "/api/history": self._history,
             "/api/presence": self._presence,
             "/api/presence_stats": self._presence_stats,
         }
@@ -199,8 +200,10 @@ class HttpApi:
 
     async def _publish(self, body: dict[str, Any]) -> dict[str, Any]:
         channel = self._field(body, "channel", str)
-        await self.node.publish(channel, self._field(body, "data"), source="http")
-        return {}
+        stored = await self.node.publish(channel, self._field(body, "data"), source="http")
+        if stored is None:
+            return {}
+        return {"offset": stored[0], "epoch": stored[1]}
 
     async def _broadcast(self, body: dict[str, Any]) -> dict[str, Any]:
         await self.node.broadcast(self._field(body, "data"))
@@ -236,3 +239,27 @@ class HttpApi:
 
     async def _presence_stats(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self.node.presence.stats(self._presence_channel(body))
+
+    async def _history(self, body: dict[str, Any]) -> dict[str, Any]:
+        channel = self._field(body, "channel", str)
+        ns = self.node.settings.namespace(channel)
+        if not ns.history_size:
+            raise ApiError(400, "history is not enabled on this channel")
+        limit = body.get("limit")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ApiError(400, "invalid field: limit (a non-negative integer)")
+        try:
+            since = parse_since(body)
+        except ReplyError as exc:
+            raise ApiError(400, f"invalid field: {exc.message}") from None
+        limit = ns.history_size if limit is None else min(limit, ns.history_size)
+        page = await self.node.history(
+            channel, ns, since=None if since is None else since[0], limit=limit
+        )
+        result = history_result(page, since)
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError):
+            # Published through Redis with bytes (or other msgpack-only values) in data.
+            raise ApiError(422, "history holds data json cannot carry; read it over websocket")
+        return result

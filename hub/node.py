@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .broker import Broker, MemoryBroker, Publication
 from .codec import CODECS, JSON, MSGPACK
-from .config import Settings
+from .config import Namespace, Settings
 from .errors import CloseCode, HubUnavailable
+from .history import HistoryPage
 from .metrics import Metrics
 from .presence import MemoryPresence, Presence
+from .recovery import Tracker
 from .registry import Registry
 from .ws.broadcast import encode_once
 from .ws.frames import Opcode
@@ -140,6 +142,8 @@ class Node:
         self._join_leave: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._join_leave_timer: asyncio.TimerHandle | None = None
         self._join_leave_sends: set[asyncio.Task[None]] = set()
+        # Sessions joining a history channel, by channel (see hub.recovery).
+        self._tracked: dict[str, dict[Session, Tracker]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -164,9 +168,30 @@ class Node:
 
     # -- server-side API -----------------------------------------------------------------------
 
-    async def publish(self, channel: str, data: Any, *, source: str = "api", **meta: Any) -> None:
+    async def publish(
+        self, channel: str, data: Any, *, source: str = "api", **meta: Any
+    ) -> tuple[int, str] | None:
+        """Publish to a channel; on a channel with history, its ``(offset, epoch)``."""
         self.metrics.published.labels(source).inc()
+        ns = self.settings.namespace(channel)
+        if ns.history_size:
+            return await self.broker.publish(
+                channel, data, history_size=ns.history_size, history_ttl=ns.history_ttl, **meta
+            )
         await self.broker.publish(channel, data, **meta)
+        return None
+
+    async def history(
+        self, channel: str, ns: Namespace, *, since: int | None, limit: int | None
+    ) -> HistoryPage:
+        """The stored publications of a channel whose namespace keeps history."""
+        return await self.broker.history(
+            channel,
+            since=since,
+            limit=limit,
+            history_size=ns.history_size,
+            history_ttl=ns.history_ttl,
+        )
 
     async def send_to_user(self, user: str, data: Any) -> None:
         await self.broker.send_to_user(user, data)
@@ -188,6 +213,9 @@ class Node:
 
     async def remove_session(self, session: Session) -> None:
         channels = list(self.registry.channels_of(session))
+        if self._tracked:
+            for channel in channels:
+                self._untrack(channel, session)
         last_user, emptied = self.registry.remove(session, session.user)
         self.metrics.connections_closed.labels(str(_closing_code(session))).inc()
         if emptied:
@@ -213,6 +241,8 @@ class Node:
     async def unsubscribe(self, session: Session, channel: str) -> bool:
         if not self.registry.is_subscribed(session, channel):
             return False
+        if self._tracked:
+            self._untrack(channel, session)
         if self.registry.unsubscribe(session, channel):
             await self.broker.unsubscribe([channel])
         removal = self._left(session, channel)
@@ -272,6 +302,60 @@ class Node:
         except HubUnavailable as exc:  # best effort: presence itself stays right
             log.info("join/leave on %r not sent: %s", channel, exc)
 
+    async def subscribe_history(
+        self, session: Session, channel: str, ns: Namespace, since: tuple[int, str] | None
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Subscribe to a channel with history, recovering what came after ``since``.
+
+        Returns the reply's result and a function to call right after the reply is written: it
+        writes the recovered publications and the live ones held back meanwhile, and switches
+        the session to live delivery, with no await in between (hub.recovery).
+        """
+        tracker = Tracker()
+        self._tracked.setdefault(channel, {})[session] = tracker
+        try:
+            await self.subscribe(session, channel)  # live at the broker from here on
+            if not self.broker.ready:
+                # A broker that is down subscribes later (and reports a gap then): not live yet,
+                # so recovering now could leave a hole. The client retries.
+                raise HubUnavailable("broker unavailable")
+            page = await self.history(
+                channel, ns, since=None if since is None else since[0], limit=None if since else 0
+            )
+        except BaseException:
+            self._untrack(channel, session)
+            await self.unsubscribe(session, channel)
+            raise
+        result: dict[str, Any]
+        recovered: list[dict[str, Any]] = []
+        if since is None:
+            result = {"offset": page.offset, "epoch": page.epoch}
+        else:
+            ok = page.covers(*since)
+            result = {"recovered": ok, "offset": page.offset, "epoch": page.epoch}
+            if ok:
+                recovered = page.entries
+
+        def go_live() -> None:
+            if self._tracked.get(channel, {}).get(session) is not tracker:
+                return  # unsubscribed or gone meanwhile
+            pushes = [Push({"channel": channel, **entry}) for entry in recovered]
+            pushes.extend(tracker.go_live(page.epoch, page.offset))
+            sent = sum(session.push(push) for push in pushes)
+            self.bytes_sent += sent
+            self.delivered[CHANNEL] += len(pushes)
+            if tracker.done:
+                self._untrack(channel, session)
+
+        return result, go_live
+
+    def _untrack(self, channel: str, session: Session) -> None:
+        tracked = self._tracked.get(channel)
+        if tracked is not None:
+            tracked.pop(session, None)
+            if not tracked:
+                del self._tracked[channel]
+
     # -- broker callbacks (fan-out) ------------------------------------------------------------
     #
     # Pushes are queued and fanned out at the end of the event-loop turn: when several arrive
@@ -303,21 +387,42 @@ class Node:
 
     def _fanout(self, kind: int, key: str, push: Push | PushRun, count: int) -> None:
         registry = self.registry
+        tracked = None
         if kind == CHANNEL:
             sessions: Iterable[Session] = registry.subscribers(key)
+            if self._tracked:
+                tracked = self._tracked.get(key)
         elif kind == USER:
             sessions = registry.user_sessions(key)
         else:
             sessions = registry.sessions
         delivered = 0
         sent = 0
-        for session in sessions:
-            n = session.push(push)
-            if n:
-                delivered += 1
+        if tracked is None:
+            for session in sessions:
+                n = session.push(push)
+                if n:
+                    delivered += 1
+                    sent += n
+            delivered *= count
+        else:
+            # Some subscribers are joining this history channel: they get what their tracker
+            # admits (in order, no duplicate); the others the shared push.
+            pushes = push.pushes if isinstance(push, PushRun) else [push]
+            for session in sessions:
+                tracker = tracked.get(session)
+                if tracker is None:
+                    n = session.push(push)
+                    delivered += count if n else 0
+                else:
+                    admitted = tracker.admit(pushes)
+                    n = sum(session.push(one) for one in admitted)
+                    delivered += len(admitted) if n else 0
+                    if tracker.done:
+                        self._untrack(key, session)
                 sent += n
         self.bytes_sent += sent
-        self.delivered[kind] += delivered * count
+        self.delivered[kind] += delivered
 
     def on_publication(self, publication: Publication) -> None:
         obj = {"channel": publication.channel, "data": publication.data}

@@ -28,18 +28,37 @@ import redis.asyncio
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.cluster import ClusterNode
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .resp import RespStream, pack_commands
+from .history import (
+    PUBLISH_SCRIPT,
+    READ_SCRIPT,
+    HistoryPage,
+    PublishCommands,
+    Published,
+    Script,
+    publish_args,
+    read_args,
+)
+from .resp import RespStream, pack_command
 
 __all__ = [
     "CLUSTER_SCHEME",
     "DEFAULT_PREFIX",
     "DISCONNECT_CODE",
     "AsyncPublisher",
+    "HistoryPage",
     "Names",
+    "Published",
     "Publisher",
     "SlotMap",
     "is_cluster_url",
@@ -101,6 +120,23 @@ def pack_message(data: Any, fields: Mapping[str, Any] | None = None) -> bytes:
             raise ValueError("the data field is given separately")
         envelope.update(fields)
     return msgpack.packb(envelope, use_bin_type=True)
+
+
+def _history_options(size: Any, ttl: Any, fields: Mapping[str, Any]) -> None:
+    """Check the history keywords: bad values fail at the caller, not inside Redis."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError("history_size must be a non-negative integer")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
+        raise ValueError("history_ttl must be a non-negative number of seconds")
+    if "offset" in fields or "epoch" in fields:
+        raise ValueError("offset and epoch are assigned by the history script")
+
+
+def _limit(since: int | None, limit: int | None) -> None:
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise ValueError("since must be a non-negative integer offset")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError("limit must be a non-negative integer")
 
 
 def pack_disconnect(user: str, code: int = DISCONNECT_CODE, reason: str = "") -> bytes:
@@ -255,12 +291,53 @@ class Publisher:
         # Sharded pub/sub on a cluster: a plain PUBLISH there is broadcast over the cluster bus
         # and never reaches SSUBSCRIBE subscribers.
         sharded = isinstance(client, redis.RedisCluster)
+        self._sharded = sharded
         self._send: Callable[[str, bytes], Any] = client.spublish if sharded else client.publish
+        self._publish_script = client.register_script(PUBLISH_SCRIPT.text)
+        self._read_script = client.register_script(READ_SCRIPT.text)
 
-    def publish(self, channel: str, data: Any, **fields: Any) -> int:
-        """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields."""
+    def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+        **fields: Any,
+    ) -> Published:
+        """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields.
+
+        With ``history_size > 0`` (the channel's namespace keeps history: pass its
+        ``history_size`` and ``history_ttl``) the publication is stored and gets the channel's
+        next offset, in one script run (``hub/history.lua``); the result then carries
+        ``offset`` and ``epoch``.
+        """
         name = self.names.channel(_non_empty("channel", channel))
-        return int(self._send(name, pack_message(data, fields)))
+        _history_options(history_size, history_ttl, fields)
+        payload = pack_message(data, fields)
+        if not history_size:
+            return Published(int(self._send(name, payload)))
+        args = publish_args(name, payload, history_size, history_ttl, self._sharded)
+        return Published.from_reply(self._publish_script(keys=args[1:3], args=args[3:]))
+
+    def history(
+        self,
+        channel: str,
+        *,
+        since: int | None = None,
+        limit: int | None = None,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+    ) -> HistoryPage:
+        """The channel's stored publications: after offset ``since`` (at most ``limit``), or
+        the newest ``limit`` (all when None), oldest first, with the current offset and epoch.
+        Give the namespace's ``history_size``: the stream is trimmed approximately, and
+        offsets older than the newest ``history_size`` are left out (0: no bound)."""
+        name = self.names.channel(_non_empty("channel", channel))
+        _limit(since, limit)
+        _history_options(history_size, history_ttl, {})
+        args = read_args(name, since, limit, history_size, history_ttl)
+        return HistoryPage.from_reply(self._read_script(keys=args[1:3], args=args[3:]))
 
     def send_to_user(self, user: str, data: Any) -> int:
         name = self.names.user(_non_empty("user", user))
@@ -316,15 +393,20 @@ class _Pipeline:
         self._make_connection = make_connection
         self._connection: AbstractConnection | None = None
         self._resp: RespStream | None = None  # replies read past redis-py (see hub.resp)
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        # A command is its arguments, or bytes already in RESP (hub.resp.pack_command).
+        self._queue: list[tuple[tuple[Any, ...] | bytes, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     async def execute(self, *args: Any) -> Any:
+        return await self.execute_packed(args)
+
+    async def execute_packed(self, command: tuple[Any, ...] | bytes) -> Any:
+        """Run one command: its arguments, or the command already packed (``pack_command``)."""
         if self._closed:
             raise RedisConnectionError("publisher closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, future))
+        self._queue.append((command, future))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return await future
@@ -367,15 +449,20 @@ class _Pipeline:
         finally:
             self._task = None
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[tuple[Any, ...] | bytes, asyncio.Future[Any]]]) -> None:
         index = 0
         try:
             connection = await self._connect()
             resp = self._resp
+            commands = [command for command, _ in batch]
+            packed: Any
             if resp is None:
-                packed: Any = connection.pack_commands([args for args, _ in batch])
+                packed = [
+                    c if type(c) is bytes else b"".join(connection.pack_command(*c))
+                    for c in commands
+                ]
             else:
-                packed = pack_commands([args for args, _ in batch])
+                packed = b"".join(c if type(c) is bytes else pack_command(*c) for c in commands)
             await connection.send_packed_command(packed, check_health=False)
             for index, (_, future) in enumerate(batch):  # noqa: B007 - read on failure
                 if resp is None:
@@ -461,10 +548,15 @@ class AsyncPublisher:
         else:
             raise ValueError("give a redis url or a client")
         self._pipeline = _Pipeline(pool.make_connection)
+        self._commands = PublishCommands()
 
-    async def _publish(self, name: str, payload: bytes) -> int:
+    async def _execute(self, name: str, *command: Any) -> Any:
+        return await self._execute_packed(name, command)
+
+    async def _execute_packed(self, name: str, command: tuple[Any, ...] | bytes) -> Any:
+        """Run ``command`` on the connection for ``name`` (its shard's, on a cluster)."""
         if self._map is None:
-            return int(await self._pipeline.execute("PUBLISH", name, payload))
+            return await self._pipeline.execute_packed(command)
         for attempt in range(3):
             if self._map.slots is None or (
                 self._stale and time.monotonic() - self._map.refreshed_at > STALE_REFRESH
@@ -478,7 +570,7 @@ class AsyncPublisher:
             if shard is None:
                 shard = self._shards[addr] = _Pipeline(self._map.pool(addr).make_connection)
             try:
-                return int(await shard.execute("SPUBLISH", name, payload))
+                return await shard.execute_packed(command)
             except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
                 # Not retried (it may have been delivered), but the shard may have failed over
                 # to another address: look again before the next publish.
@@ -490,10 +582,62 @@ class AsyncPublisher:
                 await self._map.refresh()  # not executed by Redis: safe to send again
         raise AssertionError("unreachable")
 
-    async def publish(self, channel: str, data: Any, **fields: Any) -> int:
-        """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields."""
+    async def _publish(self, name: str, payload: bytes) -> int:
+        command = "PUBLISH" if self._map is None else "SPUBLISH"
+        return int(await self._execute(name, command, name, payload))
+
+    async def _script(self, name: str, script: Script, args: list[bytes]) -> Any:
+        """``EVALSHA``, and ``EVAL`` once when Redis does not know the script (a fresh or
+        flushed server): NOSCRIPT means it did not run, so sending it again is safe."""
+        try:
+            command = pack_command(b"EVALSHA", script.sha_bytes, *args)
+            return await self._execute_packed(name, command)
+        except NoScriptError:
+            command = pack_command(b"EVAL", script.text_bytes, *args)
+            return await self._execute_packed(name, command)
+
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+        **fields: Any,
+    ) -> Published:
+        """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields. With
+        ``history_size > 0`` it is stored in the channel's history and the result carries
+        ``offset`` and ``epoch`` (see :meth:`Publisher.publish`)."""
         name = self.names.channel(_non_empty("channel", channel))
-        return await self._publish(name, pack_message(data, fields))
+        _history_options(history_size, history_ttl, fields)
+        payload = pack_message(data, fields)
+        if not history_size:
+            return Published(await self._publish(name, payload))
+        sharded = self._map is not None
+        command, epoch = self._commands.packed(name, payload, history_size, history_ttl, sharded)
+        try:
+            reply = await self._execute_packed(name, command)
+        except NoScriptError:
+            args = publish_args(name, payload, history_size, history_ttl, sharded, epoch)
+            command = pack_command(b"EVAL", PUBLISH_SCRIPT.text_bytes, *args)
+            reply = await self._execute_packed(name, command)
+        return Published.from_reply(reply)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: int | None = None,
+        limit: int | None = None,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+    ) -> HistoryPage:
+        """See :meth:`Publisher.history`."""
+        name = self.names.channel(_non_empty("channel", channel))
+        _limit(since, limit)
+        _history_options(history_size, history_ttl, {})
+        args = read_args(name, since, limit, history_size, history_ttl)
+        return HistoryPage.from_reply(await self._script(name, READ_SCRIPT, args))
 
     async def send_to_user(self, user: str, data: Any) -> int:
         return await self._publish(self.names.user(_non_empty("user", user)), pack_message(data))

@@ -26,7 +26,7 @@ try:
 except ImportError:  # redis-py without its hiredis extra: callers use redis-py's parser
     hiredis = None
 
-__all__ = ["RespStream", "pack_commands"]
+__all__ = ["RespStream", "bulk", "pack_command", "pack_commands"]
 
 #: Bytes read from the socket at a time.
 READ_SIZE = 1 << 16
@@ -48,7 +48,8 @@ _ERRORS: dict[str, type[ResponseError]] = {
 }
 
 
-def _bulk(arg: bytes | str | int) -> bytes:
+def bulk(arg: bytes | str | int) -> bytes:
+    """One argument as a RESP bulk string."""
     if isinstance(arg, str):
         arg = arg.encode()
     elif not isinstance(arg, bytes):
@@ -56,11 +57,14 @@ def _bulk(arg: bytes | str | int) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(arg), arg)
 
 
+def pack_command(*args: bytes | str | int) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    return b"*%d\r\n%b" % (len(args), b"".join(map(bulk, args)))
+
+
 def pack_commands(commands: Iterable[tuple[bytes | str | int, ...]]) -> bytes:
-    """Commands as RESP arrays of bulk strings, joined for one write."""
-    return b"".join(
-        b"*%d\r\n%b" % (len(command), b"".join(map(_bulk, command))) for command in commands
-    )
+    """Commands packed for one write."""
+    return b"".join(pack_command(*command) for command in commands)
 
 
 def reply_error(reply: Exception) -> ResponseError:

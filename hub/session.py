@@ -11,13 +11,14 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from .codec import Codec
+from .config import Namespace
 from .errors import BadRequest, CloseCode, ErrorCode, HubUnavailable, ReplyError
 from .tokens import Credentials
 from .ws import ConnectionClosed, ServerConnection
 from .ws.protocol import OPEN
 
 if TYPE_CHECKING:
-    from .config import Namespace
+    from .history import HistoryPage
     from .node import Node, Push, PushRun
 
 __all__ = ["Session", "check_channel"]
@@ -137,6 +138,14 @@ class Session:
             self.node.metrics.command_errors.labels(str(int(exc.code))).inc()
             await self._reply({"id": cid, "error": {"code": int(exc.code), "message": exc.message}})
             return
+        if type(result) is tuple:
+            # Something to write right after the reply (a history subscribe's pushes).
+            result, then = result
+            try:
+                await self._reply({"id": cid, "result": result})
+            finally:
+                then()
+            return
         await self._reply({"id": cid, "result": result})
 
     # -- commands ------------------------------------------------------------------------------
@@ -144,25 +153,53 @@ class Session:
     def _channel(self, command: dict[str, Any]) -> str:
         return check_channel(command.get("channel"), self.node.settings.max_channel_length)
 
-    def _may_subscribe(self, channel: str, ns: Namespace) -> None:
+    def _readable(self, channel: str) -> Namespace:
+        """The channel's namespace, if this session may read the channel (subscribe, history)."""
+        ns = self.node.settings.namespace(channel)
         if ns.personal:
             if channel.partition(":")[2] != self.user:
                 raise ReplyError("personal channel of another user", ErrorCode.PERMISSION_DENIED)
         elif ns.subscribe == "token" and not self.credentials.may_subscribe(channel):
             raise ReplyError("token does not grant this channel", ErrorCode.PERMISSION_DENIED)
+        return ns
 
-    async def _subscribe(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _subscribe(self, command: dict[str, Any]) -> Any:
         channel = self._channel(command)
-        settings = self.node.settings
-        self._may_subscribe(channel, settings.namespace(channel))
+        since = parse_since(command)
+        ns = self._readable(channel)
+        if since is not None and not ns.history_size:
+            raise ReplyError("history is not enabled on this channel", ErrorCode.NOT_ENABLED)
         registry = self.node.registry
         if registry.is_subscribed(self, channel):
             raise ReplyError("already subscribed", ErrorCode.ALREADY_SUBSCRIBED)
-        limit = settings.max_subscriptions
+        limit = self.node.settings.max_subscriptions
         if limit and len(registry.channels_of(self)) >= limit:
             raise ReplyError(f"subscription limit of {limit} reached", ErrorCode.LIMIT_EXCEEDED)
-        await self.node.subscribe(self, channel)
-        return {}
+        if not ns.history_size:
+            await self.node.subscribe(self, channel)
+            return {}
+        try:
+            return await self.node.subscribe_history(self, channel, ns, since)
+        except HubUnavailable:
+            raise ReplyError("broker unavailable, try again", ErrorCode.UNAVAILABLE) from None
+
+    async def _history(self, command: dict[str, Any]) -> dict[str, Any]:
+        channel = self._channel(command)
+        since = parse_since(command)
+        limit = command.get("limit")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise BadRequest("limit must be a non-negative integer")
+        ns = self._readable(channel)
+        if not ns.history_size:
+            raise ReplyError("history is not enabled on this channel", ErrorCode.NOT_ENABLED)
+        limit = ns.history_size if limit is None else min(limit, ns.history_size)
+        try:
+            page = await self.node.history(
+                channel, ns, since=None if since is None else since[0], limit=limit
+            )
+        except HubUnavailable:
+            raise ReplyError("broker unavailable, try again", ErrorCode.UNAVAILABLE) from None
+        return history_result(page, since)
 
     async def _unsubscribe(self, command: dict[str, Any]) -> dict[str, Any]:
         channel = self._channel(command)
@@ -191,10 +228,9 @@ class Session:
         """The channel whose presence may be read: presence is on in its namespace, and who
         may not subscribe a channel may not see who is in it either."""
         channel = self._channel(command)
-        ns = self.node.settings.namespace(channel)
-        if not ns.presence:
+        if not self.node.settings.namespace(channel).presence:
             raise ReplyError("presence is not enabled here", ErrorCode.NOT_ENABLED)
-        self._may_subscribe(channel, ns)
+        self._readable(channel)
         return channel
 
     async def _presence(self, command: dict[str, Any]) -> dict[str, Any]:
@@ -211,16 +247,37 @@ class Session:
         except HubUnavailable:
             raise ReplyError("presence unavailable, try again", ErrorCode.UNAVAILABLE) from None
 
-    async def _not_enabled(self, command: dict[str, Any]) -> dict[str, Any]:
-        self._channel(command)
-        raise ReplyError(f"{command['op']} is not enabled", ErrorCode.NOT_ENABLED)
+
+def parse_since(command: dict[str, Any]) -> tuple[int, str] | None:
+    """The ``since`` position of a command: ``{"offset": <int >= 0>, "epoch": <str>}``."""
+    since = command.get("since")
+    if since is None:
+        return None
+    if type(since) is not dict:
+        raise BadRequest("since must be an object with offset and epoch")
+    offset, epoch = since.get("offset"), since.get("epoch")
+    if type(offset) is not int or offset < 0:
+        raise BadRequest("since.offset must be a non-negative integer")
+    if type(epoch) is not str or not 0 < len(epoch) <= 64:
+        raise BadRequest("since.epoch must be a string of 1 to 64 characters")
+    return offset, epoch
+
+
+def history_result(page: HistoryPage, since: tuple[int, str] | None) -> dict[str, Any]:
+    """The answer to a history request (command or HTTP). With a ``since`` of another epoch
+    nothing is listed: those offsets name other publications."""
+    entries = page.entries
+    if since is not None and since[1] != page.epoch:
+        entries = []
+    publications = [{k: v for k, v in e.items() if k != "epoch"} for e in entries]
+    return {"publications": publications, "offset": page.offset, "epoch": page.epoch}
 
 
 _OPS = {
     "subscribe": Session._subscribe,
     "unsubscribe": Session._unsubscribe,
     "publish": Session._publish,
-    "history": Session._not_enabled,
+    "history": Session._history,
     "presence": Session._presence,
     "presence_stats": Session._presence_stats,
 }
