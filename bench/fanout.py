@@ -78,7 +78,6 @@ from benchlib import (
 CHANNEL = fl.CHANNEL
 USERS_CHANNEL = "bench:users"  # the baseline's one Redis channel for per-user messages
 HUB_TOML = "drain_seconds = 0\n" + fl.HUB_TOML
-USER_INFLIGHT = 1000  # per-user phase: messages in flight at most
 USER_BATCH = 100  # per-user phase: messages per pipelined batch (send_to_users)
 _dumps = fl._dumps
 
@@ -519,7 +518,7 @@ class Bench(fl.Bench):
         for rnd in range(1, rounds + 1):
             for first in range(0, n, USER_BATCH):
                 for _ in range(100_000):
-                    if pub.inflight < USER_INFLIGHT:
+                    if pub.inflight < self.args.user_inflight:
                         break
                     self.wake.clear()
                     with contextlib.suppress(TimeoutError):
@@ -761,12 +760,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--max-lag", type=int, default=64, help="closed-loop lag bound (64)")
     ap.add_argument("--tp-seconds", type=float, help="measured closed-loop seconds (10; quick 3)")
     ap.add_argument("--lat-seconds", type=float, help="timed fixed-rate seconds (15; quick 4)")
-    ap.add_argument("--user-rounds", type=int, help="per-user rounds of N messages (20; quick 5)")
+    ap.add_argument("--user-rounds", type=int, help="per-user rounds of N messages (50; quick 5)")
+    ap.add_argument(
+        "--user-inflight",
+        type=int,
+        default=4000,
+        help="per-user phase: messages in flight at most (4000: two rounds, so the one "
+        "publisher is less of a bound)",
+    )
     ap.add_argument("--plot", metavar="PNG", help="also draw latency over time (needs matplotlib)")
     ap.add_argument("--client-procs", type=int, default=2, choices=range(1, 5), metavar="1..4")
     ap.add_argument("--read-interval-ms", type=float, default=1.0, help="as fanout_local (1)")
     args = ap.parse_args(argv)
-    args.user_rounds = args.user_rounds or (5 if args.quick else 20)
+    args.user_rounds = args.user_rounds or (5 if args.quick else 50)
     args.py_spy = None
     if not 2 <= args.subscribers <= 20_000 or not 1 <= args.user_rounds <= 1000:
         ap.error("--subscribers must be in 2..20000 and --user-rounds in 1..1000")

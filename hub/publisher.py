@@ -380,6 +380,10 @@ class Publisher:
         self.close()
 
 
+#: A caller waiting on a pipeline: its commands, its future, whether it wants all the replies.
+_Waiting = tuple[list[tuple[Any, ...] | bytes], asyncio.Future[Any], bool]
+
+
 class _Pipeline:
     """One Redis connection whose commands are pipelined: everything queued during one event-loop
     turn is written in one go, and replies are matched in order.
@@ -393,8 +397,10 @@ class _Pipeline:
         self._make_connection = make_connection
         self._connection: AbstractConnection | None = None
         self._resp: RespStream | None = None  # replies read past redis-py (see hub.resp)
-        # A command is its arguments, or bytes already in RESP (hub.resp.pack_command).
-        self._queue: list[tuple[tuple[Any, ...] | bytes, asyncio.Future[Any]]] = []
+        # Callers waiting, in order: their commands (each its arguments, or bytes already in
+        # RESP, see hub.resp.pack_command), one future for all of them, and whether that future
+        # takes the list of replies (execute_many) or the one reply.
+        self._queue: list[_Waiting] = []
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -403,29 +409,26 @@ class _Pipeline:
 
     async def execute_packed(self, command: tuple[Any, ...] | bytes) -> Any:
         """Run one command: its arguments, or the command already packed (``pack_command``)."""
-        if self._closed:
-            raise RedisConnectionError("publisher closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((command, future))
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        return await future
+        return await self._enqueue([command], False)
 
-    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Queue several commands at once (in order, one write) and return their replies; one
-        that fails raises after all of them were sent."""
+    async def execute_many(self, commands: list[tuple[Any, ...] | bytes]) -> list[Any]:
+        """Run several commands in order, written together, and return their replies: one
+        future for the lot, so a batch costs little more than its bytes. One that fails raises
+        (the first error) once all of them ran."""
+        if not commands:
+            return []
+        result: list[Any] = await self._enqueue(commands, True)
+        return result
+
+    def _enqueue(self, commands: list[tuple[Any, ...] | bytes], many: bool) -> asyncio.Future[Any]:
         if self._closed:
             raise RedisConnectionError("publisher closed")
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
-        self._queue.extend(zip(commands, futures, strict=True))
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((commands, future, many))
         if self._task is None:
             self._task = loop.create_task(self._run())
-        replies = await asyncio.gather(*futures, return_exceptions=True)
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
-        return replies
+        return future
 
     async def _connect(self) -> AbstractConnection:
         connection = self._connection
@@ -449,14 +452,22 @@ class _Pipeline:
         finally:
             self._task = None
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...] | bytes, asyncio.Future[Any]]]) -> None:
+    async def _reply(self, connection: AbstractConnection) -> Any:
+        """The next reply; an error reply is returned as its exception, not raised."""
+        if self._resp is not None:
+            return await self._resp.next()
+        try:
+            return await connection.read_response()
+        except ResponseError as exc:
+            return exc
+
+    async def _send(self, batch: list[_Waiting]) -> None:
         index = 0
         try:
             connection = await self._connect()
-            resp = self._resp
-            commands = [command for command, _ in batch]
+            commands = [c for waiting in batch for c in waiting[0]]
             packed: Any
-            if resp is None:
+            if self._resp is None:
                 packed = [
                     c if type(c) is bytes else b"".join(connection.pack_command(*c))
                     for c in commands
@@ -464,31 +475,26 @@ class _Pipeline:
             else:
                 packed = b"".join(c if type(c) is bytes else pack_command(*c) for c in commands)
             await connection.send_packed_command(packed, check_health=False)
-            for index, (_, future) in enumerate(batch):  # noqa: B007 - read on failure
-                if resp is None:
-                    try:
-                        reply = await connection.read_response()
-                    except ResponseError as exc:
-                        reply = exc
-                else:
-                    reply = await resp.next()
+            for index, (waiting, future, many) in enumerate(batch):  # noqa: B007 - on failure
+                replies = [await self._reply(connection) for _ in waiting]
                 if future.done():
                     continue
-                if isinstance(reply, ResponseError):
-                    future.set_exception(reply)
+                error = next((r for r in replies if isinstance(r, ResponseError)), None)
+                if error is not None:
+                    future.set_exception(error)
                 else:
-                    future.set_result(reply)
+                    future.set_result(replies if many else replies[0])
             index = len(batch)
         except Exception as exc:
             if self._connection is not None:
                 await self._connection.disconnect(nowait=True)
-            for _, future in batch[index:]:
+            for _, future, _ in batch[index:]:
                 if not future.done():
                     future.set_exception(exc)
         except BaseException:  # cancelled (close): the replies can no longer be matched
             if self._connection is not None:
                 await self._connection.disconnect(nowait=True)
-            for _, future in batch[index:]:
+            for _, future, _ in batch[index:]:
                 future.cancel()
             raise
 
@@ -498,7 +504,7 @@ class _Pipeline:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        for _, future in self._queue:
+        for _, future, _ in self._queue:
             future.cancel()
         self._queue.clear()
         if self._connection is not None:
