@@ -1,0 +1,113 @@
+"""The Redis ACL users documented in docs/operations.md, applied as written to a private Redis:
+a hub and a backend using them do everything the hub does (channel, per-user, history and
+recovery, presence, join/leave, client publish), and nothing beyond the list is allowed."""
+
+from __future__ import annotations
+
+import shlex
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+from hubfix import client, running, secure_settings
+from wshelp import run
+
+from hub.publisher import Publisher
+from hub.tokens import mint_token
+
+if TYPE_CHECKING:
+    from redisfix import RedisServer
+
+pytest_plugins = ["redisfix"]
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+NAMESPACES = """
+[namespaces.feed]
+history_size = 50
+history_ttl = 300
+
+[namespaces.room]
+presence = true
+join_leave = true
+publish = true
+"""
+
+
+def documented_acl() -> list[str]:
+    lines = [line for line in DOC.read_text().splitlines() if line.startswith("ACL SETUSER ")]
+    assert [line.split()[2] for line in lines] == ["hub", "backend"], lines
+    return lines
+
+
+def apply_acl(server: RedisServer) -> tuple[str, str]:
+    """The documented users, with passwords filled in; the default user switched off."""
+    admin = redis.Redis(port=server.port)
+    for line in documented_acl():
+        line = line.replace("HUB_PASSWORD", "hub-pw").replace("BACKEND_PASSWORD", "backend-pw")
+        admin.execute_command(*shlex.split(line))
+    admin.execute_command("ACL", "SETUSER", "admin", "on", ">admin-pw", "~*", "&*", "+@all")
+    admin.execute_command("ACL", "SETUSER", "default", "off")
+    admin.close()
+    base = f"127.0.0.1:{server.port}"
+    return f"redis://hub:hub-pw@{base}", f"redis://backend:backend-pw@{base}"
+
+
+def test_the_documented_acl_users_run_everything(redis_server: RedisServer) -> None:
+    hub_url, backend_url = apply_acl(redis_server)
+    with pytest.raises(redis.exceptions.NoPermissionError):  # the list really restricts
+        redis.Redis.from_url(hub_url).set("{hub:ch:x}:meta", 1)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis.Redis.from_url(backend_url).publish("other:channel", b"x")
+
+    async def main() -> None:
+        settings = secure_settings(NAMESPACES, redis_url=hub_url)
+        async with running(settings) as hub, AsyncExitStack() as stack:
+            alice = await stack.enter_async_context(
+                client(hub, token=mint_token("alice", settings.token_secret))
+            )
+            bob = await stack.enter_async_context(
+                client(hub, token=mint_token("bob", settings.token_secret))
+            )
+            first = await alice.call("subscribe", channel="feed:1")
+            assert set(first["result"]) == {"offset", "epoch"}, first
+            await alice.ok("subscribe", channel="news")
+            await alice.ok("subscribe", channel="room:1")
+            await bob.ok("subscribe", channel="room:1")
+
+            with Publisher(backend_url) as pub:
+                assert pub.publish("news", {"n": 1}) == 1
+                stored = pub.publish("feed:1", {"n": 2}, history_size=50, history_ttl=300)
+                assert stored.offset == first["result"]["offset"] + 1
+                pub.send_to_user("alice", {"n": 3})
+                pub.broadcast({"n": 4})
+            pushes = [await alice.push() for _ in range(4)]
+            data = [p["data"] for p in pushes if "data" in p]
+            assert data == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}], pushes
+
+            reply = await bob.call("presence_stats", channel="room:1")
+            assert reply["result"] == {"num_clients": 2, "num_users": 2}, reply
+            await bob.ok("publish", channel="room:1", data="hi")  # client publish
+
+            seen: list[dict[str, Any]] = []  # bob's "hi" and the joins (batched, 0.5 s later)
+            joined: set[str] = set()
+            hi = {"channel": "room:1", "data": "hi"}
+            while len(seen) < 4 and not (joined == {"alice", "bob"} and hi in seen):
+                seen.append(await alice.push(10))
+                joined |= {e["user"] for e in seen[-1].get("join", [])}
+            assert hi in seen, seen
+            assert joined == {"alice", "bob"}, seen
+
+            # Recovery reads history through the hub user.
+            again = await stack.enter_async_context(
+                client(hub, token=mint_token("alice", settings.token_secret))
+            )
+            since = {"offset": first["result"]["offset"], "epoch": first["result"]["epoch"]}
+            reply = await again.call("subscribe", channel="feed:1", since=since)
+            assert reply["result"]["recovered"] is True, reply
+            assert (await again.push())["data"] == {"n": 2}
+            history = await again.call("history", channel="feed:1")
+            assert [p["data"] for p in history["result"]["publications"]] == [{"n": 2}]
+
+    run(main)
