@@ -347,7 +347,7 @@ class RedisPub:
         else:
             msgs = [_dumps({"user": f"u{i}", "data": {"u": i, "r": rnd}}).encode() for i in indexes]
             commands = [("PUBLISH", USERS_CHANNEL, msg) for msg in msgs]
-            self._start_batch(self.pub._pipeline.execute_many(commands), len(msgs), 2)
+            self._start_batch(self.pub._router.execute_many(commands), len(msgs), 2)
 
     def _start_batch(self, coro: Any, size: int, receivers: int) -> None:
         self.inflight += size

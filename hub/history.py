@@ -61,19 +61,24 @@ def meta_ttl(history_ttl: float) -> float:
 
 
 class Script:
-    """A Lua script shipped in the package: its text and SHA1 (for ``EVALSHA``)."""
+    """A Lua script: its text and SHA1 (for ``EVALSHA``)."""
 
     __slots__ = ("sha", "sha_bytes", "text", "text_bytes")
 
-    def __init__(self, name: str) -> None:
-        self.text = resources.files(__package__).joinpath(name).read_text()
-        self.text_bytes = self.text.encode()
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.text_bytes = text.encode()
         self.sha = hashlib.sha1(self.text_bytes).hexdigest()
         self.sha_bytes = self.sha.encode()
 
+    @classmethod
+    def shipped(cls, name: str) -> Script:
+        """A script shipped in the package (other languages read the same file)."""
+        return cls(resources.files(__package__).joinpath(name).read_text())
 
-PUBLISH_SCRIPT = Script("history.lua")
-READ_SCRIPT = Script("history_read.lua")
+
+PUBLISH_SCRIPT = Script.shipped("history.lua")
+READ_SCRIPT = Script.shipped("history_read.lua")
 
 
 def stream_key(pubsub_name: str) -> str:

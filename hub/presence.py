@@ -13,26 +13,17 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
-from redis.asyncio.connection import ConnectionPool
-from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, TryAgainError
+from redis.exceptions import RedisError
 
 from .errors import HubUnavailable
-from .publisher import (
-    DEFAULT_PREFIX,
-    STALE_REFRESH,
-    Addr,
-    Names,
-    SlotMap,
-    _Pipeline,
-    is_cluster_url,
-)
+from .history import Script
+from .publisher import DEFAULT_PREFIX, Names, Router
 
 __all__ = ["MemoryPresence", "Presence", "PresenceUnavailable", "RedisPresence"]
 
@@ -157,71 +148,7 @@ return {redis.call('HLEN', KEYS[1]), n}
 )
 
 
-class _Script:
-    __slots__ = ("sha", "text")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()
-
-
-ADD, REMOVE, CLIENTS, STATS = (_Script(s) for s in (_ADD, _REMOVE, _CLIENTS, _STATS))
-
-
-class _Commands:
-    """Commands on one pipelined connection (one per shard on a cluster, routed by the key's
-    slot): concurrent callers share round trips, as the publisher's do."""
-
-    def __init__(self, url: str, **redis_kwargs: Any) -> None:
-        self._map: SlotMap | None = None
-        self._shards: dict[Addr, _Pipeline] = {}
-        self._stale = False
-        self._pipeline: _Pipeline | None = None
-        if is_cluster_url(url):
-            self._map = SlotMap(url, **redis_kwargs)
-        else:
-            self._pipeline = _Pipeline(ConnectionPool.from_url(url, **redis_kwargs).make_connection)
-
-    async def execute(self, key: str, *args: Any) -> Any:
-        if self._pipeline is not None:
-            return await self._pipeline.execute(*args)
-        assert self._map is not None
-        for attempt in range(3):
-            if self._map.slots is None or (
-                self._stale and time.monotonic() - self._map.refreshed_at > STALE_REFRESH
-            ):
-                self._stale = False
-                await self._map.refresh()
-            addr = self._map.owner(key)
-            if addr is None:
-                raise PresenceUnavailable(f"no cluster node serves {key!r}")
-            shard = self._shards.get(addr)
-            if shard is None:
-                shard = self._shards[addr] = _Pipeline(self._map.pool(addr).make_connection)
-            try:
-                return await shard.execute(*args)
-            except (MovedError, AskError, TryAgainError):
-                if attempt == 2:
-                    raise
-                await self._map.refresh()
-            except (RedisError, OSError, TimeoutError):
-                self._stale = True
-                raise
-        raise AssertionError("unreachable")
-
-    async def script(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await self.execute(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await self.execute(keys[0], "EVAL", script.text, len(keys), *keys, *args)
-
-    async def close(self) -> None:
-        pipelines = [*self._shards.values()]
-        if self._pipeline is not None:
-            pipelines.append(self._pipeline)
-        self._shards = {}
-        for pipeline in pipelines:
-            await pipeline.close()
+ADD, REMOVE, CLIENTS, STATS = (Script(s) for s in (_ADD, _REMOVE, _CLIENTS, _STATS))
 
 
 class RedisPresence(Presence):
@@ -255,7 +182,7 @@ class RedisPresence(Presence):
         redis_kwargs.setdefault("client_name", f"{prefix}-presence")
         self._url = url
         self._kwargs = redis_kwargs
-        self._commands: _Commands | None = None
+        self._router: Router | None = None
         # This process's entries, packed, by channel and client id: what the refresh rewrites.
         self._local: dict[str, dict[str, bytes]] = {}
         # Removals that failed (Redis down), with when they failed: retried by the refresh, so
@@ -272,7 +199,7 @@ class RedisPresence(Presence):
         return [base, base + ":exp"]
 
     async def start(self) -> None:
-        self._commands = _Commands(self._url, **self._kwargs)
+        self._router = Router.from_url(self._url, **self._kwargs)
         loop = asyncio.get_running_loop()
         self._refresher = loop.create_task(self._refresh_forever(), name="hub-presence-refresh")
 
@@ -281,14 +208,16 @@ class RedisPresence(Presence):
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        commands, self._commands = self._commands, None
-        if commands is not None:
-            await commands.close()
+        router, self._router = self._router, None
+        if router is not None:
+            await router.close()
 
-    def _cmd(self) -> _Commands:
-        if self._commands is None:
+    async def _script(self, script: Script, channel: str, args: list[Any]) -> Any:
+        """Run ``script`` on the channel's two keys (on the shard owning them)."""
+        if self._router is None:
             raise PresenceUnavailable("presence not started")
-        return self._commands
+        keys = self.keys(channel)
+        return await self._router.script(keys[0], script, [len(keys), *keys, *args])
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -315,9 +244,9 @@ class RedisPresence(Presence):
             if not pending:
                 del self._unremoved[channel]
 
-    async def _write(self, script: _Script, channel: str, args: list[Any]) -> bool:
+    async def _write(self, script: Script, channel: str, args: list[Any]) -> bool:
         try:
-            await self._cmd().script(script, self.keys(channel), args)
+            await self._script(script, channel, args)
         except (HubUnavailable, RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
             return False
@@ -381,9 +310,9 @@ class RedisPresence(Presence):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    async def _read(self, script: _Script, channel: str) -> Any:
+    async def _read(self, script: Script, channel: str) -> Any:
         try:
-            return await self._cmd().script(script, self.keys(channel), [])
+            return await self._script(script, channel, [])
         except (RedisError, OSError, TimeoutError) as exc:
             raise PresenceUnavailable(f"redis unavailable: {exc}") from exc
 

@@ -511,6 +511,96 @@ class _Pipeline:
             await self._connection.disconnect()
 
 
+class Router:
+    """Pipelined commands for Redis: on one connection, or on a Redis Cluster on one connection
+    per shard, each command sent to the shard owning the slot of the name it is for.
+
+    On a cluster a ``MOVED``/``ASK``/``TRYAGAIN`` answer (Redis did not run the command)
+    refreshes the slot map and is retried; a failed connection is not retried (the command may
+    have run), but the next command looks the owner up again, in case the shard failed over.
+    """
+
+    def __init__(
+        self,
+        make_connection: Callable[[], AbstractConnection] | None = None,
+        slot_map: SlotMap | None = None,
+    ) -> None:
+        if (make_connection is None) == (slot_map is None):
+            raise ValueError("give a connection factory or a cluster slot map")
+        self.slot_map = slot_map
+        self._single = None if make_connection is None else _Pipeline(make_connection)
+        self._shards: dict[Addr, _Pipeline] = {}
+        self._stale = False
+
+    @classmethod
+    def from_url(cls, url: str, **redis_kwargs: Any) -> Router:
+        if is_cluster_url(url):
+            return cls(slot_map=SlotMap(url, **redis_kwargs))
+        return cls(ConnectionPool.from_url(url, **redis_kwargs).make_connection)
+
+    @property
+    def sharded(self) -> bool:
+        return self.slot_map is not None
+
+    async def execute(self, name: str, *command: Any) -> Any:
+        return await self.execute_packed(name, command)
+
+    async def execute_packed(self, name: str, command: tuple[Any, ...] | bytes) -> Any:
+        """Run ``command`` (arguments, or packed RESP) on the connection for ``name``."""
+        if self._single is not None:
+            return await self._single.execute_packed(command)
+        slots = self.slot_map
+        assert slots is not None
+        for attempt in range(3):
+            if slots.slots is None or (
+                self._stale and time.monotonic() - slots.refreshed_at > STALE_REFRESH
+            ):
+                self._stale = False
+                await slots.refresh()
+            addr = slots.owner(name)
+            if addr is None:
+                raise RedisConnectionError(f"no cluster node serves {name!r}")
+            shard = self._shards.get(addr)
+            if shard is None:
+                shard = self._shards[addr] = _Pipeline(slots.pool(addr).make_connection)
+            try:
+                return await shard.execute_packed(command)
+            except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
+                self._stale = True
+                raise
+            except (MovedError, AskError, TryAgainError):
+                if attempt == 2:
+                    raise
+                await slots.refresh()  # not executed by Redis: safe to send again
+        raise AssertionError("unreachable")
+
+    async def execute_many(self, commands: list[tuple[Any, ...] | bytes]) -> list[Any]:
+        """Several commands written together (one connection only: on a cluster, route them
+        one by one with :meth:`execute_packed`)."""
+        if self._single is None:
+            raise RuntimeError("execute_many needs a single redis")
+        return await self._single.execute_many(commands)
+
+    async def script(self, name: str, script: Script, args: list[Any]) -> Any:
+        """``EVALSHA``, and ``EVAL`` once when Redis does not know the script (a fresh or
+        flushed server): NOSCRIPT means it did not run, so sending it again is safe.
+        ``args`` starts with the key count and the keys, as ``EVALSHA`` takes them."""
+        try:
+            return await self.execute_packed(
+                name, pack_command(b"EVALSHA", script.sha_bytes, *args)
+            )
+        except NoScriptError:
+            return await self.execute_packed(name, pack_command(b"EVAL", script.text_bytes, *args))
+
+    async def close(self) -> None:
+        pipelines = [*self._shards.values()]
+        self._shards = {}
+        if self._single is not None:
+            pipelines.append(self._single)
+        for pipeline in pipelines:
+            await pipeline.close()
+
+
 class AsyncPublisher:
     """Publisher for asyncio backends, on one pipelined connection of its own.
 
@@ -535,72 +625,25 @@ class AsyncPublisher:
         **redis_kwargs: Any,
     ) -> None:
         self.names = Names(prefix)
-        self._map: SlotMap | None = None
-        self._shards: dict[Addr, _Pipeline] = {}
-        self._stale = False
         if isinstance(client, redis.asyncio.RedisCluster):
             raise ValueError("for a cluster, give a redis+cluster:// url (one pipeline per shard)")
         if client is not None:
             # A dedicated connection made with the client's settings (address, auth, TLS).
-            pool: ConnectionPool = client.connection_pool
+            self._router = Router(client.connection_pool.make_connection)
         elif url is not None:
             redis_kwargs.setdefault("socket_timeout", timeout)
             redis_kwargs.setdefault("socket_connect_timeout", timeout)
             if cluster or is_cluster_url(url):
-                self._map = SlotMap(url, **redis_kwargs)
-                pool = self._map.pool(self._map.seeds[0])  # unused: every publish is routed
+                self._router = Router(slot_map=SlotMap(url, **redis_kwargs))
             else:
-                pool = ConnectionPool.from_url(url, **redis_kwargs)
+                self._router = Router.from_url(url, **redis_kwargs)
         else:
             raise ValueError("give a redis url or a client")
-        self._pipeline = _Pipeline(pool.make_connection)
         self._commands = PublishCommands()
 
-    async def _execute(self, name: str, *command: Any) -> Any:
-        return await self._execute_packed(name, command)
-
-    async def _execute_packed(self, name: str, command: tuple[Any, ...] | bytes) -> Any:
-        """Run ``command`` on the connection for ``name`` (its shard's, on a cluster)."""
-        if self._map is None:
-            return await self._pipeline.execute_packed(command)
-        for attempt in range(3):
-            if self._map.slots is None or (
-                self._stale and time.monotonic() - self._map.refreshed_at > STALE_REFRESH
-            ):
-                self._stale = False
-                await self._map.refresh()
-            addr = self._map.owner(name)
-            if addr is None:
-                raise RedisConnectionError(f"no cluster node serves {name!r}")
-            shard = self._shards.get(addr)
-            if shard is None:
-                shard = self._shards[addr] = _Pipeline(self._map.pool(addr).make_connection)
-            try:
-                return await shard.execute_packed(command)
-            except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
-                # Not retried (it may have been delivered), but the shard may have failed over
-                # to another address: look again before the next publish.
-                self._stale = True
-                raise
-            except (MovedError, AskError, TryAgainError):
-                if attempt == 2:
-                    raise
-                await self._map.refresh()  # not executed by Redis: safe to send again
-        raise AssertionError("unreachable")
-
     async def _publish(self, name: str, payload: bytes) -> int:
-        command = "PUBLISH" if self._map is None else "SPUBLISH"
-        return int(await self._execute(name, command, name, payload))
-
-    async def _script(self, name: str, script: Script, args: list[bytes]) -> Any:
-        """``EVALSHA``, and ``EVAL`` once when Redis does not know the script (a fresh or
-        flushed server): NOSCRIPT means it did not run, so sending it again is safe."""
-        try:
-            command = pack_command(b"EVALSHA", script.sha_bytes, *args)
-            return await self._execute_packed(name, command)
-        except NoScriptError:
-            command = pack_command(b"EVAL", script.text_bytes, *args)
-            return await self._execute_packed(name, command)
+        command = "SPUBLISH" if self._router.sharded else "PUBLISH"
+        return int(await self._router.execute(name, command, name, payload))
 
     async def publish(
         self,
@@ -619,14 +662,14 @@ class AsyncPublisher:
         payload = pack_message(data, fields)
         if not history_size:
             return Published(await self._publish(name, payload))
-        sharded = self._map is not None
+        sharded = self._router.sharded
         command, epoch = self._commands.packed(name, payload, history_size, history_ttl, sharded)
         try:
-            reply = await self._execute_packed(name, command)
+            reply = await self._router.execute_packed(name, command)
         except NoScriptError:
             args = publish_args(name, payload, history_size, history_ttl, sharded, epoch)
             command = pack_command(b"EVAL", PUBLISH_SCRIPT.text_bytes, *args)
-            reply = await self._execute_packed(name, command)
+            reply = await self._router.execute_packed(name, command)
         return Published.from_reply(reply)
 
     async def history(
@@ -643,7 +686,7 @@ class AsyncPublisher:
         _limit(since, limit)
         _history_options(history_size, history_ttl, {})
         args = read_args(name, since, limit, history_size, history_ttl)
-        return HistoryPage.from_reply(await self._script(name, READ_SCRIPT, args))
+        return HistoryPage.from_reply(await self._router.script(name, READ_SCRIPT, args))
 
     async def send_to_user(self, user: str, data: Any) -> int:
         return await self._publish(self.names.user(_non_empty("user", user)), pack_message(data))
@@ -652,9 +695,9 @@ class AsyncPublisher:
         """Send each ``(user, data)`` pair, in order, pipelined in one write; returns, per
         message, how many hub processes received it. See :meth:`Publisher.send_to_users`."""
         payloads = [(self.names.user(_non_empty("user", u)), pack_message(d)) for u, d in messages]
-        if self._map is not None:  # routed one by one, each to its shard's pipeline
+        if self._router.sharded:  # routed one by one, each to its shard's pipeline
             return list(await asyncio.gather(*(self._publish(n, p) for n, p in payloads)))
-        replies = await self._pipeline.execute_many([("PUBLISH", n, p) for n, p in payloads])
+        replies = await self._router.execute_many([("PUBLISH", n, p) for n, p in payloads])
         return [int(n) for n in replies]
 
     async def broadcast(self, data: Any) -> int:
@@ -664,9 +707,7 @@ class AsyncPublisher:
         return await self._publish(self.names.ctl, pack_disconnect(user, code, reason))
 
     async def aclose(self) -> None:
-        shards, self._shards = list(self._shards.values()), {}
-        for pipeline in (self._pipeline, *shards):
-            await pipeline.close()
+        await self._router.close()
 
     async def __aenter__(self) -> AsyncPublisher:
         return self

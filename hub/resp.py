@@ -48,21 +48,23 @@ _ERRORS: dict[str, type[ResponseError]] = {
 }
 
 
-def bulk(arg: bytes | str | int) -> bytes:
-    """One argument as a RESP bulk string."""
+def bulk(arg: bytes | str | int | float) -> bytes:
+    """One argument as a RESP bulk string (numbers as redis-py writes them)."""
     if isinstance(arg, str):
         arg = arg.encode()
+    elif isinstance(arg, float):
+        arg = repr(arg).encode()
     elif not isinstance(arg, bytes):
         arg = b"%d" % arg
     return b"$%d\r\n%b\r\n" % (len(arg), arg)
 
 
-def pack_command(*args: bytes | str | int) -> bytes:
+def pack_command(*args: bytes | str | int | float) -> bytes:
     """One command as a RESP array of bulk strings."""
     return b"*%d\r\n%b" % (len(args), b"".join(map(bulk, args)))
 
 
-def pack_commands(commands: Iterable[tuple[bytes | str | int, ...]]) -> bytes:
+def pack_commands(commands: Iterable[tuple[bytes | str | int | float, ...]]) -> bytes:
     """Commands packed for one write."""
     return b"".join(pack_command(*command) for command in commands)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from procfix import free_port
 from redis.crc import key_slot
 
 INSTALL_HINT = (
@@ -23,12 +24,6 @@ INSTALL_HINT = (
     "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis; or build from "
     "https://redis.io/download) and make sure redis-server is on PATH"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cluster_port() -> int:

@@ -85,7 +85,7 @@ class HubProcess:
     def __init__(
         self, directory: Path, toml: str, redis_url: str | None = None, name: str = "hub"
     ) -> None:
-        from redisfix import free_port
+        from procfix import free_port
 
         self.port = free_port()
         self.config = directory / f"{name}.toml"

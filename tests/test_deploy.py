@@ -27,15 +27,13 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import yaml
+from procfix import clean_env, free_port, wait_until
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import ClientConnection, connect
 from wshelp import run, within
@@ -88,29 +87,6 @@ def binary(name: str, fallback: str) -> str:
             pytrace=False,
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HUB_", "PROMETHEUS_"))}
-    env.update(extra)
-    return env
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
 
 
 def http_get(url: str) -> tuple[int, bytes]:

@@ -26,6 +26,7 @@ pytest_plugins = ["redisfix"]
         [("PUBLISH", "hub:user:é", b"\x00\r\n\xff")],
         [("SUBSCRIBE", b"a", "b", 7), ("PING",), ("PUBLISH", "x", b"")],
         [("SET", "k", 10**20), ("GET", "k")],
+        [("EXPIRE", "k", 1.5), ("ZADD", "z", 0.1, "m", 2.0, "n")],
     ],
 )
 def test_pack_commands_writes_what_redis_py_writes(commands: list[tuple]) -> None:
