@@ -38,6 +38,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 async def _serve(settings: Settings) -> None:
     """One process, no supervisor (``--workers 1``, the default): SIGTERM/SIGINT drain it."""
     from .app import Hub
+    from .runtime import tune_gc
 
     hub = Hub(settings)
     loop = asyncio.get_running_loop()
@@ -45,6 +46,7 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     await hub.start()
+    tune_gc()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("hub %s ready: ws://%s:%d/ws", __version__, host, hub.port)
     if settings.insecure:

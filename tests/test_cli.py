@@ -256,3 +256,17 @@ def test_publish_errors_exit_1(served: int) -> None:
         assert "404" in err
 
     run(main, timeout=30)
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_the_threshold() -> None:
+    """hub.runtime.tune_gc, which ``hub serve`` and each worker call once started (in a child
+    process: the test runner's own collector stays as it is)."""
+    code = (
+        "import gc\n"
+        "from hub.runtime import GEN0_THRESHOLD, tune_gc\n"
+        "tune_gc()\n"
+        "assert gc.get_threshold()[0] == GEN0_THRESHOLD, gc.get_threshold()\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -72,6 +72,7 @@ class Status:
 
 async def serve(settings: Settings, sock: socket.socket, status: Status) -> int:
     from hub.app import Hub
+    from hub.runtime import tune_gc
 
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[str] = loop.create_future()
@@ -97,6 +98,7 @@ async def serve(settings: Settings, sock: socket.socket, status: Status) -> int:
     loop.add_reader(0, on_stdin)
     hub = Hub(settings)
     await hub.start(sock=sock, extra_headers={WORKER_HEADER: str(os.getpid())})
+    tune_gc()
     status.send("listening", port=hub.port)
 
     async def report_ready() -> None:
