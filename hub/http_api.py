@@ -21,7 +21,7 @@ from .codec import loads_strict
 from .errors import BadRequest, CloseCode, HubUnavailable, ReplyError
 from .metrics import CONTENT_TYPE_LATEST
 from .presence import PresenceUnavailable
-from .session import check_channel, history_result, parse_since
+from .session import check_channel, history_result, parse_history
 from .ws import Headers, Request, Response
 
 if TYPE_CHECKING:
@@ -245,11 +245,8 @@ class HttpApi:
         ns = self.node.settings.namespace(channel)
         if not ns.history_size:
             raise ApiError(400, "history is not enabled on this channel")
-        limit = body.get("limit")
-        if limit is not None and (type(limit) is not int or limit < 0):
-            raise ApiError(400, "invalid field: limit (a non-negative integer)")
         try:
-            since = parse_since(body)
+            since, limit = parse_history(body)
         except ReplyError as exc:
             raise ApiError(400, f"invalid field: {exc.message}") from None
         limit = ns.history_size if limit is None else min(limit, ns.history_size)

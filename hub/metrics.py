@@ -131,12 +131,12 @@ class Metrics:
             else:
                 self._sampled.append((gauge, function))
 
-    def track_broker(self, broker: object) -> None:
-        """Expose a broker's own counters (e.g. the Redis bridge's plain attributes)."""
+    def track_counters(self, owner: object) -> None:
+        """Expose the counters a broker or presence store keeps as plain attributes."""
         for attr, name, doc in BROKER_COUNTERS:
-            if getattr(broker, attr, None) is not None:
+            if getattr(owner, attr, None) is not None:
                 counter = Counter(name, doc, registry=self.registry)
-                self.pull(counter, lambda attr=attr: getattr(broker, attr))
+                self.pull(counter, lambda attr=attr: getattr(owner, attr))
 
     def pull(self, counter: Counter, read: Callable[[], float]) -> None:
         """Feed ``counter`` from a plain number its owner increments on a hot path.

@@ -119,8 +119,8 @@ class Node:
         self.presence = presence or MemoryPresence()
         self.metrics = metrics or Metrics()
         self.registry: Registry[Session] = Registry()
-        self.metrics.track_broker(self.broker)
-        self.metrics.track_broker(self.presence)  # its counters, when it keeps any
+        self.metrics.track_counters(self.broker)
+        self.metrics.track_counters(self.presence)
         self.metrics.track(
             lambda: len(self.registry),
             lambda: self.registry.subscription_count,

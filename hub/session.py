@@ -185,10 +185,7 @@ class Session:
 
     async def _history(self, command: dict[str, Any]) -> dict[str, Any]:
         channel = self._channel(command)
-        since = parse_since(command)
-        limit = command.get("limit")
-        if limit is not None and (type(limit) is not int or limit < 0):
-            raise BadRequest("limit must be a non-negative integer")
+        since, limit = parse_history(command)
         ns = self._readable(channel)
         if not ns.history_size:
             raise ReplyError("history is not enabled on this channel", ErrorCode.NOT_ENABLED)
@@ -261,6 +258,15 @@ def parse_since(command: dict[str, Any]) -> tuple[int, str] | None:
     if type(epoch) is not str or not 0 < len(epoch) <= 64:
         raise BadRequest("since.epoch must be a string of 1 to 64 characters")
     return offset, epoch
+
+
+def parse_history(command: dict[str, Any]) -> tuple[tuple[int, str] | None, int | None]:
+    """The ``since`` and ``limit`` of a history request (the command, or the HTTP body)."""
+    since = parse_since(command)
+    limit = command.get("limit")
+    if limit is not None and (type(limit) is not int or limit < 0):
+        raise BadRequest("limit must be a non-negative integer")
+    return since, limit
 
 
 def history_result(page: HistoryPage, since: tuple[int, str] | None) -> dict[str, Any]:
