@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
@@ -49,7 +50,7 @@ from .history import (
     publish_args,
     read_args,
 )
-from .resp import RespStream, pack_command
+from .resp import RespStream, pack_command, pack_publish
 
 __all__ = [
     "CLUSTER_SCHEME",
@@ -114,12 +115,28 @@ def pack_message(data: Any, fields: Mapping[str, Any] | None = None) -> bytes:
     ``bytes`` values become msgpack ``bin`` and ``str`` values msgpack ``str``: the hub keeps that
     distinction, and a push whose data holds bytes reaches JSON clients as a binary frame.
     """
-    envelope = {"data": data}
-    if fields:
-        if "data" in fields:
-            raise ValueError("the data field is given separately")
-        envelope.update(fields)
-    return msgpack.packb(envelope, use_bin_type=True)
+    pack = _packer().pack
+    if not fields:
+        return _DATA_MAP + pack(data)
+    if "data" in fields:
+        raise ValueError("the data field is given separately")
+    return pack({"data": data, **fields})
+
+
+#: msgpack for a map of one entry whose key is "data": what ``{"data": data}`` starts with.
+_DATA_MAP = b"\x81\xa4data"
+
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's packer: ``msgpack.packb`` makes a new one per call, which costs more than
+    packing a small message. One per thread, since a packer's buffer is not thread-safe."""
+    try:
+        packer: msgpack.Packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer
 
 
 def _history_options(size: Any, ttl: Any, fields: Mapping[str, Any]) -> None:
@@ -475,8 +492,12 @@ class _Pipeline:
             else:
                 packed = b"".join(c if type(c) is bytes else pack_command(*c) for c in commands)
             await connection.send_packed_command(packed, check_health=False)
+            resp = self._resp
             for index, (waiting, future, many) in enumerate(batch):  # noqa: B007 - on failure
-                replies = [await self._reply(connection) for _ in waiting]
+                if resp is not None:
+                    replies = await resp.take(len(waiting))
+                else:
+                    replies = [await self._reply(connection) for _ in waiting]
                 if future.done():
                     continue
                 error = next((r for r in replies if isinstance(r, ResponseError)), None)
@@ -642,8 +663,8 @@ class AsyncPublisher:
         self._commands = PublishCommands()
 
     async def _publish(self, name: str, payload: bytes) -> int:
-        command = "SPUBLISH" if self._router.sharded else "PUBLISH"
-        return int(await self._router.execute(name, command, name, payload))
+        command = b"SPUBLISH" if self._router.sharded else b"PUBLISH"
+        return int(await self._router.execute_packed(name, pack_publish(command, name, payload)))
 
     async def publish(
         self,
@@ -694,10 +715,13 @@ class AsyncPublisher:
     async def send_to_users(self, messages: Iterable[tuple[str, Any]]) -> list[int]:
         """Send each ``(user, data)`` pair, in order, pipelined in one write; returns, per
         message, how many hub processes received it. See :meth:`Publisher.send_to_users`."""
-        payloads = [(self.names.user(_non_empty("user", u)), pack_message(d)) for u, d in messages]
+        user = self.names.user
+        payloads = [(user(_non_empty("user", u)), pack_message(d)) for u, d in messages]
         if self._router.sharded:  # routed one by one, each to its shard's pipeline
             return list(await asyncio.gather(*(self._publish(n, p) for n, p in payloads)))
-        replies = await self._router.execute_many([("PUBLISH", n, p) for n, p in payloads])
+        replies = await self._router.execute_many(
+            [pack_publish(b"PUBLISH", n, p) for n, p in payloads]
+        )
         return [int(n) for n in replies]
 
     async def broadcast(self, data: Any) -> int:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import msgpack
 import pytest
 import redis.asyncio
 from redis.asyncio.connection import Connection
 from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError, TryAgainError
 from wshelp import run
 
-from hub.publisher import _Pipeline
-from hub.resp import RespStream, pack_commands, reply_error
+from hub.publisher import _Pipeline, pack_message
+from hub.resp import RespStream, pack_commands, pack_publish, reply_error
 
 if TYPE_CHECKING:
     from redisfix import RedisServer
@@ -31,6 +32,27 @@ pytest_plugins = ["redisfix"]
 )
 def test_pack_commands_writes_what_redis_py_writes(commands: list[tuple]) -> None:
     assert pack_commands(commands) == b"".join(Connection().pack_commands(commands))
+
+
+@pytest.mark.parametrize("command", [b"PUBLISH", b"SPUBLISH"])
+@pytest.mark.parametrize("channel", ["hub:user:u1", "hub:ch:é 🙂", "x" * 300])
+def test_pack_publish_writes_what_redis_py_writes(command: bytes, channel: str) -> None:
+    for payload in (b"", b"\x81\xa4data\x01", bytes(range(256)) * 3):
+        expected = b"".join(Connection().pack_command(command, channel, payload))
+        assert pack_publish(command, channel, payload) == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [None, 1, -(2**63), "é", b"\x00\xff", [1, {"a": b"b"}], {"u": 3, "r": 7}, 1.5, "x" * 70_000],
+)
+def test_pack_message_is_the_envelope_packed_by_msgpack(data: object) -> None:
+    assert pack_message(data) == msgpack.packb({"data": data}, use_bin_type=True)
+    fields = {"event": "e", "ts": 5}
+    assert pack_message(data, fields) == msgpack.packb({"data": data, **fields}, use_bin_type=True)
+    with pytest.raises(TypeError):  # unpackable data fails, and leaves the packer usable
+        pack_message({"bad": object()})
+    assert pack_message(data) == msgpack.packb({"data": data}, use_bin_type=True)
 
 
 def test_error_replies_become_redis_py_exceptions() -> None:
@@ -79,6 +101,13 @@ def test_replies_split_across_reads_are_reassembled(redis_server: RedisServer) -
                 pack_commands([("SET", "big", big), ("GET", "big"), ("GET", "none")])
             )
             assert [await resp.next() for _ in range(3)] == [b"OK", big, None]
+            # take(): several replies at once, across reads, errors returned in place
+            await connection.send_packed_command(
+                pack_commands([("GET", "big"), ("PUBLISH", "x"), ("PING",), ("GET", "big")])
+            )
+            replies = await resp.take(4)
+            assert replies[0] == big and replies[2] == b"PONG" and replies[3] == big
+            assert type(replies[1]) is ResponseError
         finally:
             await connection.disconnect()
             await pool.disconnect()

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -37,27 +38,55 @@ class WriteCoalescer:
     no second pass over the connection); frames that follow in the same turn are buffered and
     leave together in one ``send`` when the turn ends. A burst of ten broadcasts in one turn
     costs each recipient two syscalls, not ten.
+
+    A caller that is about to write many frames at once (the hub's fan-out of a burst read
+    from Redis) can :meth:`hold` the first-frame shortcut: every frame is buffered until
+    :meth:`release`, so a connection that gets several of them costs one ``send``, not two.
+    There is one coalescer per event loop, shared by every server on it.
     """
 
-    __slots__ = ("loop", "pending", "scheduled", "turn")
+    __slots__ = ("held", "pending", "scheduled", "turn")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WriteCoalescer] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self) -> None:
         self.pending: list[ServerConnection] = []
         self.scheduled = False
+        self.held = False
         self.turn = 0
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> WriteCoalescer:
+        """The coalescer of ``loop`` (made on first use)."""
+        coalescer = cls._by_loop.get(loop)
+        if coalescer is None:
+            coalescer = cls._by_loop[loop] = cls()  # holds no reference to the loop
+        return coalescer
+
+    def hold(self) -> None:
+        """Buffer every frame written from now until :meth:`release`."""
+        self.held = True
+
+    def release(self) -> None:
+        """Write what was buffered, one ``send`` per connection, and stop holding."""
+        self.held = False
+        pending, self.pending = self.pending, []
+        for connection in pending:
+            connection._flush()
 
     def touch(self) -> None:
         """Make sure this turn ends with a flush (and so with a new turn number)."""
         if not self.scheduled:
             self.scheduled = True
-            self.loop.call_soon(self.flush)
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def add(self, connection: ServerConnection) -> None:
         self.pending.append(connection)
         if not self.scheduled:
             self.scheduled = True
-            self.loop.call_soon(self.flush)
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self.scheduled = False
@@ -543,7 +572,8 @@ class ServerConnection(asyncio.Protocol):
         buf = self._wbuf
         if buf is None:
             coalescer = self.server._coalescer
-            if self._turn != coalescer.turn:  # first frame this turn: straight to the kernel
+            if self._turn != coalescer.turn and not coalescer.held:
+                # First frame this turn: straight to the kernel.
                 self._turn = coalescer.turn
                 coalescer.touch()
                 transport = self.transport

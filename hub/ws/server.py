@@ -113,7 +113,7 @@ class Server:
         self.write_limit = write_limit[0] if isinstance(write_limit, tuple) else write_limit
         self.limits = limits or Limits()
         self.logger = logger or logging.getLogger("hub.ws.server")
-        self._coalescer = WriteCoalescer(self.loop)
+        self._coalescer = WriteCoalescer.of(self.loop)
         self._server: asyncio.Server | None = None
         self._all: set[ServerConnection] = set()
         self._closing = False
