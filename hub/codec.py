@@ -7,6 +7,7 @@ shared by every recipient that speaks it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -48,9 +49,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not json")
 
 
+#: A ``\\uD800``-``\\uDFFF`` escape: half of a surrogate pair, or a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def loads_strict(text: str | bytes) -> Any:
-    """``json.loads`` without the NaN / Infinity literals Python accepts but JSON does not."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """``json.loads`` without what Python accepts but JSON (RFC 8259, I-JSON) does not: the
+    NaN / Infinity literals, and strings with an unpaired surrogate (``"\\ud800"``), which
+    no encoder can write back as UTF-8 (they would fail the fan-out, not the publish)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode(json.detect_encoding(text))  # strict: no encoded surrogates either
+    obj = json.loads(text, parse_constant=_reject_constant)
+    if _SURROGATE_ESCAPE.search(text) is not None:  # rare: check the pairs matched up
+        try:
+            _ENCODER.encode(obj).encode()
+        except UnicodeEncodeError:
+            raise ValueError("unpaired surrogate in a string") from None
+    return obj
 
 
 class Codec:

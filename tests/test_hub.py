@@ -426,7 +426,8 @@ def test_bad_json_is_error_107_and_connection_stays_usable() -> None:
     async def main() -> None:
         async with running(make_settings()) as hub:
             async with client(hub, user="a") as a:
-                for bad in ("{not json", "[1, 2]", '"string"', "null"):
+                lone = r'{"op": "publish", "id": 1, "channel": "news", "data": "\ud800"}'
+                for bad in ("{not json", "[1, 2]", '"string"', "null", lone):
                     await a.send_raw(bad)
                     reply = await a.reply()
                     assert reply["id"] is None

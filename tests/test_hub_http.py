@@ -241,10 +241,13 @@ def test_api_bad_body_is_400_json(path: str, body: bytes) -> None:
     run(main)
 
 
-@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
-def test_api_non_json_number_literals_are_400_and_not_delivered(literal: str) -> None:
-    """``NaN``/``Infinity`` are not JSON (RFC 8259): the body is a bad request, and no
-    subscriber, in either encoding, receives anything."""
+@pytest.mark.parametrize(
+    "literal", ["NaN", "Infinity", "-Infinity", r'"\ud800"', r'"x\udfff"', r'{"\udc00": 1}']
+)
+def test_api_what_json_cannot_carry_is_400_and_not_delivered(literal: str) -> None:
+    """``NaN``/``Infinity`` are not JSON (RFC 8259) and an unpaired surrogate cannot be written
+    as UTF-8 (I-JSON forbids it): the body is a bad request, and no subscriber, in either
+    encoding, receives anything (a surrogate once got through and failed the fan-out)."""
 
     async def main() -> None:
         async with running(keyed_settings()) as hub:
