@@ -41,6 +41,11 @@ log = logging.getLogger("hub.node")
 JOIN_LEAVE_CHUNK = 500
 
 
+#: The opcodes as plain module constants: reading an enum member off its class costs more than
+#: the rest of building a small frame.
+TEXT, BINARY = int(Opcode.TEXT), int(Opcode.BINARY)
+
+
 class Push:
     """One push to many sessions: encoded lazily, at most once per codec and wire format."""
 
@@ -62,9 +67,9 @@ class Push:
         if not CODECS[index].binary:
             text = JSON.encode_or_none(self.obj)
             if text is not None:
-                return encode_once(Opcode.TEXT, text.encode())
+                return encode_once(TEXT, text.encode())
             # JSON cannot carry it (bytes, NaN, non-string keys...): msgpack in a binary frame.
-        return encode_once(Opcode.BINARY, MSGPACK.encode(self.obj))
+        return encode_once(BINARY, MSGPACK.encode(self.obj))
 
 
 class PushRun:
@@ -444,7 +449,10 @@ class Node:
         self._enqueue(CHANNEL, publication.channel, obj)
 
     def on_user_message(self, user: str, data: Any) -> None:
-        self._enqueue(USER, user, {"data": data})
+        self._queue.append((USER, user, {"data": data}))  # _enqueue, inlined: once per message
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def on_broadcast(self, data: Any) -> None:
         self._enqueue(EVERYONE, "", {"data": data})

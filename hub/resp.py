@@ -149,14 +149,17 @@ class RespStream:
             replies.append(reply)
         return replies
 
-    async def each(self, handle: Callable[[Any], None]) -> None:
-        """Read one chunk and hand every complete reply in it to ``handle``, synchronously (a
-        burst of pushes costs one await). An error reply raises."""
+    async def chunk(self) -> list[Any]:
+        """Read one chunk and return every complete reply in it (a burst of pushes costs one
+        await, and the caller loops over them without a call per reply). An error reply
+        raises."""
         await self._fill()
         gets = self._gets
+        replies: list[Any] = []
         reply = gets()
         while reply is not False:
             if isinstance(reply, hiredis.ReplyError):
                 raise reply_error(reply)
-            handle(reply)
+            replies.append(reply)
             reply = gets()
+        return replies

@@ -60,7 +60,8 @@ class encode_once:
         self.opcode = opcode
         self.data = data
         self._plain: bytes | None = None
-        self._compressed: dict[tuple[int, int, int], bytes] = {}
+        # Made when a deflate connection first needs it: most messages go out plain only.
+        self._compressed: dict[tuple[int, int, int], bytes] | None = None
 
     @property
     def plain(self) -> bytes:
@@ -77,8 +78,11 @@ class encode_once:
         key = deflate.wire_key
         if key is None:  # this connection keeps context: it needs its own compression
             return connection.protocol.encode_data(self.opcode, self.data)
-        frame = self._compressed.get(key)
+        compressed = self._compressed
+        if compressed is None:
+            compressed = self._compressed = {}
+        frame = compressed.get(key)
         if frame is None:
             payload = compress_message(self.data, *key)
-            frame = self._compressed[key] = encode_frame(self.opcode, payload, rsv1=True)
+            frame = compressed[key] = encode_frame(self.opcode, payload, rsv1=True)
         return frame
