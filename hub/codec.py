@@ -12,10 +12,19 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import orjson
 
 from .errors import BadRequest
 
-__all__ = ["CODECS", "Codec", "JsonCodec", "MsgpackCodec", "loads_strict"]
+__all__ = [
+    "CODECS",
+    "Codec",
+    "JsonCodec",
+    "MsgpackCodec",
+    "check_data",
+    "json_bytes",
+    "loads_strict",
+]
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -43,6 +52,58 @@ def _make_dumps() -> Callable[[Any], str]:
 
 
 _dumps = _make_dumps()
+
+#: orjson leaves to us what the strict encoder would write differently or refuse: dataclasses,
+#: datetimes and subclasses of the JSON types (and it refuses non-string keys and integers
+#: beyond 64 bits on its own).
+_ORJSON_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def json_bytes(obj: Any, _orjson: Callable[..., bytes] = orjson.dumps) -> bytes | None:
+    """Compact, strict JSON in UTF-8, or None when JSON cannot carry ``obj``: what the fan-out
+    writes to JSON clients, once per push.
+
+    orjson encodes a small push five times faster than the standard library's C encoder. Where
+    the two would differ it yields: orjson writes NaN and Infinity as ``null`` (so any output
+    holding ``null`` is encoded again strictly, which refuses them), and whatever orjson
+    refuses (integer map keys, big integers, deep nesting) goes to the strict encoder, so the
+    bytes always decode to what the standard library would have written.
+    """
+    try:
+        out = _orjson(obj, option=_ORJSON_OPTIONS)
+    except TypeError:
+        pass
+    else:
+        if b"null" not in out:
+            return out
+    try:
+        return _dumps(obj).encode()
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def check_data(data: Any) -> None:
+    """Refuse data that cannot cross Redis, whichever broker is in use: what msgpack cannot
+    pack (integers beyond 64 bits, types outside JSON and msgpack, unpaired surrogates) would
+    otherwise fail the fan-out of a process on the memory broker instead of the publish."""
+    try:
+        msgpack.packb(data, use_bin_type=True)
+    except OverflowError:
+        raise BadRequest("data cannot be encoded: integer out of 64-bit range") from None
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"data cannot be encoded: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnicodeError):
+        return "unpaired surrogate in a string"
+    if isinstance(exc, TypeError):
+        return "unsupported type"
+    return "nested too deep"
 
 
 def _reject_constant(name: str) -> Any:

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .codec import loads_strict
+from .codec import check_data, loads_strict
 from .errors import BadRequest, CloseCode, HubUnavailable, ReplyError
 from .metrics import CONTENT_TYPE_LATEST
 from .presence import PresenceUnavailable
@@ -198,19 +198,29 @@ class HttpApi:
             raise ApiError(400, f"invalid field: {name}")
         return value
 
+    def _data(self, body: dict[str, Any]) -> Any:
+        data = self._field(body, "data")
+        try:
+            check_data(data)
+        except BadRequest as exc:
+            raise ApiError(
+                400, f"invalid field: data ({exc.message.removeprefix('data ')})"
+            ) from None
+        return data
+
     async def _publish(self, body: dict[str, Any]) -> dict[str, Any]:
         channel = self._field(body, "channel", str)
-        stored = await self.node.publish(channel, self._field(body, "data"), source="http")
+        stored = await self.node.publish(channel, self._data(body), source="http")
         if stored is None:
             return {}
         return {"offset": stored[0], "epoch": stored[1]}
 
     async def _broadcast(self, body: dict[str, Any]) -> dict[str, Any]:
-        await self.node.broadcast(self._field(body, "data"))
+        await self.node.broadcast(self._data(body))
         return {}
 
     async def _send(self, body: dict[str, Any]) -> dict[str, Any]:
-        await self.node.send_to_user(self._field(body, "user", str), self._field(body, "data"))
+        await self.node.send_to_user(self._field(body, "user", str), self._data(body))
         return {}
 
     async def _disconnect(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .broker import Broker, MemoryBroker, Publication
-from .codec import CODECS, JSON, MSGPACK
+from .codec import CODECS, MSGPACK, check_data, json_bytes
 from .config import Namespace, Settings
 from .errors import CloseCode, HubUnavailable
 from .history import HistoryPage
@@ -65,9 +65,9 @@ class Push:
     def _encode(self, index: int) -> encode_once:
         """Never raises: a fan-out is all or nothing, so encoding cannot fail halfway through."""
         if not CODECS[index].binary:
-            text = JSON.encode_or_none(self.obj)
+            text = json_bytes(self.obj)
             if text is not None:
-                return encode_once(TEXT, text.encode())
+                return encode_once(TEXT, text)
             # JSON cannot carry it (bytes, NaN, non-string keys...): msgpack in a binary frame.
         return encode_once(BINARY, MSGPACK.encode(self.obj))
 
@@ -178,6 +178,7 @@ class Node:
         self, channel: str, data: Any, *, source: str = "api", **meta: Any
     ) -> tuple[int, str] | None:
         """Publish to a channel; on a channel with history, its ``(offset, epoch)``."""
+        check_data(data)
         self.metrics.published.labels(source).inc()
         ns = self.settings.namespace(channel)
         if ns.history_size:
@@ -200,9 +201,11 @@ class Node:
         )
 
     async def send_to_user(self, user: str, data: Any) -> None:
+        check_data(data)
         await self.broker.send_to_user(user, data)
 
     async def broadcast(self, data: Any) -> None:
+        check_data(data)
         await self.broker.broadcast(data)
 
     async def disconnect(

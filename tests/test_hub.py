@@ -37,6 +37,7 @@ from websockets.exceptions import InvalidStatus
 from wshelp import run, within
 
 from hub.broker import Publication
+from hub.errors import BadRequest
 from hub.tokens import mint_token
 
 NAMESPACES = """
@@ -351,6 +352,34 @@ def test_oversize_publish_data_is_error_110_and_connection_stays_usable() -> Non
                 assert await b.error("publish", channel="chat:room", data=b"x" * 200) == 110
                 await b.ok("publish", channel="chat:room", data="small")
                 assert await a.push() == {"channel": "chat:room", "data": "small"}
+
+    run(main)
+
+
+def test_publish_of_data_redis_cannot_carry_is_error_107_on_any_broker() -> None:
+    """An integer beyond 64 bits is valid JSON, but msgpack (what crosses Redis, and what
+    msgpack subscribers get) cannot hold it: refused at the publish, never half fanned out."""
+
+    async def main() -> None:
+        async with running(make_settings(NAMESPACES)) as hub:
+            async with client(hub, user="a") as a, client(hub, MSGPACK_PROTO, user="b") as b:
+                for c in (a, b):
+                    await c.ok("subscribe", channel="chat:room")
+                reply = await a.call("publish", channel="chat:room", data=[2**64])
+                assert reply["error"] == {
+                    "code": 107,
+                    "message": "data cannot be encoded: integer out of 64-bit range",
+                }
+                for call in (
+                    hub.node.publish("chat:room", 2**70),
+                    hub.node.send_to_user("b", -(2**64)),
+                    hub.node.broadcast({"x": object()}),
+                ):
+                    with pytest.raises(BadRequest):
+                        await call
+                await a.ok("publish", channel="chat:room", data=2**64 - 1)
+                for c in (a, b):
+                    assert await c.push() == {"channel": "chat:room", "data": 2**64 - 1}
 
     run(main)
 

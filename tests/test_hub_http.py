@@ -275,6 +275,33 @@ def test_api_what_json_cannot_carry_is_400_and_not_delivered(literal: str) -> No
     run(main)
 
 
+@pytest.mark.parametrize("path", ["/api/publish", "/api/send", "/api/broadcast"])
+def test_api_data_redis_cannot_carry_is_400(path: str) -> None:
+    """A 65-bit integer is JSON but not msgpack: refused with a message naming the field, and
+    subscribers of both encodings keep getting what follows."""
+
+    async def main() -> None:
+        async with running(keyed_settings()) as hub:
+            secret = hub.settings.token_secret
+            async with (
+                client(hub, JSON_PROTO, token=mint_token("a", secret)) as j,
+                client(hub, MSGPACK_PROTO, token=mint_token("a", secret)) as m,
+            ):
+                for c in (j, m):
+                    await c.ok("subscribe", channel="news")
+                body = {"channel": "news", "user": "a", "data": {"n": 2**65}}
+                status, answer = await api(hub, path, body)
+                assert status == 400
+                assert error_message(answer) == (
+                    "invalid field: data (cannot be encoded: integer out of 64-bit range)"
+                )
+                await hub.node.publish("news", "marker")
+                for c in (j, m):
+                    assert await c.push() == {"channel": "news", "data": "marker"}
+
+    run(main)
+
+
 def test_api_wrong_content_type_is_415() -> None:
     async def main() -> None:
         async with running(keyed_settings()) as hub:
