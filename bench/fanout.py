@@ -768,7 +768,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--max-lag", type=int, default=64, help="closed-loop lag bound (64)")
     ap.add_argument("--tp-seconds", type=float, help="measured closed-loop seconds (10; quick 3)")
     ap.add_argument("--lat-seconds", type=float, help="timed fixed-rate seconds (15; quick 4)")
-    ap.add_argument("--user-rounds", type=int, help="per-user rounds of N messages (50; quick 5)")
+    ap.add_argument(
+        "--user-rounds",
+        type=int,
+        help="per-user rounds of N messages (150, so the faster server still runs for seconds; "
+        "quick 5)",
+    )
     ap.add_argument(
         "--user-inflight",
         type=int,
@@ -780,7 +785,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--client-procs", type=int, default=2, choices=range(1, 5), metavar="1..4")
     ap.add_argument("--read-interval-ms", type=float, default=1.0, help="as fanout_local (1)")
     args = ap.parse_args(argv)
-    args.user_rounds = args.user_rounds or (5 if args.quick else 50)
+    args.user_rounds = args.user_rounds or (5 if args.quick else 150)
     args.py_spy = None
     if not 2 <= args.subscribers <= 20_000 or not 1 <= args.user_rounds <= 1000:
         ap.error("--subscribers must be in 2..20000 and --user-rounds in 1..1000")

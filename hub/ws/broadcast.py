@@ -74,7 +74,9 @@ class encode_once:
         deflate = connection.protocol.deflate
         if deflate is None or not deflate.should_compress(len(self.data)):
             frame = self._plain
-            return frame if frame is not None else self.plain
+            if frame is None:  # the plain property, inlined: this runs once per recipient
+                frame = self._plain = encode_frame(self.opcode, self.data)
+            return frame
         key = deflate.wire_key
         if key is None:  # this connection keeps context: it needs its own compression
             return connection.protocol.encode_data(self.opcode, self.data)
