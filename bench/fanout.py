@@ -529,8 +529,10 @@ class Bench(fl.Bench):
                     if pub.inflight < self.args.user_inflight:
                         break
                     self.wake.clear()
+                    # A timer, not wait_for's task: this wait runs once per batch.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wake.wait(), 0.05)
+                        async with asyncio.timeout(0.05):
+                            await self.wake.wait()
                 pub.send_to_users(range(first, min(first + USER_BATCH, n)), rnd)
         t_pub = time.monotonic() - t0
         if not await pub.drain(60):

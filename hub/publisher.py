@@ -716,11 +716,14 @@ class AsyncPublisher:
         """Send each ``(user, data)`` pair, in order, pipelined in one write; returns, per
         message, how many hub processes received it. See :meth:`Publisher.send_to_users`."""
         user = self.names.user
-        payloads = [(user(_non_empty("user", u)), pack_message(d)) for u, d in messages]
         if self._router.sharded:  # routed one by one, each to its shard's pipeline
+            payloads = [(user(_non_empty("user", u)), pack_message(d)) for u, d in messages]
             return list(await asyncio.gather(*(self._publish(n, p) for n, p in payloads)))
         replies = await self._router.execute_many(
-            [pack_publish(b"PUBLISH", n, p) for n, p in payloads]
+            [
+                pack_publish(b"PUBLISH", user(_non_empty("user", u)), pack_message(d))
+                for u, d in messages
+            ]
         )
         return [int(n) for n in replies]
 
