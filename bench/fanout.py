@@ -23,6 +23,11 @@ WebSocket, and every server process fans out what Redis hands it.
 Server CPU is the sum over the server processes (for the hub: the supervisor too), read from
 /proc. Redis's CPU is reported on its own row.
 
+Each implementation runs its own phases (memory, latency, closed loop, integrity) and stays up;
+then the per-user phases alternate between the two (baseline, hub, hub, baseline, baseline, hub
+by default), so a drift in the machine's speed over the run weighs on both alike. Each per-user
+row sums that implementation's phases.
+
     .venv/bin/python bench/fanout.py                 # both implementations (~3 min)
     .venv/bin/python bench/fanout.py --quick         # smoke run (~1.5 min)
     .venv/bin/python bench/fanout.py --impl hub --json out.json
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -391,6 +397,42 @@ class RedisPub:
             await asyncio.wait_for(self.pub.aclose(), 5)
 
 
+@dataclasses.dataclass
+class Live:
+    """An implementation kept running after its own phases, for the alternating per-user
+    phases: its servers, clients and publisher, and the per-user rounds and messages so far."""
+
+    servers: Servers
+    clients: list[fl.Child]
+    pub: RedisPub
+    rounds: int = 0
+    received: int = 0
+
+
+def combine(phases: list[Json]) -> Json:
+    """One implementation's per-user phases as one: totals, and rates over the summed time."""
+    received = sum(int(p["received"]) for p in phases)
+    wall = sum(float(p["wall_s"]) for p in phases)
+    cpu = sum(float(p["server_cpu_s"]) for p in phases)
+    return {
+        "rounds": sum(int(p["rounds"]) for p in phases),
+        "messages": sum(int(p["messages"]) for p in phases),
+        "received": received,
+        "lost": int(phases[-1]["lost"]),  # the clients check every round so far, each time
+        "bad": int(phases[-1]["bad"]),
+        "wall_s": wall,
+        "publish_s": sum(float(p["publish_s"]) for p in phases),
+        "msgs_per_s": received / max(wall, 1e-9),
+        "server_cpu_s": cpu,
+        "server_us_per_msg": cpu / max(received, 1) * 1e6,
+        "server_util": cpu / max(wall, 1e-9),
+        "redis_us_per_msg": sum(float(p["redis_cpu_s"]) for p in phases) / max(received, 1) * 1e6,
+        "publisher_cpu_s": sum(float(p["publisher_cpu_s"]) for p in phases),
+        "errors": sorted({e for p in phases for e in p["errors"]})[:5],
+        "phase_msgs_per_s": [float(p["msgs_per_s"]) for p in phases],
+    }
+
+
 class Bench(fl.Bench):
     """fanout_local's phases, with Redis, multi-process servers and a per-user phase."""
 
@@ -401,6 +443,7 @@ class Bench(fl.Bench):
         self.redis: asyncio.subprocess.Process | None = None
         self.redis_url = ""
         self.hub_proc: asyncio.subprocess.Process | None = None
+        self.live: dict[str, Live] = {}
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -514,16 +557,21 @@ class Bench(fl.Bench):
             "redis_cpu": sum(proc_cpu_s(self.redis.pid)),
         }
 
-    async def user_phase(
-        self, label: str, servers: Servers, clients: list[fl.Child], pub: RedisPub, n: int
-    ) -> Json:
-        """``rounds`` x one message to each of the n users; time until the last one arrives."""
+    async def user_phase(self, label: str, live: Live, n: int) -> Json:
+        """``rounds`` x one message to each of the n users; time until the last one arrives.
+        Rounds continue from the implementation's previous phase (the clients check that every
+        user gets every round once, in order)."""
+        servers, clients, pub = live.servers, live.clients, live.pub
         rounds = self.args.user_rounds
+        first_round, last_round = live.rounds + 1, live.rounds + rounds
         total = n * rounds
-        self.progress(f"{label}: per-user send: {rounds} rounds x {n:,} users = {total:,} messages")
+        self.progress(
+            f"{label}: per-user send: rounds {first_round}-{last_round} x {n:,} users = "
+            f"{total:,} messages"
+        )
         s0 = await self.snapshot(servers, clients, pub)
         t0 = time.monotonic()
-        for rnd in range(1, rounds + 1):
+        for rnd in range(first_round, last_round + 1):
             for first in range(0, n, USER_BATCH):
                 for _ in range(100_000):
                     if pub.inflight < self.args.user_inflight:
@@ -541,13 +589,15 @@ class Bench(fl.Bench):
         deadline = time.monotonic() + 60
         for _ in range(10_000):
             for c in clients:
-                await c.send({"op": "usync", "rounds": rounds})
+                await c.send({"op": "usync", "rounds": last_round})
             got = await asyncio.gather(*(c.recv("usync", 30) for c in clients))
-            if sum(int(g["usync"]) for g in got) >= total or time.monotonic() > deadline:
+            done = sum(int(g["usync"]) for g in got) - live.received
+            if done >= total or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
         s1 = await self.snapshot(servers, clients, pub)
-        received = sum(int(g["usync"]) for g in got)
+        received = sum(int(g["usync"]) for g in got) - live.received
+        live.rounds, live.received = last_round, live.received + received
         t_end = max(float(g["t"]) for g in got)
         cpu = (s1["server_user"] + s1["server_sys"]) - (s0["server_user"] + s0["server_sys"])
         wall = max(t_end - t0, 1e-9)
@@ -563,6 +613,7 @@ class Bench(fl.Bench):
             "server_cpu_s": cpu,
             "server_us_per_msg": cpu / max(received, 1) * 1e6,
             "server_util": cpu / wall,
+            "redis_cpu_s": s1["redis_cpu"] - s0["redis_cpu"],
             "redis_us_per_msg": (s1["redis_cpu"] - s0["redis_cpu"]) / max(received, 1) * 1e6,
             "publisher_cpu_s": s1["parent"] - s0["parent"],
             "errors": sorted({e for g in got for e in g["errors"]})[:5],
@@ -634,8 +685,6 @@ class Bench(fl.Bench):
                 self.step()
             final = await self.sync(clients, pub.seq)
             self.step()
-            users = await self.user_phase(label, servers, clients, pub, n)
-            self.step()
             integrity = {
                 k: sum(int(o[k]) for o in final)
                 for k in ("lost", "dup", "reordered", "bad", "closed")
@@ -652,7 +701,6 @@ class Bench(fl.Bench):
                 "memory": memory,
                 "latency": lat,
                 "throughput": tps,
-                "users": users,
                 "integrity": integrity,
                 "client_errors": errors,
                 "server_pids": servers.pids,
@@ -664,26 +712,50 @@ class Bench(fl.Bench):
                 f"{integrity['reordered']}, bad {integrity['bad']}, closed {integrity['closed']}, "
                 f"publish errors {len(pub.errors)}" + (f"; errors: {errors}" if errors else "")
             )
+            self.live[impl] = Live(servers, clients, pub)
+            pub = None  # kept running for the per-user phases; closed at the end of the run
         except BenchError as exc:
             self.fail(label, exc)
         finally:
             if pub is not None:
                 await pub.close()
-            await self.stop_all()
-            await self.stop_hub()
+
+    async def user_phases(self) -> None:
+        """The per-user phases of both implementations, alternating (A B B A A B ...) with
+        all processes up, so a drift in the machine's speed over the run (a shared VM moves
+        by tens of percent over minutes) weighs on both alike."""
+        a = self.args
+        impls = [impl for impl in fl.IMPLS if impl in self.live]
+        phases: dict[str, list[Json]] = {impl: [] for impl in impls}
+        for k in range(a.user_pairs):
+            for impl in impls if k % 2 == 0 else impls[::-1]:
+                try:
+                    phases[impl].append(await self.user_phase(impl, self.live[impl], a.subscribers))
+                except BenchError as exc:
+                    self.fail(f"{impl} per-user", exc)
+                    return
+            if len(impls) == 2:
+                b, h = (phases[impl][-1]["msgs_per_s"] for impl in impls)
+                self.progress(f"per-user pair {k + 1}: hub / baseline = {h / b:.2f}x")
+            self.step()
+        for impl in impls:
+            self.results[impl]["users"] = combine(phases[impl])
 
     async def run(self) -> None:
         impls = fl.IMPLS if self.args.impl == "both" else (self.args.impl,)
-        self.steps_total = len(impls) * (4 + len(self.args.windows))
+        self.steps_total = len(impls) * (3 + len(self.args.windows)) + self.args.user_pairs
         try:
             await self.start_redis()
             for impl in impls:
                 await self.run_impl(impl)
+            await self.user_phases()
         except BenchError as exc:
             self.fail("setup", exc)
         finally:
-            await self.stop_hub()
+            for live in self.live.values():
+                await live.pub.close()
             await self.stop_all()
+            await self.stop_hub()
             await self.stop_redis()
             await self.finish()
 
@@ -773,8 +845,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--user-rounds",
         type=int,
-        help="per-user rounds of N messages (150, so the faster server still runs for seconds; "
-        "quick 5)",
+        help="per-user rounds of N messages in each per-user phase (50; quick 5)",
+    )
+    ap.add_argument(
+        "--user-pairs",
+        type=int,
+        help="per-user phases of each implementation, alternating (3; quick 1)",
     )
     ap.add_argument(
         "--user-inflight",
@@ -787,10 +863,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--client-procs", type=int, default=2, choices=range(1, 5), metavar="1..4")
     ap.add_argument("--read-interval-ms", type=float, default=1.0, help="as fanout_local (1)")
     args = ap.parse_args(argv)
-    args.user_rounds = args.user_rounds or (5 if args.quick else 150)
+    args.user_rounds = args.user_rounds or (5 if args.quick else 50)
+    args.user_pairs = args.user_pairs or (1 if args.quick else 3)
     args.py_spy = None
     if not 2 <= args.subscribers <= 20_000 or not 1 <= args.user_rounds <= 1000:
         ap.error("--subscribers must be in 2..20000 and --user-rounds in 1..1000")
+    if not 1 <= args.user_pairs <= 20:
+        ap.error("--user-pairs must be in 1..20")
     return fl.phase_args(ap, args)
 
 
@@ -840,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         f"setup:       2 server processes + private Redis, {args.subscribers:,} subscribers on "
         f"{CHANNEL!r} in {args.client_procs} client procs, {fl.PUSH_SIZE}-byte pushes published "
         f"to Redis (hub: AsyncPublisher), windows {args.windows}, fixed rate {args.rate:g}/s, "
-        f"{args.user_rounds} per-user rounds"
+        f"per-user: {args.user_pairs} alternating phases of {args.user_rounds} rounds each"
     )
     sys.stdout.flush()
     bench = Bench(args)
