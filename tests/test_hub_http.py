@@ -8,6 +8,8 @@ clients.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from hubfix import (
     API_KEY,
     JSON_PROTO,
     MSGPACK_PROTO,
+    HubClient,
     api,
     client,
     eventually,
@@ -27,6 +30,7 @@ from hubfix import (
 )
 from wshelp import run
 
+from hub.app import Hub
 from hub.tokens import mint_token
 
 
@@ -241,6 +245,28 @@ def test_api_bad_body_is_400_json(path: str, body: bytes) -> None:
     run(main)
 
 
+@asynccontextmanager
+async def news_subscribers(
+    hub: Hub, json_user: str, msgpack_user: str
+) -> AsyncIterator[tuple[HubClient, HubClient]]:
+    """A JSON and a msgpack client, both subscribed to ``news``."""
+    secret = hub.settings.token_secret
+    async with (
+        client(hub, JSON_PROTO, token=mint_token(json_user, secret)) as j,
+        client(hub, MSGPACK_PROTO, token=mint_token(msgpack_user, secret)) as m,
+    ):
+        for c in (j, m):
+            await c.ok("subscribe", channel="news")
+        yield j, m
+
+
+async def only_the_marker_arrives(hub: Hub, clients: tuple[HubClient, HubClient]) -> None:
+    """Publish a marker: each client's next push must be it (a refused publish left nothing)."""
+    await hub.node.publish("news", "marker")
+    for c in clients:
+        assert await c.push() == {"channel": "news", "data": "marker"}
+
+
 @pytest.mark.parametrize(
     "literal", ["NaN", "Infinity", "-Infinity", r'"\ud800"', r'"x\udfff"', r'{"\udc00": 1}']
 )
@@ -250,27 +276,18 @@ def test_api_what_json_cannot_carry_is_400_and_not_delivered(literal: str) -> No
     encoding, receives anything (a surrogate once got through and failed the fan-out)."""
 
     async def main() -> None:
-        async with running(keyed_settings()) as hub:
-            secret = hub.settings.token_secret
-            async with (
-                client(hub, JSON_PROTO, token=mint_token("a", secret)) as j,
-                client(hub, MSGPACK_PROTO, token=mint_token("b", secret)) as m,
-            ):
-                for c in (j, m):
-                    await c.ok("subscribe", channel="news")
-                status, headers, raw = await http(
-                    hub,
-                    "POST",
-                    "/api/publish",
-                    data=b'{"channel": "news", "data": %s}' % literal.encode(),
-                    headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
-                )
-                assert status == 400
-                assert headers["Content-Type"].startswith("application/json")
-                error_message(json.loads(raw))
-                await hub.node.publish("news", "marker")
-                for c in (j, m):
-                    assert await c.push() == {"channel": "news", "data": "marker"}
+        async with running(keyed_settings()) as hub, news_subscribers(hub, "a", "b") as clients:
+            status, headers, raw = await http(
+                hub,
+                "POST",
+                "/api/publish",
+                data=b'{"channel": "news", "data": %s}' % literal.encode(),
+                headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
+            )
+            assert status == 400
+            assert headers["Content-Type"].startswith("application/json")
+            error_message(json.loads(raw))
+            await only_the_marker_arrives(hub, clients)
 
     run(main)
 
@@ -281,23 +298,14 @@ def test_api_data_redis_cannot_carry_is_400(path: str) -> None:
     subscribers of both encodings keep getting what follows."""
 
     async def main() -> None:
-        async with running(keyed_settings()) as hub:
-            secret = hub.settings.token_secret
-            async with (
-                client(hub, JSON_PROTO, token=mint_token("a", secret)) as j,
-                client(hub, MSGPACK_PROTO, token=mint_token("a", secret)) as m,
-            ):
-                for c in (j, m):
-                    await c.ok("subscribe", channel="news")
-                body = {"channel": "news", "user": "a", "data": {"n": 2**65}}
-                status, answer = await api(hub, path, body)
-                assert status == 400
-                assert error_message(answer) == (
-                    "invalid field: data (cannot be encoded: integer out of 64-bit range)"
-                )
-                await hub.node.publish("news", "marker")
-                for c in (j, m):
-                    assert await c.push() == {"channel": "news", "data": "marker"}
+        async with running(keyed_settings()) as hub, news_subscribers(hub, "a", "a") as clients:
+            body = {"channel": "news", "user": "a", "data": {"n": 2**65}}
+            status, answer = await api(hub, path, body)
+            assert status == 400
+            assert error_message(answer) == (
+                "invalid field: data (cannot be encoded: integer out of 64-bit range)"
+            )
+            await only_the_marker_arrives(hub, clients)
 
     run(main)
 
