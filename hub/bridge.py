@@ -787,8 +787,12 @@ class RedisBroker(Broker):
         try:
             callback(*args)
         except Exception:
-            self.handler_errors += 1
-            self._log_handler(log.error, "broker callback failed", exc_info=True)
+            self._handler_failed()
+
+    def _handler_failed(self) -> None:
+        """A node callback raised: count and log it; the link goes on with the next message."""
+        self.handler_errors += 1
+        self._log_handler(log.error, "broker callback failed", exc_info=True)
 
     def _malformed(self, name: bytes, why: str) -> None:
         self.malformed += 1
@@ -828,8 +832,7 @@ class RedisBroker(Broker):
             elif name == self._all:
                 handler.on_broadcast(data)
         except Exception:
-            self.handler_errors += 1
-            self._log_handler(log.error, "broker callback failed", exc_info=True)
+            self._handler_failed()
 
     def _on_join_leave(self, name: bytes, envelope: dict[str, Any]) -> None:
         """``{"join": [entry, ...], "leave": [...]}`` from a hub's coalesced join/leave."""

@@ -394,33 +394,26 @@ class Node:
         self.metrics.fanout_seconds.observe(time.perf_counter() - start)
 
     def _fanout_queue(self, queue: list[tuple[int, str, dict[str, Any]]]) -> None:
-        user_sessions = self.registry.user_sessions
-        user_delivered = user_sent = 0
+        delivered, sent = [0, 0, 0], 0  # added to the counters once, not once per push
         i, end = 0, len(queue)
         while i < end:
             kind, key, obj = queue[i]
             j = i + 1
             while j < end and queue[j][0] == kind and queue[j][1] == key:
                 j += 1
-            if j > i + 1:
-                self._fanout(kind, key, PushRun([Push(q[2]) for q in queue[i:j]]), j - i)
-            elif kind == USER:
-                # A burst of per-user sends is one push per message to one or two sessions:
-                # _fanout's USER case without its per-call overhead, counted once at the end.
-                push = Push(obj)
-                for session in user_sessions(key):
-                    n = session.push(push)
-                    if n:
-                        user_delivered += 1
-                        user_sent += n
+            if j == i + 1:  # the usual case for per-user sends: one push, nothing to join
+                n, size = self._fanout(kind, key, Push(obj), 1)
             else:
-                self._fanout(kind, key, Push(obj), 1)
+                n, size = self._fanout(kind, key, PushRun([Push(q[2]) for q in queue[i:j]]), j - i)
+            delivered[kind] += n
+            sent += size
             i = j
-        if user_delivered:
-            self.delivered[USER] += user_delivered
-            self.bytes_sent += user_sent
+        for kind, n in enumerate(delivered):
+            self.delivered[kind] += n
+        self.bytes_sent += sent
 
-    def _fanout(self, kind: int, key: str, push: Push | PushRun, count: int) -> None:
+    def _fanout(self, kind: int, key: str, push: Push | PushRun, count: int) -> tuple[int, int]:
+        """Write ``push`` to its recipients; returns (messages delivered, bytes written)."""
         registry = self.registry
         tracked = None
         if kind == CHANNEL:
@@ -456,8 +449,7 @@ class Node:
                     if tracker.done:
                         self._untrack(key, session)
                 sent += n
-        self.bytes_sent += sent
-        self.delivered[kind] += delivered
+        return delivered, sent
 
     def on_publication(self, publication: Publication) -> None:
         obj = {"channel": publication.channel, "data": publication.data}
@@ -466,10 +458,7 @@ class Node:
         self._enqueue(CHANNEL, publication.channel, obj)
 
     def on_user_message(self, user: str, data: Any) -> None:
-        self._queue.append((USER, user, {"data": data}))  # _enqueue, inlined: once per message
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._enqueue(USER, user, {"data": data})
 
     def on_broadcast(self, data: Any) -> None:
         self._enqueue(EVERYONE, "", {"data": data})

@@ -72,9 +72,7 @@ class WriteCoalescer:
     def release(self) -> None:
         """Write what was buffered, one ``send`` per connection, and stop holding."""
         self.held = False
-        pending, self.pending = self.pending, []
-        for connection in pending:
-            connection._flush()
+        self._write_pending()
 
     def touch(self) -> None:
         """Make sure this turn ends with a flush (and so with a new turn number)."""
@@ -91,6 +89,9 @@ class WriteCoalescer:
     def flush(self) -> None:
         self.scheduled = False
         self.turn += 1
+        self._write_pending()
+
+    def _write_pending(self) -> None:
         pending, self.pending = self.pending, []
         for connection in pending:
             connection._flush()
