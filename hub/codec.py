@@ -102,7 +102,7 @@ def loads_strict(text: str | bytes) -> Any:
     obj = json.loads(text, parse_constant=_reject_constant)
     if _SURROGATE_ESCAPE.search(text) is not None:  # rare: check the pairs matched up
         try:
-            _ENCODER.encode(obj).encode()
+            _dumps(obj).encode()
         except UnicodeEncodeError:
             raise ValueError("unpaired surrogate in a string") from None
     return obj

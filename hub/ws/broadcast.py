@@ -63,18 +63,11 @@ class encode_once:
         # Made when a deflate connection first needs it: most messages go out plain only.
         self._compressed: dict[tuple[int, int, int], bytes] | None = None
 
-    @property
-    def plain(self) -> bytes:
-        frame = self._plain
-        if frame is None:
-            frame = self._plain = encode_frame(self.opcode, self.data)
-        return frame
-
     def for_connection(self, connection: ServerConnection) -> bytes:
         deflate = connection.protocol.deflate
         if deflate is None or not deflate.should_compress(len(self.data)):
             frame = self._plain
-            if frame is None:  # the plain property, inlined: this runs once per recipient
+            if frame is None:  # made on first use, shared by every plain recipient
                 frame = self._plain = encode_frame(self.opcode, self.data)
             return frame
         key = deflate.wire_key
