@@ -22,6 +22,12 @@ from .tokens import mint_token
 
 log = logging.getLogger("hub")
 
+#: ``hub --help`` is read in a terminal: plain text, not the docstrings' reStructuredText.
+DESCRIPTION = (
+    "A real-time pub/sub hub: serve WebSocket clients, mint development tokens, publish. "
+    "hub alone is hub serve."
+)
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
@@ -153,7 +159,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hub", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hub", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"hub {__version__}")
     sub = parser.add_subparsers(dest="command")
 
