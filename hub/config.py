@@ -217,6 +217,9 @@ def validate(s: Settings) -> None:
     for key in ("max_connections", "max_subscriptions", "max_message_size", "outbound_buffer"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key}: must not be negative")
+    if s.api_key is not None and not s.api_key.strip():
+        # An empty key would match an empty X-API-Key header: a Secret or env file left blank.
+        raise ConfigError("api_key: must not be empty (leave it unset to turn the http api off)")
     if s.outbound_buffer < 1024:
         raise ConfigError("outbound_buffer: must be at least 1024 bytes")
     if s.redis_url is not None and not s.redis_url.startswith(

@@ -171,3 +171,10 @@ def test_make_settings_helper_never_reads_the_process_environment(
 ) -> None:
     monkeypatch.setenv("HUB_PORT", "not-a-port")
     assert make_settings().port == 0
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_api_key_is_refused(value: str) -> None:
+    """A blank key would accept a blank X-API-Key header: a Secret or env file left unfilled."""
+    with pytest.raises(ConfigError, match="api_key: must not be empty"):
+        load_settings(None, env={"HUB_API_KEY": value})
