@@ -10,11 +10,13 @@ import enum
 
 __all__ = [
     "BadRequest",
+    "ClientError",
     "CloseCode",
     "ErrorCode",
     "HubError",
     "HubUnavailable",
     "ReplyError",
+    "may_reconnect",
 ]
 
 
@@ -75,3 +77,28 @@ class CloseCode(enum.IntEnum):
     @property
     def reconnect(self) -> bool:
         return self.value < 4500
+
+
+#: Standard close codes after which reconnecting cannot help: the peer found the client's frames
+#: or data unacceptable (protocol error, unsupported or invalid data, policy, size, extension).
+_FINAL_STANDARD_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+
+
+def may_reconnect(code: int) -> bool:
+    """The clients' rule (hub.client, and hub.js's ``mayReconnect``, checked against this):
+    4500-4999 and the standard codes a retry would only repeat mean stop; everything else
+    (1000, 1001, 1006, 1011, 4000-4499, a failed handshake) means reconnect with backoff."""
+    if 4500 <= code <= 4999:
+        return False
+    return code not in _FINAL_STANDARD_CODES
+
+
+class ClientError(HubError):
+    """A command sent by ``hub.client`` failed. ``code`` is the hub's error code (an
+    ``ErrorCode`` value such as 103), or ``"timeout"``, ``"disconnected"`` (the connection
+    closed before the reply; nothing is resent) or ``"unsubscribed"``."""
+
+    def __init__(self, code: int | str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -17,6 +17,7 @@ import os
 from types import ModuleType
 
 import pytest
+from hubproc import hubs  # noqa: F401 (the fixture of real ``hub serve`` processes)
 
 IMPL = os.environ.get("HUB_TEST_IMPL", "hub")
 
