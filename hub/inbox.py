@@ -1,0 +1,576 @@
+"""Per-user inboxes: notifications kept until a device acknowledges them.
+
+A channel's history is a cache shared by whoever subscribes; an inbox belongs to one user and
+tracks what each of the user's devices has. A backend's ``notify`` stores an entry and pushes it
+to every open connection of the user in one step, so a device that reconnects (to any hub
+process) asks for what came after its last acknowledgement and gets it once, in order, before
+the live stream goes on.
+
+Each entry has a per-user increasing ``seq`` (not consecutive: collapsed and expired entries
+leave gaps), the backend's optional ``id`` (a second notify with a known id is a no-op, so a
+backend may retry), an optional ``collapse_key`` (the newer entry replaces the older one) and
+an optional ``ttl``. The user's inbox has an **epoch** that changes when it is lost (Redis
+restarted empty, or every key expired): a device holding a cursor of another epoch starts over.
+
+Two stores share these semantics: :class:`MemoryInbox` for one process and :class:`RedisInbox`,
+whose notify is the shipped script ``inbox.lua`` (backends in other languages run the same
+file). Fallbacks (an entry no device acknowledged in time, handed to the backend) are kept in
+one sorted set per deployment; :meth:`Inbox.claim_due` takes each due entry exactly once across
+all processes, so a webhook is sent at most once per entry.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .history import Script, new_epoch
+from .publisher import DEFAULT_PREFIX, Names, Router
+
+__all__ = [
+    "NOTIFY_SCRIPT",
+    "Due",
+    "Inbox",
+    "InboxPage",
+    "MemoryInbox",
+    "Notified",
+    "RedisInbox",
+]
+
+NOTIFY_SCRIPT = Script.shipped("inbox.lua")
+
+#: Devices whose acknowledgement cursor is kept per user; past this the one furthest behind
+#: is forgotten (it then catches up from the oldest entry still kept, at least once).
+MAX_DEVICES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Notified:
+    """What a notify did: the entry's ``seq`` (the first notify's when ``duplicate``)."""
+
+    seq: int
+    epoch: str
+    receivers: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InboxPage:
+    """A read of an inbox: its top ``seq``, epoch, cursors and unexpired entries after a seq.
+
+    ``entries`` are the pushes as stored (msgpack maps with ``data`` and ``inbox``), oldest
+    first. ``last`` is the seq the read got to: pass it as ``since`` for the next page (it can
+    be past the last entry returned when expired entries were skipped). ``epoch`` is ``""`` for
+    a user who has no inbox.
+    """
+
+    top: int
+    epoch: str
+    read: int
+    acked: int
+    entries: list[bytes] = field(default_factory=list)
+    last: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether the page reached the newest entry."""
+        return self.last >= self.top
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A fallback whose time has come: no device had acknowledged ``seq`` when it was claimed.
+    ``push`` is the stored push (``None`` if the entry is gone: expired or collapsed)."""
+
+    user: str
+    seq: int
+    push: bytes | None
+
+
+def _mark(push: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(push, raw=False)["inbox"]
+
+
+class Inbox(abc.ABC):
+    """The interface both stores implement."""
+
+    def __init__(self, size: int = 1000, ttl: float = 7 * 86400.0) -> None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError("inbox size must be a positive integer")
+        if ttl <= 0:
+            raise ValueError("inbox ttl must be positive")
+        self.size = size
+        self.ttl = ttl
+
+    @abc.abstractmethod
+    async def notify(
+        self,
+        user: str,
+        envelope: bytes,
+        *,
+        id: str | None = None,
+        collapse_key: str | None = None,
+        ttl: float | None = None,
+    ) -> Notified:
+        """Store ``envelope`` (a msgpack map with ``data``) for ``user`` and push it."""
+
+    @abc.abstractmethod
+    async def read(
+        self, user: str, since: int | None = None, *, device: str | None = None, limit: int = 100
+    ) -> InboxPage:
+        """Unexpired entries after ``since`` (``None``: after ``device``'s acknowledgement, or
+        from the oldest entry kept). Creates nothing for a user with no inbox."""
+
+    @abc.abstractmethod
+    async def ack(self, user: str, device: str, seq: int) -> int:
+        """``device`` has every entry up to ``seq`` (cumulative; never moves back, never past
+        the top). Returns the device's cursor."""
+
+    @abc.abstractmethod
+    async def mark_read(self, user: str, seq: int) -> int:
+        """Move the user's read cursor to ``seq`` (never back) and push ``{"inbox": {"read"}}``
+        to all the user's connections. Returns the cursor."""
+
+    @abc.abstractmethod
+    async def schedule_fallback(self, user: str, seq: int, due: float) -> None:
+        """Hand entry ``seq`` to :meth:`claim_due` at ``due`` (epoch seconds) if no device has
+        acknowledged it by then."""
+
+    @abc.abstractmethod
+    async def claim_due(self, now: float | None = None, limit: int = 100) -> list[Due]:
+        """Take the fallbacks due by ``now``: each is returned to one caller only, and only if
+        no device acknowledged it; acknowledged ones are dropped."""
+
+
+# -- one process ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Entry:
+    seq: int
+    push: bytes
+    stored: float
+    expires: float  # 0: never
+    collapse_key: str
+
+
+@dataclass(slots=True)
+class _UserInbox:
+    epoch: str
+    seq: int = 0
+    read: int = 0
+    acked: int = 0
+    touched: float = 0.0
+    entries: OrderedDict[int, _Entry] = field(default_factory=OrderedDict)
+    ids: OrderedDict[str, tuple[int, float]] = field(default_factory=OrderedDict)
+    keys: dict[str, int] = field(default_factory=dict)
+    devices: dict[str, int] = field(default_factory=dict)
+
+
+class MemoryInbox(Inbox):
+    """Inboxes in this process, with the semantics of the Redis store: ``publish(user, push)``
+    delivers a push to the user's local connections (what ``PUBLISH`` does for Redis)."""
+
+    def __init__(
+        self,
+        size: int = 1000,
+        ttl: float = 7 * 86400.0,
+        *,
+        publish: Callable[[str, bytes], int] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(size, ttl)
+        self._publish = publish or (lambda user, push: 0)
+        self._clock = clock
+        self._users: dict[str, _UserInbox] = {}
+        self._due: dict[tuple[str, int], float] = {}
+
+    def _live(self, user: str) -> _UserInbox | None:
+        """The user's inbox unless it expired (as Redis keys would)."""
+        box = self._users.get(user)
+        if box is not None and self._clock() - box.touched >= self.ttl:
+            del self._users[user]
+            return None
+        return box
+
+    async def notify(
+        self,
+        user: str,
+        envelope: bytes,
+        *,
+        id: str | None = None,
+        collapse_key: str | None = None,
+        ttl: float | None = None,
+    ) -> Notified:
+        now = self._clock()
+        box = self._live(user)
+        if box is None:
+            box = self._users[user] = _UserInbox(epoch=new_epoch())
+        if id and id in box.ids:
+            return Notified(box.ids[id][0], box.epoch, 0, True)
+        box.seq += 1
+        seq = box.seq
+        mark: dict[str, Any] = {"seq": seq, "epoch": box.epoch}
+        if id:
+            mark["id"] = id
+        push = _append_inbox(envelope, mark)
+        if collapse_key:
+            older = box.keys.get(collapse_key)
+            if older is not None:
+                box.entries.pop(older, None)
+            box.keys[collapse_key] = seq
+        box.entries[seq] = _Entry(seq, push, now, now + ttl if ttl else 0.0, collapse_key or "")
+        if id:
+            box.ids[id] = (seq, now)
+        self._trim(box, now)
+        box.touched = now
+        return Notified(seq, box.epoch, self._publish(user, push))
+
+    def _trim(self, box: _UserInbox, now: float) -> None:
+        oldest = now - self.ttl
+        while box.entries:
+            entry = next(iter(box.entries.values()))
+            expired = entry.expires and entry.expires <= now
+            if len(box.entries) > self.size or entry.stored < oldest or expired:
+                del box.entries[entry.seq]
+                if entry.collapse_key and box.keys.get(entry.collapse_key) == entry.seq:
+                    del box.keys[entry.collapse_key]
+            else:
+                break
+        while box.ids:
+            first, (_, stored) = next(iter(box.ids.items()))
+            if stored < oldest or len(box.ids) > 4 * self.size:
+                del box.ids[first]
+            else:
+                break
+
+    async def read(
+        self, user: str, since: int | None = None, *, device: str | None = None, limit: int = 100
+    ) -> InboxPage:
+        box = self._live(user)
+        if box is None:
+            return InboxPage(0, "", 0, 0)
+        acked = box.devices.get(device, 0) if device else 0
+        start = since if since is not None else acked
+        now = self._clock()
+        entries: list[bytes] = []
+        last, rows = start, 0
+        for seq, entry in box.entries.items():
+            if seq <= start:
+                continue
+            if rows >= limit:  # a full page: expired rows count, as in the Redis store
+                break
+            rows += 1
+            last = seq
+            if not entry.expires or entry.expires > now:
+                entries.append(entry.push)
+        else:
+            last = max(last, box.seq)
+        return InboxPage(box.seq, box.epoch, box.read, acked, entries, last)
+
+    async def ack(self, user: str, device: str, seq: int) -> int:
+        box = self._live(user)
+        if box is None:
+            return 0
+        cursor = max(box.devices.get(device, 0), min(seq, box.seq))
+        box.devices[device] = cursor
+        box.acked = max(box.acked, cursor)
+        if len(box.devices) > MAX_DEVICES:
+            del box.devices[min(box.devices, key=box.devices.__getitem__)]
+        box.touched = self._clock()
+        return cursor
+
+    async def mark_read(self, user: str, seq: int) -> int:
+        box = self._live(user)
+        if box is None:
+            return 0
+        cursor = min(seq, box.seq)
+        if cursor > box.read:
+            box.read = cursor
+            self._publish(user, _read_push(cursor, box.epoch))
+        box.touched = self._clock()
+        return box.read
+
+    async def schedule_fallback(self, user: str, seq: int, due: float) -> None:
+        self._due[(user, seq)] = due
+
+    async def claim_due(self, now: float | None = None, limit: int = 100) -> list[Due]:
+        now = self._clock() if now is None else now
+        taken = sorted((due, key) for key, due in self._due.items() if due <= now)[:limit]
+        claimed: list[Due] = []
+        for _, (user, seq) in taken:
+            del self._due[(user, seq)]
+            box = self._live(user)
+            if box is None or box.acked >= seq:
+                continue
+            entry = box.entries.get(seq)
+            live = entry is not None and (not entry.expires or entry.expires > now)
+            claimed.append(Due(user, seq, entry.push if live and entry else None))
+        return claimed
+
+
+def _append_inbox(envelope: bytes, mark: dict[str, Any]) -> bytes:
+    """The envelope with ``"inbox": mark`` added, as the script makes it."""
+    fields = msgpack.unpackb(envelope, raw=False, strict_map_key=False)
+    if not isinstance(fields, dict):
+        raise ValueError("envelope must be a msgpack map")
+    fields["inbox"] = mark
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def _read_push(cursor: int, epoch: str) -> bytes:
+    return msgpack.packb({"inbox": {"read": cursor, "epoch": epoch}}, use_bin_type=True)
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+# Read: the top seq, epoch, cursors and entries after a seq, creating nothing.
+_READ = """
+-- KEYS[1] stream, KEYS[2] meta, KEYS[3] acks; ARGV[1] since ("" = the device's cursor),
+-- ARGV[2] device ("" none), ARGV[3] limit. Returns {top, epoch, read, acked, last, entries}.
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  return {0, '', 0, 0, 0, {}}
+end
+local top = tonumber(redis.call('HGET', KEYS[2], 'seq'))
+local read = tonumber(redis.call('HGET', KEYS[2], 'read'))
+local acked = 0
+if ARGV[2] ~= '' then
+  acked = tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0')
+end
+local since = acked
+if ARGV[1] ~= '' then
+  since = tonumber(ARGV[1])
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[3])
+local rows = redis.call('XRANGE', KEYS[1], string.format('%d-0', since + 1), '+',
+  'COUNT', limit + 1)
+local out, last = {}, since
+for i, row in ipairs(rows) do
+  if i > limit then
+    return {top, epoch, read, acked, last, out}
+  end
+  last = tonumber(string.match(row[1], '^(%d+)'))
+  local f = {}
+  for j = 1, #row[2], 2 do
+    f[row[2][j]] = row[2][j + 1]
+  end
+  local x = tonumber(f['x'])
+  if x == 0 or x > now then
+    out[#out + 1] = f['e']
+  end
+end
+if top > last then
+  last = top
+end
+return {top, epoch, read, acked, last, out}
+"""
+
+# Ack: move a device's cursor forward (never past the top), and the user's "any device" mark.
+_ACK = """
+-- KEYS[1] stream, KEYS[2] meta, KEYS[3] acks, KEYS[4..] the user's other keys;
+-- ARGV[1] device, ARGV[2] seq, ARGV[3] max devices, ARGV[4] inbox TTL ms.
+local top = redis.call('HGET', KEYS[2], 'seq')
+if not top then
+  return 0
+end
+local seq = math.min(tonumber(ARGV[2]), tonumber(top))
+local cursor = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+if seq > cursor then
+  cursor = seq
+  redis.call('HSET', KEYS[3], ARGV[1], cursor)
+end
+if cursor > tonumber(redis.call('HGET', KEYS[2], 'acked') or '0') then
+  redis.call('HSET', KEYS[2], 'acked', cursor)
+end
+if redis.call('HLEN', KEYS[3]) > tonumber(ARGV[3]) then
+  local all = redis.call('HGETALL', KEYS[3])
+  local worst, low = nil, nil
+  for i = 1, #all, 2 do
+    local v = tonumber(all[i + 1])
+    if low == nil or v < low then
+      worst, low = all[i], v
+    end
+  end
+  redis.call('HDEL', KEYS[3], worst)
+end
+for _, key in ipairs(KEYS) do
+  redis.call('PEXPIRE', key, ARGV[4])
+end
+return cursor
+"""
+
+# Read cursor: move it forward and tell every connection of the user.
+_MARK_READ = """
+-- KEYS[1..] the user's keys (KEYS[2] meta); ARGV[1] seq, ARGV[2] pub/sub channel,
+-- ARGV[3] "1" SPUBLISH, ARGV[4] inbox TTL ms.
+local top = redis.call('HGET', KEYS[2], 'seq')
+if not top then
+  return 0
+end
+local seq = math.min(tonumber(ARGV[1]), tonumber(top))
+local read = tonumber(redis.call('HGET', KEYS[2], 'read') or '0')
+if seq > read then
+  read = seq
+  redis.call('HSET', KEYS[2], 'read', read)
+  local push = cmsgpack.pack({inbox = {read = read, epoch = redis.call('HGET', KEYS[2], 'epoch')}})
+  if ARGV[3] == '1' then
+    redis.call('SPUBLISH', ARGV[2], push)
+  else
+    redis.call('PUBLISH', ARGV[2], push)
+  end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('PEXPIRE', key, ARGV[4])
+end
+return read
+"""
+
+# Claim: take up to N due fallbacks out of the deployment's sorted set; whoever removes a
+# member owns it, so each is handed out once.
+_CLAIM = """
+-- KEYS[1] the fallback set; ARGV[1] now (ms), ARGV[2] limit.
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #due > 0 then
+  redis.call('ZREM', KEYS[1], unpack(due))
+end
+return due
+"""
+
+# One entry and whether any device acknowledged it (for a claimed fallback).
+_ENTRY = """
+-- KEYS[1] stream, KEYS[2] meta; ARGV[1] seq. Returns {acked, push or false}.
+local acked = tonumber(redis.call('HGET', KEYS[2], 'acked') or '-1')
+local row = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-0', ARGV[1] .. '-0')[1]
+if not row then
+  return {acked, false}
+end
+local f = {}
+for j = 1, #row[2], 2 do
+  f[row[2][j]] = row[2][j + 1]
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local x = tonumber(f['x'])
+if x ~= 0 and x <= now then
+  return {acked, false}
+end
+return {acked, f['e']}
+"""
+
+READ_SCRIPT, ACK_SCRIPT, MARK_READ_SCRIPT, CLAIM_SCRIPT, ENTRY_SCRIPT = (
+    Script(s) for s in (_READ, _ACK, _MARK_READ, _CLAIM, _ENTRY)
+)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisInbox(Inbox):
+    """Inboxes in Redis (or a Redis Cluster), shared by every hub process of a deployment.
+
+    A user's keys (see ``inbox.lua``) share the hash slot of ``<prefix>:user:<user>``, and all
+    of them expire ``ttl`` seconds after the user's last notify, ack or read. Fallbacks wait in
+    one sorted set, ``<prefix>:inbox:fallback`` (member ``<seq>:<user>``, score the due time in
+    ms), which expires ``ttl`` after its last write.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        prefix: str = DEFAULT_PREFIX,
+        size: int = 1000,
+        ttl: float = 7 * 86400.0,
+    ) -> None:
+        super().__init__(size, ttl)
+        self._router = router
+        self.names = Names(prefix)
+        self.fallback_key = f"{prefix}:inbox:fallback"
+
+    def keys(self, user: str) -> list[str]:
+        """stream, meta, ids, idt, collapse keys, acks: in that order."""
+        base = "{" + self.names.user(user) + "}:inbox"
+        return [base, *(f"{base}:{part}" for part in ("meta", "ids", "idt", "keys", "acks"))]
+
+    async def _run(self, user: str, script: Script, keys: list[str], args: list[Any]) -> Any:
+        return await self._router.script(keys[0], script, [len(keys), *keys, *args])
+
+    async def notify(
+        self,
+        user: str,
+        envelope: bytes,
+        *,
+        id: str | None = None,
+        collapse_key: str | None = None,
+        ttl: float | None = None,
+    ) -> Notified:
+        keys = self.keys(user)[:5]
+        args = [
+            self.names.user(user),
+            envelope,
+            id or "",
+            collapse_key or "",
+            _ms(ttl) if ttl else 0,
+            self.size,
+            _ms(self.ttl),
+            new_epoch(),
+            1 if self._router.sharded else 0,
+        ]
+        seq, epoch, receivers, duplicate = await self._run(user, NOTIFY_SCRIPT, keys, args)
+        return Notified(int(seq), _text(epoch), int(receivers), bool(duplicate))
+
+    async def read(
+        self, user: str, since: int | None = None, *, device: str | None = None, limit: int = 100
+    ) -> InboxPage:
+        stream, meta, *_, acks = self.keys(user)
+        args = ["" if since is None else since, device or "", max(1, limit)]
+        top, epoch, read, acked, last, entries = await self._run(
+            user, READ_SCRIPT, [stream, meta, acks], args
+        )
+        return InboxPage(
+            int(top), _text(epoch), int(read), int(acked), [bytes(e) for e in entries], int(last)
+        )
+
+    async def ack(self, user: str, device: str, seq: int) -> int:
+        stream, meta, ids, idt, ckeys, acks = self.keys(user)
+        keys = [stream, meta, acks, ids, idt, ckeys]
+        args = [device, int(seq), MAX_DEVICES, _ms(self.ttl)]
+        return int(await self._run(user, ACK_SCRIPT, keys, args))
+
+    async def mark_read(self, user: str, seq: int) -> int:
+        sharded = 1 if self._router.sharded else 0
+        args = [int(seq), self.names.user(user), sharded, _ms(self.ttl)]
+        return int(await self._run(user, MARK_READ_SCRIPT, self.keys(user), args))
+
+    async def schedule_fallback(self, user: str, seq: int, due: float) -> None:
+        key = self.fallback_key
+        await self._router.execute(key, "ZADD", key, _ms(due), f"{seq}:{user}")
+        await self._router.execute(key, "PEXPIRE", key, _ms(self.ttl))
+
+    async def claim_due(self, now: float | None = None, limit: int = 100) -> list[Due]:
+        now = time.time() if now is None else now
+        key = self.fallback_key
+        members = await self._router.script(key, CLAIM_SCRIPT, [1, key, _ms(now), limit])
+        claimed: list[Due] = []
+        for member in members:
+            seq_text, _, user = _text(member).partition(":")
+            seq = int(seq_text)
+            stream, meta = self.keys(user)[:2]
+            acked, push = await self._run(user, ENTRY_SCRIPT, [stream, meta], [seq])
+            if int(acked) < 0 or int(acked) >= seq:
+                continue  # the inbox is gone, or a device has the entry
+            claimed.append(Due(user, seq, bytes(push) if push else None))
+        return claimed

@@ -1,0 +1,371 @@
+"""The inbox stores on their own: one semantic suite run against the memory store and against a
+private ``redis-server`` (and a private Redis Cluster for the slot layout), with real pub/sub
+subscribers checking what the notify script pushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import pytest
+import redis
+from wshelp import run
+
+from hub.inbox import MAX_DEVICES, Inbox, MemoryInbox, RedisInbox
+from hub.publisher import Router
+
+if TYPE_CHECKING:
+    from redisfix import LocalCluster, RedisServer
+
+pytest_plugins = ["redisfix"]
+
+ENVELOPE = msgpack.packb({"data": {"unread": 1}})
+
+
+def envelope(data: Any) -> bytes:
+    return msgpack.packb({"data": data}, use_bin_type=True)
+
+
+def unpack(push: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(push, raw=False)
+
+
+class Store:
+    """One store under test, with what it pushed to users (as a subscriber would see it)."""
+
+    def __init__(self, inbox: Inbox, pushes: list[tuple[str, dict[str, Any]]]) -> None:
+        self.inbox = inbox
+        self.pushes = pushes
+        self.redis: redis.Redis | None = None
+
+    async def pushed(self, count: int) -> list[tuple[str, dict[str, Any]]]:
+        """Wait until ``count`` pushes arrived (Redis pub/sub is asynchronous)."""
+        deadline = time.monotonic() + 5
+        while len(self.pushes) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.pushes
+
+
+@asynccontextmanager
+async def memory_store(size: int, ttl: float) -> AsyncIterator[Store]:
+    pushes: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(user: str, push: bytes) -> int:
+        pushes.append((user, unpack(push)))
+        return 1
+
+    yield Store(MemoryInbox(size, ttl, publish=publish), pushes)
+
+
+@asynccontextmanager
+async def redis_store(url: str, size: int, ttl: float) -> AsyncIterator[Store]:
+    """A RedisInbox on ``url`` with a redis-py subscriber of every user's channel."""
+    import redis.asyncio as aredis
+
+    pushes: list[tuple[str, dict[str, Any]]] = []
+    sub = aredis.Redis.from_url(url)
+    pubsub = sub.pubsub()
+    await pubsub.psubscribe("hub:user:*")
+
+    async def listen() -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "pmessage":
+                user = message["channel"].decode().removeprefix("hub:user:")
+                pushes.append((user, unpack(message["data"])))
+
+    listener = asyncio.create_task(listen())
+    router = Router.from_url(url)
+    store = Store(RedisInbox(router, size=size, ttl=ttl), pushes)
+    store.redis = redis.Redis.from_url(url)
+    try:
+        yield store
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await pubsub.aclose()
+        await sub.aclose()
+        await router.close()
+        store.redis.close()
+
+
+Body = Callable[[Store], Coroutine[Any, Any, None]]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def check(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[..., None]:
+    """``check(body, size=, ttl=)`` runs ``body(store)`` against the parametrized store."""
+
+    def runner(body: Body, size: int = 1000, ttl: float = 3600.0) -> None:
+        if request.param == "memory":
+            opened = memory_store(size, ttl)
+        else:
+            server: RedisServer = request.getfixturevalue("redis_server")
+            opened = redis_store(server.url, size, ttl)
+
+        async def main() -> None:
+            async with opened as store:
+                await body(store)
+
+        run(main)
+
+    return runner
+
+
+def test_notify_numbers_stores_and_pushes_in_order(check: Callable[..., None]) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        first = await inbox.notify("alice", envelope("a"), id="n-1")
+        second = await inbox.notify("alice", envelope("b"))
+        assert (first.seq, second.seq) == (1, 2)
+        assert first.epoch == second.epoch and len(first.epoch) == 8
+        assert not first.duplicate
+        pushes = await store.pushed(2)
+        assert pushes == [
+            ("alice", {"data": "a", "inbox": {"seq": 1, "epoch": first.epoch, "id": "n-1"}}),
+            ("alice", {"data": "b", "inbox": {"seq": 2, "epoch": first.epoch}}),
+        ]
+        page = await inbox.read("alice")
+        assert [unpack(e) for e in page.entries] == [p for _, p in pushes]
+        assert (page.top, page.epoch, page.last, page.complete) == (2, first.epoch, 2, True)
+        after = await inbox.read("alice", since=1)
+        assert [unpack(e)["data"] for e in after.entries] == ["b"]
+        # Another user's inbox is its own, with its own numbering.
+        assert (await inbox.notify("bob", envelope("c"))).seq == 1
+
+    check(body)
+
+
+def test_a_known_id_is_a_no_op(check: Callable[..., None]) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        first = await inbox.notify("alice", envelope("once"), id="order-7")
+        again = await inbox.notify("alice", envelope("twice"), id="order-7")
+        assert again.duplicate and again.seq == first.seq and again.receivers == 0
+        page = await inbox.read("alice")
+        assert [unpack(e)["data"] for e in page.entries] == ["once"]
+        await inbox.notify("alice", envelope("later"))
+        assert len(await store.pushed(2)) == 2  # the retry pushed nothing
+        await asyncio.sleep(0.05)
+        assert [p["data"] for _, p in store.pushes] == ["once", "later"]
+
+    check(body)
+
+
+def test_a_collapse_key_keeps_only_the_newest(check: Callable[..., None]) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        await inbox.notify("alice", envelope("3 unread"), id="u3", collapse_key="badge")
+        await inbox.notify("alice", envelope("hello"))
+        newest = await inbox.notify("alice", envelope("4 unread"), id="u4", collapse_key="badge")
+        page = await inbox.read("alice")
+        assert [unpack(e)["data"] for e in page.entries] == ["hello", "4 unread"]
+        assert page.top == newest.seq == 3
+        # A retry of the replaced notify does not bring "3 unread" back.
+        assert (await inbox.notify("alice", envelope("3 unread"), id="u3")).duplicate
+        page = await inbox.read("alice")
+        assert [unpack(e)["data"] for e in page.entries] == ["hello", "4 unread"]
+
+    check(body)
+
+
+def test_expired_entries_are_never_delivered(check: Callable[..., None]) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        await inbox.notify("alice", envelope("short"), ttl=0.2)
+        await inbox.notify("alice", envelope("long"))
+        page = await inbox.read("alice")
+        assert [unpack(e)["data"] for e in page.entries] == ["short", "long"]
+        await asyncio.sleep(0.3)
+        page = await inbox.read("alice")
+        assert [unpack(e)["data"] for e in page.entries] == ["long"]
+        assert (page.last, page.top) == (2, 2)
+
+    check(body)
+
+
+def test_size_and_age_bound_the_inbox(check: Callable[..., None]) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        for n in range(8):
+            await inbox.notify("alice", envelope(n))
+        page = await inbox.read("alice", since=0)
+        assert [unpack(e)["data"] for e in page.entries] == [3, 4, 5, 6, 7]
+        # Paging: two at a time, from the oldest kept.
+        first = await inbox.read("alice", since=0, limit=2)
+        assert [unpack(e)["data"] for e in first.entries] == [3, 4] and not first.complete
+        rest = await inbox.read("alice", since=first.last, limit=10)
+        assert [unpack(e)["data"] for e in rest.entries] == [5, 6, 7] and rest.complete
+
+    check(body, size=5)
+
+
+def test_the_whole_inbox_expires_and_comes_back_with_a_new_epoch(
+    check: Callable[..., None],
+) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        old = await inbox.notify("alice", envelope("old"))
+        await asyncio.sleep(0.6)
+        page = await inbox.read("alice")
+        assert (page.top, page.epoch, page.entries) == (0, "", [])
+        new = await inbox.notify("alice", envelope("new"))
+        assert new.seq == 1 and new.epoch != old.epoch
+
+    check(body, ttl=0.5)
+
+
+def test_acks_are_per_device(check: Callable[..., None]) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        for n in range(1, 6):
+            await inbox.notify("alice", envelope(n))
+        assert await inbox.ack("alice", "desktop", 3) == 3
+        assert await inbox.ack("alice", "desktop", 2) == 3  # cumulative: never moves back
+        desktop = await inbox.read("alice", device="desktop")
+        assert desktop.acked == 3
+        assert [unpack(e)["data"] for e in desktop.entries] == [4, 5]
+        phone = await inbox.read("alice", device="phone")  # offline all along: gets all five
+        assert phone.acked == 0
+        assert [unpack(e)["data"] for e in phone.entries] == [1, 2, 3, 4, 5]
+        assert await inbox.ack("alice", "phone", 10**9) == 5  # never past the top
+        assert await inbox.ack("nobody", "phone", 3) == 0  # no inbox: nothing is created
+
+    check(body)
+
+
+def test_the_read_cursor_is_pushed_to_every_connection(check: Callable[..., None]) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        first = await inbox.notify("alice", envelope(1))
+        await inbox.notify("alice", envelope(2))
+        assert await inbox.mark_read("alice", 1) == 1
+        assert await inbox.mark_read("alice", 0) == 1  # never back, and no second push
+        assert await inbox.mark_read("alice", 99) == 2
+        pushes = await store.pushed(4)
+        await asyncio.sleep(0.05)
+        reads = [p for _, p in pushes if "data" not in p]
+        assert reads == [
+            {"inbox": {"read": 1, "epoch": first.epoch}},
+            {"inbox": {"read": 2, "epoch": first.epoch}},
+        ]
+        assert (await inbox.read("alice")).read == 2
+
+    check(body)
+
+
+def test_fallbacks_are_claimed_once_and_only_when_unacknowledged(
+    check: Callable[..., None],
+) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        for n in range(1, 4):
+            await inbox.notify("alice", envelope(n))
+        now = time.time()
+        for seq in (1, 2, 3):
+            await inbox.schedule_fallback("alice", seq, now - 1 if seq < 3 else now + 60)
+        await inbox.ack("alice", "phone", 1)
+        claimed = await inbox.claim_due()
+        assert [(d.user, d.seq) for d in claimed] == [("alice", 2)]
+        assert claimed[0].push is not None and unpack(claimed[0].push)["data"] == 2
+        assert await inbox.claim_due() == []  # taken: never handed out twice
+        later = await inbox.claim_due(now=now + 61)
+        assert [(d.user, d.seq) for d in later] == [("alice", 3)]
+
+    check(body)
+
+
+def test_a_hostile_envelope_or_device_flood_is_refused_or_bounded(
+    check: Callable[..., None],
+) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        with pytest.raises(Exception, match="msgpack map"):
+            await inbox.notify("alice", msgpack.packb([1, 2, 3]))
+        await inbox.notify("alice", envelope("x"))
+        for n in range(MAX_DEVICES + 20):
+            await inbox.ack("alice", f"device-{n}", 1)
+        if store.redis is not None:
+            assert store.redis.hlen("{hub:user:alice}:inbox:acks") <= MAX_DEVICES
+
+    check(body)
+
+
+def test_reads_of_unknown_users_create_nothing_and_every_key_expires(
+    redis_server: RedisServer,
+) -> None:
+    async def main() -> None:
+        async with redis_store(redis_server.url, 10, 3600) as store:
+            inbox = store.inbox
+            assert store.redis is not None
+            for n in range(200):
+                await inbox.read(f"stranger-{n}", since=0)
+                await inbox.read(f"stranger-{n}", device="d")
+                await inbox.mark_read(f"stranger-{n}", 5)
+            assert store.redis.dbsize() == 0
+            for n in range(30):
+                await inbox.notify("alice", envelope(n), id=f"id-{n}", collapse_key=f"k{n % 3}")
+            await inbox.ack("alice", "phone", 3)
+            await inbox.mark_read("alice", 2)
+            await inbox.schedule_fallback("alice", 30, time.time() + 60)
+            keys = store.redis.keys("*")
+            assert len(keys) == 7
+            for key in keys:
+                assert 0 < store.redis.pttl(key) <= 3600_000, key
+
+    run(main)
+
+
+def test_a_user_lives_on_one_cluster_shard(redis_cluster: LocalCluster) -> None:
+    """Every key of a user is in the slot of the user's pub/sub name, so the scripts run (no
+    CROSSSLOT) and SPUBLISH reaches that shard's subscribers."""
+
+    async def main() -> None:
+        router = Router.from_url(redis_cluster.url)
+        inbox = RedisInbox(router, size=10, ttl=60)
+        try:
+            for user in ("alice", "bob", "carol", "dave"):
+                sent = await inbox.notify(user, envelope(user), id="x", collapse_key="k")
+                assert sent.seq == 1
+                await inbox.ack(user, "phone", 1)
+                await inbox.mark_read(user, 1)
+                page = await inbox.read(user, since=0)
+                assert [unpack(e)["data"] for e in page.entries] == [user]
+                await inbox.schedule_fallback(user, 1, time.time() - 1)
+            assert await inbox.claim_due() == []  # all acknowledged
+        finally:
+            await router.close()
+
+    run(main)
+
+
+def test_two_processes_never_claim_the_same_fallback(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        routers = [Router.from_url(redis_server.url) for _ in range(2)]
+        inboxes = [RedisInbox(r, size=1000, ttl=3600) for r in routers]
+        try:
+            for n in range(300):
+                await inboxes[0].notify(f"u{n % 30}", envelope(n))
+            now = time.time()
+            for n in range(30):
+                for seq in range(1, 11):
+                    await inboxes[0].schedule_fallback(f"u{n}", seq, now - 1)
+
+            async def drain(inbox: RedisInbox) -> list[tuple[str, int]]:
+                got: list[tuple[str, int]] = []
+                while batch := await inbox.claim_due(limit=7):
+                    got += [(d.user, d.seq) for d in batch]
+                return got
+
+            a, b = await asyncio.gather(drain(inboxes[0]), drain(inboxes[1]))
+            assert not set(a) & set(b)
+            assert len(a) + len(b) == 300
+        finally:
+            for router in routers:
+                await router.close()
+
+    run(main)
