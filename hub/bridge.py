@@ -27,7 +27,6 @@ import logging
 import math
 import random
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -38,6 +37,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from .broker import Broker, BrokerHandler, Publication
+from .config import mask_url
 from .errors import HubUnavailable
 from .history import HistoryPage
 from .publisher import (
@@ -69,16 +69,6 @@ def _unpack(payload: bytes) -> Any:
     # crosses one process: str stays str, bin stays bytes, extension types (timestamps too) stay
     # themselves (JSON clients get such pushes as msgpack, see docs/protocol.md "Pushes").
     return msgpack.unpackb(payload, raw=False, strict_map_key=True)
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 class _RateLimited:
@@ -631,7 +621,7 @@ class RedisBroker(Broker):
     def _setup(self) -> None:
         """The one link of a single Redis, always subscribed to ``all`` and ``ctl``."""
         self._pool = ConnectionPool.from_url(self.url, **self._sub_kwargs)
-        self._main = _Link(self, self._pool.make_connection, _redact(self.url))
+        self._main = _Link(self, self._pool.make_connection, mask_url(self.url))
         self._main.wanted.update((self._all, self._ctl))
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -646,7 +636,7 @@ class RedisBroker(Broker):
         except TimeoutError:
             pass
         if not self.ready:
-            log.warning("redis at %s is not reachable yet; retrying", _redact(self.url))
+            log.warning("redis at %s is not reachable yet; retrying", mask_url(self.url))
 
     def _boot(self) -> asyncio.Future[None]:
         """Start the link(s); done after the first connection attempt."""
@@ -914,7 +904,7 @@ class RedisClusterBroker(RedisBroker):
                 await self._map.refresh()
                 break
             except (RedisError, OSError, TimeoutError) as exc:
-                url = _redact(self.url)
+                url = mask_url(self.url)
                 self._log_map(log.warning, "redis cluster at %s unreachable: %s", url, exc)
             delay = min(self.backoff_max, self.backoff_min * 2**attempt)
             attempt = min(attempt + 1, 30)

@@ -17,7 +17,7 @@ import urllib.request
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, load_settings, summary
 from .tokens import mint_token
 
 log = logging.getLogger("hub")
@@ -54,7 +54,7 @@ async def _serve(settings: Settings) -> None:
     await hub.start()
     tune_gc()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    log.info("hub %s ready: ws://%s:%d/ws", __version__, host, hub.port)
+    log.info("hub %s ready: ws://%s:%d/ws  %s", __version__, host, hub.port, summary(settings))
     if settings.insecure:
         log.info("dev mode (no auth, loopback only): open http://%s:%d/", host, hub.port)
     try:
@@ -80,7 +80,11 @@ def cmd_token(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     secret = args.secret or settings.token_secret
     if not secret:
-        print("hub: token: no secret (pass --secret or set HUB_TOKEN_SECRET)", file=sys.stderr)
+        print(
+            "hub: token: no secret (pass --secret or set HUB_TOKEN_SECRET);"
+            " dev mode needs no token: connect with ?user=<id>",
+            file=sys.stderr,
+        )
         return 2
     channels = args.channels.split(",") if args.channels else None
     print(mint_token(args.user, secret, ttl=args.ttl or None, channels=channels))
@@ -141,10 +145,11 @@ def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> i
     except Exception as exc:  # redis-py raises several families for an unreachable server
         print(f"hub: publish: redis {args.redis}: {exc}", file=sys.stderr)
         return 1
-    result: dict[str, Any] = {"processes": int(receivers)}
+    # The HTTP API's answer, so that one command prints one shape whichever way it publishes.
+    result: dict[str, Any] = {}
     if getattr(receivers, "offset", None) is not None:
         result.update(offset=receivers.offset, epoch=receivers.epoch)  # type: ignore[attr-defined]
-    print(json.dumps({"result": result}))
+    print(json.dumps({"result": result}, separators=(",", ":")))
     return 0
 
 

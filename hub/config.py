@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HubError
+from .tokens import TokenVerifier
 
-__all__ = ["ConfigError", "Namespace", "Settings", "load_settings"]
+__all__ = ["ConfigError", "Namespace", "Settings", "load_settings", "mask_url", "summary"]
 
 
 class ConfigError(HubError):
@@ -169,36 +171,42 @@ def load_settings(
 ) -> Settings:
     """Build settings from the file, then the environment, then explicit overrides (flags)."""
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
+    # Each field's winning layer is found first and only that value is checked: a bad value that
+    # a flag (or the environment) overrides is not in use, so it is not an error.
+    raw: dict[str, tuple[str, Any]] = {}  # field -> (the name an error gives, the raw value)
+    namespaces: dict[str, Namespace] | None = None
     path = config_file or env.get("HUB_CONFIG")
     if path:
         try:
             with Path(path).open("rb") as f:
-                raw = tomllib.load(f)
+                table = tomllib.load(f)
         except OSError as exc:
             raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
-        section = raw.get("hub", raw)
+        section = table.get("hub", table)
         for key, value in section.items():
             if key == "namespaces":
-                values["namespaces"] = _namespaces(value)
+                namespaces = _namespaces(value)
                 continue
-            f = _FIELDS.get(key)
-            if f is None:
+            if key not in _FIELDS:
                 raise ConfigError(f"{key}: unknown setting")
-            values[key] = _coerce(key, value, str(f.type))
-    for key, f in _FIELDS.items():
+            raw[key] = (key, value)
+    for key in _FIELDS:
         raw_env = env.get(f"HUB_{key.upper()}")
         if raw_env is not None and key != "namespaces":
-            values[key] = _coerce(f"HUB_{key.upper()}", raw_env, str(f.type))
+            raw[key] = (f"HUB_{key.upper()}", raw_env)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        f = _FIELDS.get(key)
-        if f is None:
+        if key not in _FIELDS:
             raise ConfigError(f"{key}: unknown setting")
-        values[key] = _coerce(f"--{key.replace('_', '-')}", value, str(f.type))
+        raw[key] = (f"--{key.replace('_', '-')}", value)
+    values: dict[str, Any] = {
+        key: _coerce(name, value, str(_FIELDS[key].type)) for key, (name, value) in raw.items()
+    }
+    if namespaces is not None:
+        values["namespaces"] = namespaces
     settings = Settings(**values)
     if not settings.insecure and not (settings.token_secret or settings.token_public_key):
         # The zero-configuration default: dev mode, which validate() allows on loopback only.
@@ -241,3 +249,22 @@ def validate(s: Settings) -> None:
             f"token_secret: required to listen on {s.host!r} (dev mode without auth is for "
             "loopback addresses only); set HUB_TOKEN_SECRET or token_public_key"
         )
+
+
+def mask_url(url: str) -> str:
+    """``url`` fit for a log line: a password in it (``user:pw@`` or ``?password=``) is masked."""
+    url = re.sub(r"(//[^/@:]*:)[^/?#]*@", r"\1***@", url)  # up to the last @: p@ss too
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+
+
+def summary(s: Settings) -> str:
+    """What the ready line says besides the URL: the broker in use and the auth mode, so a log
+    shows at once whether processes are joined and whether connections need a token."""
+    broker = mask_url(s.redis_url) if s.redis_url else "memory"
+    modes = []
+    if s.token_secret or s.token_public_key:
+        verifier = TokenVerifier(s.token_secret, s.token_public_key, s.token_algorithms)
+        modes.append("jwt " + ",".join(verifier.algorithms))
+    if s.insecure:
+        modes.append("dev mode")
+    return f"broker: {broker}  auth: {' + '.join(modes)}"

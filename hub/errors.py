@@ -60,23 +60,27 @@ class BadRequest(ReplyError):
 
 
 class CloseCode(enum.IntEnum):
-    """Close codes the hub sends. Below 4500: reconnect (with backoff). 4500 and up: don't."""
+    """Every close code a hub sends: the one list the docs' close-code table is checked against
+    (tests/test_docs.py), and hub.js's reconnect rule with it. RFC 6455 codes come from the
+    WebSocket core (a malformed frame, bad UTF-8, a message over ``max_message_size``)."""
 
-    NORMAL = 1000
     SHUTDOWN = 1001  # server shutting down or restarting: reconnect
-    INTERNAL = 1011
+    PROTOCOL_ERROR = 1002  # a malformed frame: a broken client, reconnecting repeats it
+    INVALID_DATA = 1007  # invalid UTF-8 in a text message
+    MESSAGE_TOO_BIG = 1009  # a message over max_message_size
+    INTERNAL = 1011  # the hub failed, or no pong came within ping_timeout
     SLOW_CONSUMER = 4000  # could not keep up; reconnect and recover
-    CONNECTION_LIMIT = 4001  # the process is full; reconnect later, maybe elsewhere
     TOKEN_EXPIRED = 4002  # reconnect with a fresh token
     DISCONNECT_RECONNECT = 4003  # the backend disconnected this user, reconnect allowed
     UNAUTHORIZED = 4500  # no valid credentials
-    FORBIDDEN = 4501
     BAD_REQUEST = 4502  # repeated protocol abuse
     DISCONNECTED = 4503  # the backend disconnected this user for good
 
     @property
     def reconnect(self) -> bool:
-        return self.value < 4500
+        """4000-4499 and 1001/1011: reconnect with backoff; 4500 and up, and the codes of a
+        client that broke the protocol or the size limit: do not (it would only happen again)."""
+        return may_reconnect(self.value)
 
 
 #: Standard close codes after which reconnecting cannot help: the peer found the client's frames

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+
+# The ``source`` of ``hub_messages_published_total``: the HTTP API, a client's ``publish``
+# command, or Python code calling ``Node.publish`` in-process. Backends that publish straight to
+# Redis do not pass through a hub, so no hub counts them.
+PublishSource = Literal["http", "client", "api"]
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "multiprocess_dir"]
 

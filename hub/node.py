@@ -21,7 +21,7 @@ from .codec import CODECS, MSGPACK, check_data, json_bytes
 from .config import Namespace, Settings
 from .errors import CloseCode, HubUnavailable
 from .history import HistoryPage
-from .metrics import Metrics
+from .metrics import Metrics, PublishSource
 from .presence import MemoryPresence, Presence
 from .recovery import Tracker
 from .registry import Registry
@@ -175,7 +175,7 @@ class Node:
     # -- server-side API -----------------------------------------------------------------------
 
     async def publish(
-        self, channel: str, data: Any, *, source: str = "api", **meta: Any
+        self, channel: str, data: Any, *, source: PublishSource = "api", **meta: Any
     ) -> tuple[int, str] | None:
         """Publish to a channel; on a channel with history, its ``(offset, epoch)``."""
         check_data(data)

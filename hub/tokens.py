@@ -62,6 +62,11 @@ class TokenVerifier:
             if asym:
                 self._keys.append((public_key, asym))
 
+    @property
+    def algorithms(self) -> list[str]:
+        """The algorithms a token may be signed with, given the configured keys."""
+        return [a for _, algorithms in self._keys for a in algorithms]
+
     def verify(self, token: str) -> Credentials:
         try:
             header = jwt.get_unverified_header(token)

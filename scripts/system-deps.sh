@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the test suite drives for real: redis-server (private Redis instances), nginx and
 # prometheus (the deploy end-to-end test), docker-compose (validates docker-compose.yml without an
-# engine) and chromium (the browser tests). Installs only what is missing, with apt-get (Debian).
+# engine), chromium (the browser tests), node with npm and curl (the docs' examples, run as written).
+# Installs only what is missing, with apt-get (Debian).
 set -euo pipefail
 declare -A package=(
   [redis-server]=redis-server
@@ -9,6 +10,9 @@ declare -A package=(
   [prometheus]=prometheus
   [docker-compose]=docker-compose
   [chromium]=chromium
+  [node]=nodejs
+  [npm]=npm
+  [curl]=curl
 )
 missing=()
 for cmd in "${!package[@]}"; do

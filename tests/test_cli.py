@@ -131,10 +131,12 @@ def test_token_secret_from_the_environment() -> None:
     assert jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == "carol"
 
 
-def test_token_without_a_secret_exits_2() -> None:
+def test_token_without_a_secret_exits_2_and_says_what_dev_mode_takes() -> None:
     result = hub("token", "--user", "alice")
-    assert result.returncode == 2
-    assert "secret" in result.stderr
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert "--secret" in result.stderr and "HUB_TOKEN_SECRET" in result.stderr
+    assert "?user=" in result.stderr
 
 
 # --- serve + publish -----------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def test_publish_through_http_to_a_running_hub(served: int) -> None:
 
             code, out, err = await hub_cli("publish", "news", '{"n": 1}', "--http", base)
             assert code == 0, err
-            assert '"result"' in out
+            assert out == '{"result":{}}\n'
             assert await within(alice.recv()) == '{"channel":"news","data":{"n":1}}'
 
             # Not JSON: published as a string. Base URL from the environment's port.
@@ -270,3 +272,49 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_threshold() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def serve_until_ready(*args: str, env: dict[str, str]) -> str:
+    """Start ``hub serve ARGS``, return its stderr up to the ready line, then stop it."""
+    proc = subprocess.Popen(
+        [HUB, "serve", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, f"hub serve exited: {''.join(lines)}"
+            lines.append(line)
+            if " ready: ws://" in line:
+                return "".join(lines)
+        raise AssertionError("no ready line")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_a_flag_overrides_a_bad_environment_value() -> None:
+    """``HUB_PORT=abc hub serve --port P`` serves on P; without the flag it is the one-line
+    config error (exit 2)."""
+    port = free_port()
+    log = serve_until_ready("--port", str(port), env=clean_env(HUB_PORT="abc"))
+    assert f"ready: ws://127.0.0.1:{port}/ws  broker: memory  auth: dev mode" in log
+    result = hub("serve", env=clean_env(HUB_PORT="abc"))
+    assert result.returncode == 2
+    assert result.stderr == "hub: config error: HUB_PORT: expected int, got 'abc'\n"
+
+
+def test_the_ready_line_names_broker_and_auth_without_secrets() -> None:
+    port = free_port()
+    secret = "ready-line-secret-0123456789abcdef"
+    redis_url = f"redis://hub:redispass@127.0.0.1:{free_port()}/0"  # nothing listens: not needed
+    env = clean_env(HUB_TOKEN_SECRET=secret, HUB_REDIS_URL=redis_url)
+    log = serve_until_ready("--port", str(port), env=env)
+    ready = next(line for line in log.splitlines() if " ready: ws://" in line)
+    masked = redis_url.replace("redispass", "***")
+    assert ready.endswith(f"ready: ws://127.0.0.1:{port}/ws  broker: {masked}  auth: jwt HS256")
+    assert "redispass" not in log and secret not in log

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hubfix import SECRET, make_settings
 
-from hub.config import ConfigError, Namespace, Settings, load_settings
+from hub.config import ConfigError, Namespace, Settings, load_settings, summary
 
 FILE = """
 port = 1111
@@ -178,3 +178,50 @@ def test_an_empty_api_key_is_refused(value: str) -> None:
     """A blank key would accept a blank X-API-Key header: a Secret or env file left unfilled."""
     with pytest.raises(ConfigError, match="api_key: must not be empty"):
         load_settings(None, env={"HUB_API_KEY": value})
+
+
+def test_an_overridden_bad_value_is_not_an_error(tmp_path: Path) -> None:
+    """Only the value in use is checked: a flag overrides a bad HUB_PORT, the environment a bad
+    file value. The same bad value, when it is the one in use, still stops the hub."""
+    s = load_settings(env={"HUB_PORT": "abc"}, overrides={"port": 18770})
+    assert s.port == 18770
+    path = write(tmp_path, 'port = "abc"\nmax_connections = "many"\n')
+    s = load_settings(path, env={"HUB_MAX_CONNECTIONS": "5"}, overrides={"port": 9001})
+    assert (s.port, s.max_connections) == (9001, 5)
+    with pytest.raises(ConfigError, match="HUB_PORT"):
+        load_settings(env={"HUB_PORT": "abc"})
+    with pytest.raises(ConfigError, match="max_connections"):
+        load_settings(path, env={}, overrides={"port": 9001})
+    with pytest.raises(ConfigError, match="bogus: unknown setting"):  # unknown stays an error
+        load_settings(write(tmp_path, "bogus = 1\n"), env={}, overrides={"port": 9001})
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:s3cret@10.0.0.1:6379", "redis://:***@10.0.0.1:6379"),
+        ("rediss://hub:p%40ss@redis.example:6380/1", "rediss://hub:***@redis.example:6380/1"),
+        (
+            "redis+cluster://hub:pw@10.0.0.1:7000,10.0.0.2:7000",
+            "redis+cluster://hub:***@10.0.0.1:7000,10.0.0.2:7000",
+        ),
+        ("unix:///run/redis.sock?db=0&password=pw", "unix:///run/redis.sock?db=0&password=***"),
+        ("redis://hub@10.0.0.1:6379", "redis://hub@10.0.0.1:6379"),
+        ("redis://u:p@ss@10.0.0.1", "redis://u:***@10.0.0.1"),
+    ],
+)
+def test_the_ready_line_masks_redis_passwords(url: str, shown: str) -> None:
+    s = load_settings(env={}, overrides={"redis_url": url})
+    assert summary(s) == f"broker: {shown}  auth: dev mode"
+    assert "s3cret" not in summary(s) and "pw" not in summary(s).replace("password", "")
+
+
+def test_the_ready_line_names_the_auth_mode() -> None:
+    assert summary(load_settings(env={})) == "broker: memory  auth: dev mode"
+    s = load_settings(env={"HUB_TOKEN_SECRET": "x" * 32})
+    assert summary(s) == "broker: memory  auth: jwt HS256"
+    s = load_settings(env={"HUB_TOKEN_SECRET": "x" * 32, "HUB_TOKEN_ALGORITHMS": "HS256,HS512"})
+    assert summary(s) == "broker: memory  auth: jwt HS256,HS512"
+    s = load_settings(env={"HUB_TOKEN_SECRET": "x" * 32}, overrides={"insecure": True})
+    assert summary(s) == "broker: memory  auth: jwt HS256 + dev mode"

@@ -5,15 +5,20 @@ points to exists. A new setting or metric without its line in the README fails h
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import shutil
+import subprocess
 import tomllib
+import typing
+import warnings
 from pathlib import Path
 
 import pytest
 
 from hub.config import Namespace, Settings, load_settings
 from hub.errors import CloseCode
-from hub.metrics import Metrics
+from hub.metrics import Metrics, PublishSource
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -74,13 +79,66 @@ def test_the_namespace_example_names_every_option_and_loads(tmp_path: Path) -> N
     assert settings.namespace("chat:lobby").publish is True
 
 
-def test_every_close_code_is_in_the_table() -> None:
-    rows = table_rows(section("Close codes"))
+def close_code_table(text: str) -> str:
+    """The table under "## Close codes" of a markdown page."""
+    start = text.index("\n## Close codes\n")
+    table = re.search(r"\n(\| code \|.*?\n)(?!\|)", text[start:], re.S)
+    assert table is not None, "no close-code table"
+    return table.group(1)
+
+
+def test_one_close_code_table_everywhere_matching_the_code() -> None:
+    """README.md and docs/protocol.md carry the same table, and it lists exactly the codes of
+    hub.errors.CloseCode (the codes the hub sends), with the advice its reconnect rule gives."""
+    readme = close_code_table(README)
+    assert close_code_table((ROOT / "docs" / "protocol.md").read_text()) == readme
+    rows = table_rows(readme)
+    del rows["code"]
+    assert sorted(rows) == sorted(str(int(code)) for code in CloseCode)
     for code in CloseCode:
-        assert str(int(code)) in rows, f"close code {int(code)} ({code.name}) undocumented"
         advice = rows[str(int(code))][2]
-        if code >= 4000:
-            assert ("not reconnect" in advice) == (not code.reconnect), code
+        assert advice.startswith("not reconnect" if not code.reconnect else "reconnect"), code
+
+
+def test_hub_js_follows_the_same_reconnect_rule() -> None:
+    """hub.js's mayReconnect, run in Node, agrees with CloseCode.reconnect on every code."""
+    node = shutil.which("node")
+    assert node is not None, "node is needed (scripts/system-deps.sh installs nodejs)"
+    codes = [int(code) for code in CloseCode]
+    script = (
+        f"import {{ mayReconnect }} from {json.dumps((ROOT / 'hub/static/hub.js').as_uri())};"
+        f"console.log(JSON.stringify({json.dumps(codes)}.map(mayReconnect)));"
+    )
+    done = subprocess.run(
+        [node, "--input-type=module", "-e", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert json.loads(done.stdout) == [CloseCode(code).reconnect for code in codes]
+
+
+def test_the_published_sources_are_the_documented_ones() -> None:
+    cell = table_rows(section("Metrics"))["hub_messages_published_total{source}"][2]
+    documented = set(re.findall(r"`(\w+)` \(", cell))
+    assert documented == set(typing.get_args(PublishSource))
+
+
+def test_the_build_metadata_loads_without_deprecation_warnings() -> None:
+    """pyproject.toml as the build backend reads it: ``project.license`` is an SPDX string, so a
+    first install prints no setuptools deprecation warning; the build requires a setuptools that
+    knows that form."""
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["build-system"]["requires"] == ["setuptools>=77"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), str(ROOT / "pyproject.toml"))
+    assert [str(w.message) for w in caught if "license" in str(w.message).lower()] == []
+    assert dist.metadata.license_expression == "MIT"
 
 
 def test_every_metric_is_in_the_table() -> None:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hub import __version__
-from hub.config import ConfigError, Settings
+from hub.config import ConfigError, Settings, summary
 
 from .worker import encode_settings
 
@@ -501,12 +501,13 @@ class Supervisor:
         s = self.settings
         host = f"[{s.host}]" if ":" in s.host else s.host
         log.info(
-            "hub %s ready: ws://%s:%d/ws (%d workers, supervisor pid %d)",
+            "hub %s ready: ws://%s:%d/ws (%d workers, supervisor pid %d)  %s",
             __version__,
             host,
             self.port,
             len(self.slots),
             os.getpid(),
+            summary(s),
         )
         if s.insecure:
             log.info("dev mode (no auth, loopback only): open http://%s:%d/", host, self.port)
