@@ -124,6 +124,7 @@ RUN = {
     "docs/publish-api.md > Node.js #0": "test_node_redis_example_delivers_and_exits",
     "docs/publish-api.md > redis-cli #0": "test_redis_cli_payload_bin",
     "docs/publish-api.md > redis-cli #1": REDIS_CLI_PRINTF,
+    "docs/client-python.md > hub.client: the Python client #1": "test_python_client_example",
     f"{WORKERS} #0": "test_workers_command_and_log",
     f"{WORKERS} #1": "test_workers_command_and_log",
     "docs/operations.md > Redis access control #0": (
@@ -162,6 +163,14 @@ EXCLUDED = {
     "docs/publish-api.md > Python #2": (
         "addresses of a real multi-host Redis Cluster; the cluster publishers run against a "
         "private cluster in tests/test_cluster.py"
+    ),
+    "docs/client-python.md > hub.client: the Python client #0": (
+        "installs from a package index (where the name hub may be another project); the extra is "
+        "in this venv already, and tests/test_packaging.py installs the wheel in a fresh one"
+    ),
+    "docs/operations.md > Kubernetes #0": (
+        "needs a Kubernetes cluster; tests/test_kubernetes.py validates the manifests and runs "
+        "the pod's command locally"
     ),
     "docs/operations.md > Deploying #0": (
         "needs a Docker engine; tests/test_deploy.py runs the same topology without Docker"
@@ -493,6 +502,30 @@ def test_protocol_token_command() -> None:
             with pytest.raises(ConnectionClosed) as closed:
                 conn.recv(timeout=TIMEOUT)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4500
+
+
+# -- docs/client-python.md ----------------------------------------------------------------------
+
+
+def test_python_client_example(tmp_path: Path) -> None:
+    """The example publishes on chat:lobby (a namespace that allows it, as its comment says) and
+    prints its own message; it then waits for more, so it is stopped here."""
+    code = block("docs/client-python.md", "hub.client: the Python client", 1).text
+    with serving(config="[namespaces.chat]\npublish = true\n") as hub:
+        (tmp_path / "client.py").write_text(localize(code, hub.port))
+        proc = subprocess.Popen(
+            [sys.executable, "client.py"],
+            cwd=tmp_path,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            Output(proc).wait_for("chat:lobby {'text': 'hi'}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=TIMEOUT)
 
 
 # -- docs/http-api.md ----------------------------------------------------------------------------
