@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from . import ws
+from .admin import Admin
 from .broker import Broker
 from .codec import BY_SUBPROTOCOL, JSON
 from .config import Settings
@@ -54,7 +55,10 @@ class Hub:
                 settings.redis_url, settings.redis_prefix, settings.presence_ttl
             )
         self.node = Node(settings, broker, presence=presence)
-        self.api = HttpApi(self.node, settings.api_key, settings.insecure)
+        self.admin: Admin | None = None
+        if settings.admin:
+            self.admin = self.node.admin = Admin(self.node)
+        self.api = HttpApi(self.node, settings.api_key, settings.insecure, self.admin)
         self.verifier: TokenVerifier | None = None
         if settings.token_secret or settings.token_public_key:
             self.verifier = TokenVerifier(
@@ -72,6 +76,8 @@ class Hub:
                 "insecure dev mode: anonymous users, no api key; never expose this to a network"
             )
         await self.node.start()
+        if self.admin is not None:
+            self.admin.start()
         if "sock" not in serve_kwargs:
             serve_kwargs.setdefault("host", s.host)
             serve_kwargs.setdefault("port", s.port)
@@ -99,6 +105,8 @@ class Hub:
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
+        if self.admin is not None:
+            await self.admin.close()
         await self.node.close()
 
     async def drain(self, seconds: float | None = None) -> None:

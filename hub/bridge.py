@@ -771,6 +771,11 @@ class RedisBroker(Broker):
         payload = msgpack.packb(envelope, use_bin_type=True)
         await self._publishing(self._pub()._publish(self.names.channel(channel), payload))
 
+    async def control(self, message: dict[str, Any]) -> None:
+        """On the control channel every process listens on (hub.admin's heartbeats, searches)."""
+        payload = msgpack.packb(message, use_bin_type=True)
+        await self._publishing(self._pub()._publish(self.names.ctl, payload))
+
     # -- incoming messages ---------------------------------------------------------------------
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
@@ -840,6 +845,13 @@ class RedisBroker(Broker):
         op = message.get("op")
         if not isinstance(op, str):
             self._malformed(name, "control message without op")
+            return
+        if op.startswith("admin."):
+            try:
+                if not self.handler.on_admin(message):
+                    self._malformed(name, f"bad {op[:40]} message")
+            except Exception:
+                self._handler_failed()
             return
         if op != "disconnect":
             log.debug("ignoring control message %r", op)  # a newer hub's: forward compatible

@@ -43,6 +43,8 @@ class BrokerHandler(Protocol):
         self, channel: str, join: list[dict[str, Any]], leave: list[dict[str, Any]]
     ) -> None: ...
 
+    def on_admin(self, message: dict[str, Any]) -> bool: ...
+
 
 class Broker(abc.ABC):
     """Interface between the node and the transport that links processes."""
@@ -117,6 +119,13 @@ class Broker(abc.ABC):
         if self.handler is None:
             raise RuntimeError("broker not started")
         self.handler.on_join_leave(channel, join, leave)
+
+    async def control(self, message: dict[str, Any]) -> None:
+        """An admin control message (``op`` starting with ``admin.``, see hub.admin) to every
+        process, this one included. Here: this process only."""
+        if self.handler is None:
+            raise RuntimeError("broker not started")
+        self.handler.on_admin(message)
 
 
 class MemoryBroker(Broker):

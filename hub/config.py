@@ -60,6 +60,7 @@ class Settings:
     token_public_key: str | None = None
     token_algorithms: list[str] = field(default_factory=lambda: ["HS256", "RS256", "ES256"])
     api_key: str | None = None
+    admin: bool = False
     allowed_origins: list[str] = field(default_factory=list)
     max_connections: int = 0
     max_subscriptions: int = 128
@@ -228,6 +229,8 @@ def validate(s: Settings) -> None:
     if s.api_key is not None and not s.api_key.strip():
         # An empty key would match an empty X-API-Key header: a Secret or env file left blank.
         raise ConfigError("api_key: must not be empty (leave it unset to turn the http api off)")
+    if s.admin and not s.api_key:
+        raise ConfigError("admin: the admin page needs api_key (it is behind the api key)")
     if s.outbound_buffer < 1024:
         raise ConfigError("outbound_buffer: must be at least 1024 bytes")
     if s.redis_url is not None and not s.redis_url.startswith(

@@ -4,7 +4,8 @@
 browser client), ``GET /api/stats`` (this process's counts), ``/`` (a demo page, dev mode only),
 and the API for backends: ``POST /api/publish|broadcast|send|disconnect|history|presence|``
 ``presence_stats`` with a JSON body and an API key in ``Authorization: apikey <key>`` or
-``X-API-Key``. Errors are JSON with a fitting status.
+``X-API-Key``. Errors are JSON with a fitting status. With ``admin = true``: ``/admin`` (the admin
+page and its script, which hold no data) and ``GET /admin/api/overview|user`` behind the API key.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hmac
 import importlib.resources
 import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ from .session import check_channel, history_result, parse_history
 from .ws import Headers, Request, Response
 
 if TYPE_CHECKING:
+    from .admin import Admin
     from .node import Node
 
 __all__ = ["HttpApi"]
@@ -88,12 +91,37 @@ class StaticFile:
 #: Seconds a browser may use /hub.js without asking again.
 CLIENT_MAX_AGE = 600
 
+#: On every admin response: nothing cached, no framing (the page has a disconnect button), and
+#: nothing but the hub's own script and style, so an injected name cannot run or load anything.
+ADMIN_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+)
+#: Longest user id a search accepts.
+MAX_USER_QUERY = 1000
+
 
 class HttpApi:
-    def __init__(self, node: Node, api_key: str | None, insecure: bool) -> None:
+    def __init__(
+        self, node: Node, api_key: str | None, insecure: bool, admin: Admin | None = None
+    ) -> None:
         self.node = node
         self.api_key = api_key
         self.insecure = insecure
+        self.admin = admin
+        self.admin_files: dict[str, StaticFile] = {}
+        if admin is not None:
+            self.admin_files = {
+                "/admin": StaticFile("admin.html", "text/html; charset=utf-8"),
+                "/admin/admin.js": StaticFile("admin.js", "text/javascript; charset=utf-8"),
+                "/admin/admin.css": StaticFile("admin.css", "text/css; charset=utf-8"),
+            }
         self.routes: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "/api/publish": self._publish,
             "/api/broadcast": self._broadcast,
@@ -127,6 +155,8 @@ class HttpApi:
             return self.demo.response(request, 0)
         if path == "/api/stats":
             return self._stats(request)
+        if path == "/admin" or path.startswith("/admin/"):
+            return await self._admin(request, path)
         route = self.routes.get(path)
         if route is None:
             return _json(404, {"error": {"message": "not found"}})
@@ -171,6 +201,42 @@ class HttpApi:
         response = _json(200, {"result": result})
         response.headers["Cache-Control"] = "no-store"
         return response
+
+    async def _admin(self, request: Request, path: str) -> Response:
+        """The admin page's files (no data in them) and its API (behind the key); all 404 while
+        the admin page is off."""
+        if self.admin is None:
+            return _json(404, {"error": {"message": "not found"}})
+        try:
+            if request.method != "GET":
+                raise ApiError(405, "use GET")
+            static = self.admin_files.get(path)
+            if static is not None:
+                response = static.response(request, 0)
+                del response.headers["Cache-Control"]
+            else:
+                self._check_key(request)
+                response = _json(200, {"result": await self._admin_api(self.admin, request, path)})
+        except ApiError as exc:
+            response = _json(exc.status, {"error": {"message": exc.message}})
+            if exc.status == 405:
+                response.headers["Allow"] = "GET"
+        for name, value in ADMIN_HEADERS:
+            response.headers[name] = value
+        return response
+
+    @staticmethod
+    async def _admin_api(admin: Admin, request: Request, path: str) -> dict[str, Any]:
+        if path == "/admin/api/overview":
+            return admin.overview()
+        if path == "/admin/api/user":
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+            users = query.get("user", [])
+            if len(users) != 1 or not users[0] or len(users[0]) > MAX_USER_QUERY:
+                raise ApiError(400, f"invalid query: user (one, of 1 to {MAX_USER_QUERY} chars)")
+            found, everywhere = await admin.find_user(users[0])
+            return {"user": users[0], "connections": found, "everywhere": everywhere}
+        raise ApiError(404, "not found")
 
     def _check_key(self, request: Request) -> None:
         if self.api_key is None:

@@ -30,6 +30,7 @@ from .ws.connection import WriteCoalescer
 from .ws.frames import Opcode
 
 if TYPE_CHECKING:
+    from .admin import Admin
     from .session import Session
 
 __all__ = ["Node", "Push"]
@@ -150,6 +151,8 @@ class Node:
         self._join_leave_sends: set[asyncio.Task[None]] = set()
         # Sessions joining a history channel, by channel (see hub.recovery).
         self._tracked: dict[str, dict[Session, Tracker]] = {}
+        #: The admin page's view (``admin = true``), which takes the admin control messages.
+        self.admin: Admin | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -478,6 +481,10 @@ class Node:
             self._enqueue(CHANNEL, channel, {"channel": channel, "join": join})
         if leave:
             self._enqueue(CHANNEL, channel, {"channel": channel, "leave": leave})
+
+    def on_admin(self, message: dict[str, Any]) -> bool:
+        """An admin control message; False if malformed. Ignored with the admin page off."""
+        return True if self.admin is None else self.admin.on_message(message)
 
     def on_gap(self, channels: Iterable[str]) -> None:
         """Messages may have been lost on these channels: tell their subscribers at once."""
