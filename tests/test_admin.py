@@ -23,7 +23,8 @@ import redis
 import redis.asyncio as aioredis
 from hubfix import API_KEY, client, eventually, make_settings, metric, running, scrape
 from hubfix import http as http_request
-from test_browser import WAIT, HubProcess, browser, client_page, context, hubs, wait_js  # noqa: F401
+from hubproc import WAIT, HubProcess
+from test_browser import browser, client_page, context, wait_js  # noqa: F401
 from wshelp import run, within
 
 from hub import admin as admin_module
@@ -33,7 +34,7 @@ from hub.config import ConfigError
 if TYPE_CHECKING:
     from redisfix import RedisServer
 
-pytest_plugins = ["redisfix"]
+pytest_plugins = ["redisfix", "hubproc"]
 
 KEY_HEADER = {"X-API-Key": API_KEY}
 ADMIN_TOML = f'admin = true\napi_key = "{API_KEY}"\n[namespaces.chat]\npublish = true\n'
@@ -263,7 +264,7 @@ def canvas(page: Any, name: str) -> str:
 
 def test_admin_page_in_chromium(
     context: Any,  # noqa: F811
-    hubs: Callable[..., HubProcess],  # noqa: F811
+    hubs: Callable[..., HubProcess],
     redis_server: RedisServer,
 ) -> None:
     from playwright.sync_api import expect
@@ -334,7 +335,7 @@ def test_admin_page_in_chromium(
 
 def test_the_page_locks_itself_when_the_key_stops_working(
     context: Any,  # noqa: F811
-    hubs: Callable[..., HubProcess],  # noqa: F811
+    hubs: Callable[..., HubProcess],
 ) -> None:
     """A key kept from an earlier visit that the hub no longer accepts: back to the key form."""
     from playwright.sync_api import expect
