@@ -229,4 +229,4 @@ async def _close_quietly(connection: ws.ServerConnection) -> None:
     try:
         await connection.close(1001, "going away")
     except Exception:
-        connection.transport.abort()
+        connection.abort()

@@ -85,9 +85,9 @@ class Session:
             self.node.metrics.slow_consumers.inc()
             log.info("closing slow consumer %r (%d bytes pending)", self, buffered)
             connection._fail(CloseCode.SLOW_CONSUMER, "slow consumer")
-            # The close frame waits behind the full buffer; don't hold that memory for long.
-            loop = asyncio.get_running_loop()
-            loop.call_later(SLOW_CONSUMER_GRACE, transport.abort)
+            # The close frame waits behind the full buffer; a client that does not read it
+            # within the grace is reset, which frees the kernel's send queue too.
+            asyncio.get_running_loop().call_later(SLOW_CONSUMER_GRACE, connection.abort)
             return 0
         connection._write(frame)
         return len(frame)

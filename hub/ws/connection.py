@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import struct
 import uuid
 import weakref
 from collections import deque
@@ -29,6 +31,8 @@ __all__ = ["Data", "ServerConnection", "WriteCoalescer"]
 Data = str | bytes
 OP_TEXT, OP_BINARY, OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 OP_PING, OP_PONG, OP_CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
+#: struct linger {l_onoff = 1, l_linger = 0}: close() then sends RST and drops the send queue.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class WriteCoalescer:
@@ -504,6 +508,29 @@ class ServerConnection(asyncio.Protocol):
             waiter = self._closed_waiter = self.server.loop.create_future()
         await asyncio.shield(waiter)
 
+    def abort(self) -> None:
+        """Reset the TCP connection now, dropping whatever is still queued for the peer.
+
+        For a peer the server gives up on (too slow, no pong, no closing handshake). A plain
+        close, even ``transport.abort()``, only discards what asyncio buffered: the kernel keeps
+        the orphaned socket with its unsent data (up to ``tcp_wmem`` max, 4 MB by default) and
+        the FIN behind it, and a peer that stopped reading advertises a zero window, so neither
+        leaves while it keeps the window shut. With ``SO_LINGER`` on and a zero timeout,
+        ``close`` sends a RST and frees the socket at once; the peer sees the connection reset.
+        A no-op once closed.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        self._wbuf = None
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except (OSError, ValueError):
+                pass  # already closed (uvloop's socket says so with ValueError), or not TCP
+        transport.abort()
+
     def _fail(self, code: int, reason: str) -> None:
         self.protocol.fail(code, reason)
         self._send_protocol_data()
@@ -514,15 +541,16 @@ class ServerConnection(asyncio.Protocol):
             self._close_timer = self.server.loop.call_later(timeout, self._abort)
 
     def _abort(self) -> None:
+        # The closing handshake did not finish within close_timeout: the peer is gone or not
+        # reading, and the close frame may sit behind an unread send queue.
         self._close_timer = None
-        if self.transport is not None:
-            self.transport.abort()
+        self.abort()
 
     def _open_timed_out(self) -> None:
         self._timer = None
         if self.protocol.state is CONNECTING:
             self.logger.debug("opening handshake timed out")
-            self.transport.abort()
+            self.abort()
 
     # -- keepalive -----------------------------------------------------------------------------
 

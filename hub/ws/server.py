@@ -229,7 +229,7 @@ class Server:
             await connection.close(code)
         except Exception:
             self.logger.error("closing handshake failed", exc_info=True)
-            connection.transport.abort()
+            connection.abort()
 
     # -- public API ----------------------------------------------------------------------------
 
