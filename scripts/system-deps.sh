@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the test suite drives for real: redis-server (private Redis instances), nginx and
 # prometheus (the deploy end-to-end test), docker-compose (validates docker-compose.yml without an
-# engine), chromium (the browser tests), node with npm and curl (the docs' examples, run as written).
+# engine), chromium (the browser tests), node with npm (hub.js under Node, tests/test_node.py, and
+# the docs' examples) and curl (the docs' examples, run as written).
 # Installs only what is missing, with apt-get (Debian).
 set -euo pipefail
 declare -A package=(

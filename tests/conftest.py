@@ -18,6 +18,7 @@ from types import ModuleType
 
 import pytest
 from hubproc import hubs  # noqa: F401 (the fixture of real ``hub serve`` processes)
+from nodefix import node_modules  # noqa: F401 (tests/node/node_modules, npm ci on first use)
 
 IMPL = os.environ.get("HUB_TEST_IMPL", "hub")
 

@@ -34,7 +34,7 @@ from hub.config import ConfigError
 if TYPE_CHECKING:
     from redisfix import RedisServer
 
-pytest_plugins = ["redisfix", "hubproc"]
+pytest_plugins = ["redisfix"]  # hubs (tests/hubproc.py) comes from conftest.py
 
 KEY_HEADER = {"X-API-Key": API_KEY}
 ADMIN_TOML = f'admin = true\napi_key = "{API_KEY}"\n[namespaces.chat]\npublish = true\n'

@@ -46,7 +46,6 @@ pytest_plugins = ["redisfix"]
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: hub, python
 HUB = str(BIN / "hub")
-NODE_DIR = ROOT / "tests" / "node"  # package.json of the npm packages the Node examples import
 TIMEOUT = 30
 SECRET = "doc-examples-secret-0123456789abcdef"
 
@@ -142,9 +141,13 @@ RUN = {
 EXCLUDED = {
     "docs/architecture.md > Architecture #0": "a diagram",
     "docs/ws-core.md > Layers #0": "a diagram of the modules",
-    "docs/client-js.md > hub.js: the browser client #0": (
+    "docs/client-js.md > hub.js: the JavaScript client #0": (
         "a template for the reader's app (hub.example.com, fetchTokenFromMyBackend, render); "
         "the README tour's module runs in Chromium here, hub.js itself in tests/test_browser.py"
+    ),
+    "docs/client-js.md > Node and bundlers #0": (
+        "a template (hub.example.com, the app's token); tests/test_node.py runs hub.js with ws "
+        "and with Node's global WebSocket against a real hub"
     ),
     "docs/publish-api.md > Redis Cluster #0": (
         "notation (<msgpack envelope>), and a cluster; SPUBLISH is run in tests/test_cluster.py"
@@ -678,29 +681,6 @@ def test_history_publish_plain_redis_py(redis_server: RedisServer, tmp_path: Pat
         "offset": 1,
         "epoch": epoch,
     }
-
-
-@pytest.fixture(scope="module")
-def node_modules() -> Path:
-    """tests/node/node_modules, installed from its package-lock.json on first use (npm ci)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    assert node and npm, "node and npm are needed: run `make sysdeps`"
-    modules = NODE_DIR / "node_modules"
-    stamp = modules / ".package-lock.json"
-    lock = NODE_DIR / "package-lock.json"
-    if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_DIR,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        assert done.returncode == 0, (
-            f"npm ci in {NODE_DIR} failed (registry reachable?):\n{done.stderr}"
-        )
-    return modules
 
 
 def run_node(code: str, cwd: Path, node_modules: Path) -> str:

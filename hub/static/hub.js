@@ -1,8 +1,13 @@
-// hub.js: the browser client of the hub (client protocol v1, docs/protocol.md; API in
-// docs/client-js.md). One dependency-free ES module: connect with a token, subscribe, publish,
-// reconnect with backoff and jitter, recover missed messages on history channels.
+// hub.js: the JavaScript client of the hub (client protocol v1, docs/protocol.md; API in
+// docs/client-js.md; types in hub.d.ts). One dependency-free ES module for browsers, Node and
+// bundlers: connect with a token, subscribe, publish, reconnect with backoff and jitter, recover
+// missed messages on history channels. It uses the global WebSocket, or the `WebSocket` option
+// (e.g. the `ws` package in Node versions without one).
 
-/** Close codes after which the client must not reconnect (docs/protocol.md, "Close codes"). */
+/**
+ * Close codes after which the client must not reconnect (docs/protocol.md, "Close codes"); the
+ * same rule as hub.errors.may_reconnect, checked against it by tests/test_node.py.
+ */
 export function mayReconnect(code) {
   if (code >= 4500 && code <= 4999) return false;
   return ![1002, 1003, 1007, 1008, 1009, 1010].includes(code);
@@ -25,7 +30,46 @@ const DEFAULTS = {
   maxDelay: 15000, // ms, cap of the exponential backoff
   stableAfter: 5000, // ms a connection must stay open before the backoff starts over
   timeout: 10000, // ms a command waits for its reply
+  WebSocket: null, // a WebSocket constructor (default: the global one), e.g. the ws package's
 };
+
+const OPEN = 1; // WebSocket.OPEN, the same in every implementation
+
+// CustomEvent is global in browsers and Node 19+; a minimal stand-in elsewhere.
+const DetailEvent =
+  globalThis.CustomEvent ??
+  class extends Event {
+    constructor(type, init = {}) {
+      super(type);
+      this.detail = init.detail;
+    }
+  };
+
+function resolveUrl(url) {
+  const base = globalThis.location?.href;
+  let out;
+  try {
+    out = new URL(url, base);
+  } catch {
+    throw new TypeError(`hub.js: not an absolute url (and no page to resolve it against): ${url}`);
+  }
+  if (out.protocol === "http:") out.protocol = "ws:";
+  if (out.protocol === "https:") out.protocol = "wss:";
+  if (out.protocol !== "ws:" && out.protocol !== "wss:") {
+    throw new TypeError(`hub.js: not a ws, wss, http or https url: ${url}`);
+  }
+  return out;
+}
+
+function reportListenerError(err) {
+  // Browsers report it like any uncaught error; Node would crash the process on a throw from an
+  // EventTarget listener, so there it is logged and the other listeners still run.
+  if (typeof globalThis.reportError === "function" && typeof window !== "undefined") {
+    globalThis.reportError(err);
+  } else {
+    console.error("hub.js: listener failed:", err);
+  }
+}
 
 /**
  * A connection to a hub, kept open until close() or a close code that forbids reconnecting.
@@ -36,14 +80,20 @@ const DEFAULTS = {
  *   gap      {channel, recovering}  messages may have been lost on channel; recovering: hub.js
  *            is fetching them from history itself
  *   reload   {channel, reason}  history could not fill a hole: reload the channel's state
- *   error    {channel, error}  a resubscribe was refused (the subscription is dropped)
+ *   error    {channel, error, retrying}  a subscribe was refused (retrying: error 111, tried
+ *            again with backoff; else the subscription is dropped), or a frame did not decode
  */
 export class Hub extends EventTarget {
   constructor(urls, options = {}) {
     super();
     this.urls = Array.isArray(urls) ? urls.slice() : [urls];
     if (!this.urls.length) throw new TypeError("hub.js: at least one url");
+    this.urls.forEach(resolveUrl); // fail now on a url that can never work
     this.options = { ...DEFAULTS, ...options };
+    this._WebSocket = this.options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== "function") {
+      throw new TypeError("hub.js: no global WebSocket here: pass the WebSocket option (e.g. ws)");
+    }
     this.state = "disconnected";
     this.ws = null;
     this.url = null; // the url of the current connection
@@ -60,17 +110,29 @@ export class Hub extends EventTarget {
   }
 
   on(name, fn) {
-    const listener = (event) => fn(event.detail);
+    const listener = (event) => {
+      try {
+        fn(event.detail);
+      } catch (err) {
+        reportListenerError(err);
+      }
+    };
     this.addEventListener(name, listener);
     return () => this.removeEventListener(name, listener);
   }
 
   _emit(name, detail) {
-    this.dispatchEvent(new CustomEvent(name, { detail }));
+    this.dispatchEvent(new DetailEvent(name, { detail }));
   }
 
   _setState(state, extra = {}) {
     this.state = state;
+    if (state === "closed") {
+      // No connection is coming: nobody waits forever for a first subscribe reply.
+      for (const sub of this.subs.values()) {
+        for (const w of sub.waiters.splice(0)) w.reject(new HubError("disconnected", "closed"));
+      }
+    }
     this._emit("state", { state, ...extra });
   }
 
@@ -105,15 +167,13 @@ export class Hub extends EventTarget {
       this._setState("closed", { code: 1000, reason: "client closing" });
       return;
     }
-    const url = new URL(this.urls[this._urlIndex % this.urls.length], location.href);
-    if (url.protocol === "http:") url.protocol = "ws:";
-    if (url.protocol === "https:") url.protocol = "wss:";
+    const url = resolveUrl(this.urls[this._urlIndex % this.urls.length]);
     if (token) url.searchParams.set("token", token);
     else if (this.options.user) url.searchParams.set("user", this.options.user);
     this.attempts += 1;
     let ws;
     try {
-      ws = new WebSocket(url.href, "hub.v1.json");
+      ws = new this._WebSocket(url.href, "hub.v1.json");
     } catch (err) {
       this._scheduleReconnect(1006, String(err));
       return;
@@ -124,6 +184,9 @@ export class Hub extends EventTarget {
     ws.onopen = () => this._onOpen(ws);
     ws.onmessage = (event) => this._onMessage(ws, event.data);
     ws.onclose = (event) => this._onClose(ws, event.code, event.reason);
+    // The close event that follows says what happened; the ws package would otherwise throw an
+    // unhandled "error" (a refused connection) out of the process.
+    ws.onerror = () => {};
   }
 
   _onOpen(ws) {
@@ -175,7 +238,7 @@ export class Hub extends EventTarget {
   call(op, fields = {}, timeout = this.options.timeout) {
     return new Promise((resolve, reject) => {
       const ws = this.ws;
-      if (!ws || ws.readyState !== WebSocket.OPEN) {
+      if (!ws || ws.readyState !== OPEN) {
         reject(new HubError("disconnected", "not connected"));
         return;
       }
@@ -259,7 +322,7 @@ export class Hub extends EventTarget {
       } else {
         this.subs.delete(channel);
         for (const w of sub.waiters.splice(0)) w.reject(err);
-        this._emit("error", { channel, error: err });
+        this._emit("error", { channel, error: err, retrying: false });
         return;
       }
     }
@@ -292,14 +355,14 @@ export class Hub extends EventTarget {
       try {
         raw = decodeMsgpack(new Uint8Array(raw));
       } catch (err) {
-        this._emit("error", { channel: null, error: err });
+        this._emit("error", { channel: null, error: err, retrying: false });
         return;
       }
     } else {
       try {
         raw = JSON.parse(raw);
       } catch (err) {
-        this._emit("error", { channel: null, error: err });
+        this._emit("error", { channel: null, error: err, retrying: false });
         return;
       }
     }
