@@ -174,7 +174,10 @@ EXCLUDED = {
 
 def test_every_block_is_run_or_excluded() -> None:
     assert not set(RUN) & set(EXCLUDED)
-    assert sorted(BLOCKS) == sorted({*RUN, *EXCLUDED}), "a doc block is neither run nor excluded"
+    new = sorted(set(BLOCKS) - {*RUN, *EXCLUDED})
+    assert not new, f"doc blocks neither run nor excluded (add a test to RUN, or a reason): {new}"
+    gone = sorted({*RUN, *EXCLUDED} - set(BLOCKS))
+    assert not gone, f"RUN / EXCLUDED name blocks the docs no longer have: {gone}"
     here = globals()
     for key, name in RUN.items():
         if "::" in name:
@@ -273,6 +276,9 @@ def serving(*args: str, config: str | None = None, **extra: str) -> Iterator[Ser
             )
             assert proc.poll() is None, served.text()
             yield served
+        except BaseException:
+            print(f"--- hub serve log ---\n{served.text()[-3000:]}")  # shown when a test fails
+            raise
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -352,7 +358,9 @@ def test_make_run() -> None:
             wait_until(
                 lambda: " ready: ws://" in log() or proc.poll() is not None, TIMEOUT, "ready"
             )
-            assert f"ready: ws://127.0.0.1:{port}/ws  broker: memory  auth: dev mode" in log()
+            # The ready line the configuration reference shows.
+            ready = _prose("README.md", r"\(`(ready: ws://[^`]+)`")
+            assert localize(ready, port) in log()
             with ws(port, "user=alice", "news"):
                 pass
         finally:
@@ -596,6 +604,25 @@ def test_protocol_token_command() -> None:
             with pytest.raises(ConnectionClosed) as closed:
                 conn.recv(timeout=TIMEOUT)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4500
+
+
+def test_config_error_line_and_an_overridden_value() -> None:
+    """The configuration reference's error line is what a bad HUB_PORT prints, and a flag that
+    overrides it is no error."""
+    shown = _prose("README.md", r"\(`(hub: config error: HUB_PORT: [^`]+)`\)")
+    bad = re.search(r"got '([^']*)'", shown)
+    assert bad is not None
+    done = subprocess.run(
+        [HUB, "serve"],
+        env=env(HUB_PORT=bad.group(1)),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (2, shown + "\n")
+    with serving(HUB_PORT=bad.group(1)) as hub:  # serving passes --port
+        assert f"ready: ws://127.0.0.1:{hub.port}/ws" in hub.text()
 
 
 # -- docs/client-python.md ----------------------------------------------------------------------
