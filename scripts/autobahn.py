@@ -1,9 +1,10 @@
 """Run the Autobahn fuzzingclient against our echo server and report the outcome.
 
-Why a wrapper: the suite lives outside the repo (``../shared/autobahn`` or ``$HUB_AUTOBAHN_DIR``),
-needs its own Python venv, a server on a free port and a scratch folder; this script does all of
-that, prints the summary plus every non-OK case with what the report says, and exits non-zero when
-any case FAILED (including WRONG CODE / UNCLEAN closing behaviour).
+Why a wrapper: the suite (``wstest``) needs a Python 3 port of its own venv, which
+``wstest_setup.py`` builds from the package registry on first use and caches; a server on a free
+port and a scratch folder. This script does all of that, prints the summary plus every non-OK case
+with what the report says, and exits non-zero when any case FAILED (including WRONG CODE / UNCLEAN
+closing behaviour).
 
     python scripts/autobahn.py                      # quick set (247 cases, ~10 s)
     python scripts/autobahn.py --full               # all 517 cases (~8-17 min)
@@ -18,6 +19,7 @@ any case FAILED (including WRONG CODE / UNCLEAN closing behaviour).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -31,22 +33,27 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 ECHO_SERVER = REPO / "scripts" / "echo_server.py"
-DEFAULT_SUITE = REPO.parent / "shared" / "autobahn"
-DEFAULT_VENV = Path.home() / ".cache" / "hub-autobahn" / "venv"
 
 PASS_BEHAVIORS = frozenset({"OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED"})
 # Closing behaviours that are failures even when the message exchange itself matched.
 FAIL_CLOSE_BEHAVIORS = frozenset({"FAILED", "WRONG CODE", "UNCLEAN"})
 COUNT_KEYS = ("ok", "non_strict", "informational", "unimplemented", "failed")
-SUMMARY_RE = re.compile(
-    r"^autobahn: (\d+) ok, (\d+) non-strict, (\d+) informational, "
-    r"(\d+) unimplemented, (\d+) failed$",
-    re.M,
-)
+# Category names for the summary, by the first component of a case id.
+CATEGORIES = {
+    "1": "Framing", "2": "Pings/Pongs", "3": "Reserved Bits", "4": "Opcodes",
+    "5": "Fragmentation", "6": "UTF-8 Handling", "7": "Close Handling",
+    "9": "Limits/Performance", "10": "Misc (auto-fragmentation)",
+    "12": "WebSocket Compression (different payloads)",
+    "13": "WebSocket Compression (different parameters)",
+}  # fmt: skip
+# quick: everything but the limits/performance (9.*) and compression (12.*, 13.*) groups.
+QUICK_EXCLUDE = ("9.*", "12.*", "13.*")
+SETUP_FILE = "wstest_setup.py"
 
 # Compression sample: every 12.N (payload kind) and 13.N (deflate parameters) sub-group, at small
 # and medium sizes, unfragmented and in 256-byte fragments (sub-cases 11-15), plus two 128 KiB
@@ -74,10 +81,6 @@ IMPLS = ("hub", "websockets")
 
 class HarnessError(RuntimeError):
     """The conformance run could not be carried out (as opposed to: it ran and cases failed)."""
-
-
-class SuiteNotFoundError(HarnessError):
-    """The Autobahn suite folder is missing; CI always has it, so callers should fail, not skip."""
 
 
 @dataclass
@@ -135,42 +138,27 @@ class Result:
 # locating and preparing the suite
 
 
-def find_suite() -> Path:
-    """``$HUB_AUTOBAHN_DIR`` if set, else ``<repo>/../shared/autobahn``; fail clearly if absent."""
-    env = os.environ.get("HUB_AUTOBAHN_DIR")
-    suite = Path(env) if env else DEFAULT_SUITE
-    if not (suite / "run_fuzzingclient.sh").is_file():
-        where = f"$HUB_AUTOBAHN_DIR={env}" if env else f"{DEFAULT_SUITE} (the default)"
-        raise SuiteNotFoundError(
-            f"autobahn: suite not found: looked in {where} for run_fuzzingclient.sh; "
-            "set HUB_AUTOBAHN_DIR to the folder holding the Autobahn fuzzingclient port"
-        )
-    return suite.resolve()
+def _load_setup() -> ModuleType:
+    """``scripts/`` is not a package: load ``wstest_setup.py`` beside this file by its path."""
+    name = "hub_wstest_setup"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(SETUP_FILE))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def venv_dir() -> Path:
-    env = os.environ.get("AUTOBAHN_VENV")
-    return Path(env) if env else DEFAULT_VENV
+setup = _load_setup()
 
 
-def ensure_venv(suite: Path, log: Callable[[str], None] = print) -> Path:
-    """Build the suite's own venv on first use (setup_autobahn.sh is idempotent, ~30-60 s)."""
-    venv = venv_dir()
-    if (venv / "bin" / "wstest").exists():
-        return venv
-    log(f"autobahn: building the wstest venv in {venv} (once, ~30-60 s)")
-    proc = subprocess.run(
-        [str(suite / "setup_autobahn.sh"), str(venv)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0 or not (venv / "bin" / "wstest").exists():
-        raise HarnessError(
-            f"autobahn: setup_autobahn.sh failed (exit {proc.returncode}):\n"
-            + (proc.stdout + proc.stderr)[-3000:]
-        )
-    return venv
+def ensure_venv(log: Callable[[str], None] = print) -> Path:
+    """The cached wstest venv, built from the package registry on first use (~1-2 min)."""
+    try:
+        return Path(setup.ensure_wstest(log))
+    except setup.SetupError as exc:
+        raise HarnessError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,20 +294,21 @@ def check_patterns(patterns: Sequence[str], known: Sequence[str]) -> None:
         )
 
 
-def build_spec(
-    suite: Path, mode: str, cases: Sequence[str], port: int, agent: str
-) -> dict[str, Any]:
-    """The fuzzingclient spec for ``mode``; quick/full start from the suite's own spec files."""
+def build_spec(mode: str, cases: Sequence[str], port: int, agent: str) -> dict[str, Any]:
+    """The fuzzingclient spec for ``mode``: which cases, against which server, reports where."""
     if mode in ("quick", "full"):
-        spec: dict[str, Any] = json.loads((suite / f"spec_{mode}.json").read_text())
+        chosen, exclude = ["*"], list(QUICK_EXCLUDE) if mode == "quick" else []
     elif mode in ("compression", "cases"):
-        chosen = list(COMPRESSION_SAMPLE) if mode == "compression" else list(cases)
-        spec = {"cases": chosen, "exclude-cases": [], "exclude-agent-cases": {}}
+        chosen, exclude = list(COMPRESSION_SAMPLE) if mode == "compression" else list(cases), []
     else:
         raise HarnessError(f"autobahn: unknown mode {mode!r}; expected one of {MODES}")
-    spec["outdir"] = "./reports/servers"
-    spec["servers"] = [{"agent": agent, "url": f"ws://127.0.0.1:{port}"}]
-    return spec
+    return {
+        "outdir": "./reports/servers",
+        "servers": [{"agent": agent, "url": f"ws://127.0.0.1:{port}"}],
+        "cases": chosen,
+        "exclude-cases": exclude,
+        "exclude-agent-cases": {},
+    }
 
 
 def shorten_events(events: Any, width: int = 60) -> str:
@@ -390,32 +379,57 @@ def fill_details(cr: CaseResult, path: Path) -> None:
     )
 
 
-def run_fuzzingclient(
-    suite: Path, venv: Path, spec_path: Path, timeout: float
-) -> tuple[int, str, str]:
-    """run_fuzzingclient.sh in its own process group, so a hung wstest can be killed whole."""
-    proc = subprocess.Popen(
-        ["bash", str(suite / "run_fuzzingclient.sh"), str(spec_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "AUTOBAHN_VENV": str(venv)},
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise HarnessError(
-            f"autobahn: wstest still running after {timeout:.0f} s, killed:\n"
-            + tail(spec_path.parent / "wstest.log")
+def run_fuzzingclient(venv: Path, spec_path: Path, timeout: float) -> int:
+    """wstest in its own process group (so a hung one is killed whole), output in wstest.log."""
+    with open(spec_path.parent / "wstest.log", "wb") as out:
+        proc = subprocess.Popen(
+            [str(venv / "bin" / "wstest"), "-m", "fuzzingclient", "-s", str(spec_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=spec_path.parent,
+            start_new_session=True,
         )
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return proc.returncode, out.strip(), err
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise HarnessError(
+                f"autobahn: wstest still running after {timeout:.0f} s, killed:\n"
+                + tail(spec_path.parent / "wstest.log")
+            )
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+
+
+def summarize(cases: Sequence[CaseResult]) -> tuple[dict[str, int], str]:
+    """Counts by behaviour (anything but the four passing ones is failed), per category too.
+
+    The last line reads ``autobahn: N ok, N non-strict, N informational, N unimplemented,
+    N failed``; per-case close behaviour is judged separately (``CaseResult.failing``).
+    """
+    kinds = dict(
+        zip(("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED"), COUNT_KEYS, strict=False)
+    )
+    total = dict.fromkeys(COUNT_KEYS, 0)
+    per_cat: dict[str, dict[str, int]] = {}
+    for c in cases:
+        key = kinds.get(c.behavior, "failed")
+        total[key] += 1
+        cat = c.case_id.split(".")[0]
+        per_cat.setdefault(cat, dict.fromkeys(COUNT_KEYS, 0))[key] += 1
+    lines = []
+    for cat in sorted(per_cat, key=int):
+        counts = per_cat[cat]
+        lines.append(
+            f"{cat:<3} {CATEGORIES.get(cat, 'Misc'):<46} {sum(counts.values()):4d} cases: "
+            + ", ".join(f"{n} {k.replace('_', '-')}" for k, n in counts.items())
+        )
+    lines.append("autobahn: " + ", ".join(f"{n} {k.replace('_', '-')}" for k, n in total.items()))
+    return total, "\n".join(lines)
 
 
 def run(
@@ -434,8 +448,7 @@ def run(
         raise HarnessError(f"autobahn: unknown mode {mode!r}; expected one of {MODES}")
     if mode == "cases" and not cases:
         raise HarnessError("autobahn: --cases needs at least one case id or glob")
-    suite = find_suite()
-    venv = ensure_venv(suite, log)
+    venv = ensure_venv(log)
     if mode in ("cases", "compression"):
         check_patterns(list(cases) if mode == "cases" else COMPRESSION_SAMPLE, list_case_ids(venv))
     work = Path(tempfile.mkdtemp(prefix="hub-autobahn-"))
@@ -443,26 +456,28 @@ def run(
     try:
         port = free_port()
         spec_path = work / "spec.json"
-        spec_path.write_text(json.dumps(build_spec(suite, mode, cases, port, agent), indent=2))
+        spec_path.write_text(json.dumps(build_spec(mode, cases, port, agent), indent=2))
         server_log = work / "server.log"
         server = start_server(impl, port, server_log, broken=broken)
         t0 = time.monotonic()
         try:
-            returncode, summary, stderr = run_fuzzingclient(
-                suite, venv, spec_path, WSTEST_TIMEOUT.get(mode, WSTEST_TIMEOUT["cases"])
+            returncode = run_fuzzingclient(
+                venv, spec_path, WSTEST_TIMEOUT.get(mode, WSTEST_TIMEOUT["cases"])
             )
         finally:
             seconds = time.monotonic() - t0
             crashed = server.poll()
             stop_server(server)
-        match = SUMMARY_RE.search(summary)
-        if match is None:
+        outdir = work / "reports" / "servers"
+        if returncode != 0 or not (outdir / "index.json").is_file():
             raise HarnessError(
-                f"autobahn: no summary line (run_fuzzingclient.sh exit {returncode}):\n"
-                f"{summary}\n{stderr[-2000:]}\n{tail(work / 'wstest.log')}"
+                f"autobahn: wstest exited with {returncode} without a report:\n"
+                f"{tail(work / 'wstest.log')}"
             )
-        counts = dict(zip(COUNT_KEYS, map(int, match.groups()), strict=True))
-        all_cases = read_cases(work / "reports" / "servers", agent)
+        all_cases = read_cases(outdir, agent)
+        if not all_cases:
+            raise HarnessError(f"autobahn: the report holds no case:\n{tail(work / 'wstest.log')}")
+        counts, summary = summarize(all_cases)
         blocks = tracebacks(server_log)
         errors = ["\n".join(b.splitlines()[-25:]) for b in blocks if not is_expected_traceback(b)]
         if crashed is not None:

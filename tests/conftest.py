@@ -1,7 +1,8 @@
 """Shared pytest configuration.
 
 Long runs (full Autobahn, soak, benchmarks) are marked ``slow`` and are opt-in: pass ``--run-slow``
-(or set ``HUB_RUN_SLOW=1``). They are reported as skipped with that reason, never silently dropped.
+(or set ``HUB_RUN_SLOW=1``). They are reported as skipped with that reason, never silently dropped;
+``make test-slow`` runs exactly them, and CI runs it after ``make test``.
 
 The black-box WebSocket tests take the server implementation from the ``websockets`` fixture:
 ``hub.ws`` by default, or the real ``websockets`` library with ``HUB_TEST_IMPL=websockets``, which
@@ -46,7 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="opt-in: long run, use --run-slow or HUB_RUN_SLOW=1")
     for item in items:
-        if "slow" in item.keywords:
+        if item.get_closest_marker("slow") is not None:  # the marker, not a name containing it
             item.add_marker(skip)
 
 

@@ -1,7 +1,9 @@
 """Autobahn conformance of ``hub.ws``, via ``scripts/autobahn.py``.
 
-The suite folder is required, not optional: CI always has it, so a missing folder fails with the
-harness's one-line message instead of skipping (a skipped conformance test looks like a pass).
+The harness builds the suite's venv from the package registry on first use (``wstest_setup.py``,
+cached under ``~/.cache/hub-autobahn``); when it cannot, the tests fail with its one-line message
+instead of skipping (a skipped conformance test looks like a pass). The first test to run pays for
+that build, hence the timeouts.
 ``HUB_TEST_IMPL=websockets`` (as for the other black-box tests) points them at the reference
 library, which is how the harness itself is checked; that library answers 7.1.5 with 1002 and has
 11 non-strict cases, so the quick and full tests are ``hub_only`` there.
@@ -22,6 +24,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "autobahn.py"
 IMPL = os.environ.get("HUB_TEST_IMPL", "hub")
 MAX_NON_STRICT_FULL = 5
+FIRST_BUILD = 600  # seconds a first use may spend building the venv (~1-2 min)
 
 
 def load_harness() -> ModuleType:
@@ -67,17 +70,7 @@ def failures(res: Any) -> str:
     return "\n".join(lines)
 
 
-def test_missing_suite_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Without the suite the harness must say where it looked and how to point it elsewhere."""
-    monkeypatch.setenv("HUB_AUTOBAHN_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(ab.SuiteNotFoundError) as info:
-        ab.find_suite()
-    msg = str(info.value)
-    assert str(tmp_path / "nowhere") in msg and "HUB_AUTOBAHN_DIR" in msg
-    assert "\n" not in msg
-
-
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 + FIRST_BUILD)
 def test_harness_detects_broken_echo(record_property: Callable[[str, object], None]) -> None:
     """A pass must mean something: an echo that appends one byte has to fail cases."""
     res = conformance(
@@ -88,7 +81,7 @@ def test_harness_detects_broken_echo(record_property: Callable[[str, object], No
 
 
 @pytest.mark.hub_only("websockets fails 7.1.5: close inside a fragmented message gets 1002")
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 + FIRST_BUILD)
 def test_quick_set(record_property: Callable[[str, object], None]) -> None:
     """The 247 protocol cases (everything but 9.* limits and 12.*/13.* compression)."""
     res = conformance("quick", record_property)
@@ -96,7 +89,7 @@ def test_quick_set(record_property: Callable[[str, object], None]) -> None:
     assert res.ok, failures(res)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 + FIRST_BUILD)
 def test_compression_sample(record_property: Callable[[str, object], None]) -> None:
     """~25 permessage-deflate cases over every 12.N / 13.N sub-group; all must negotiate."""
     res = conformance("compression", record_property)
@@ -108,7 +101,7 @@ def test_compression_sample(record_property: Callable[[str, object], None]) -> N
 
 @pytest.mark.slow
 @pytest.mark.hub_only("websockets fails 7.1.5 and has 11 non-strict cases")
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(3600 + FIRST_BUILD)
 def test_full_suite(record_property: Callable[[str, object], None]) -> None:
     """All 517 cases: no failure, and at most a handful of merely non-strict answers."""
     res = conformance("full", record_property)
