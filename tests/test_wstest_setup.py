@@ -128,7 +128,7 @@ def test_cache_problems_are_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_shared_cache_is_complete_and_reused() -> None:
+def test_default_cache_is_complete_and_reused() -> None:
     """The cache the conformance tests use: built (now, if missing), complete, then reused."""
     built = ws.ensure_wstest(log=print)
     assert ws.problem(built) is None
