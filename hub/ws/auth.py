@@ -74,6 +74,10 @@ class BasicAuth:
         return self.process_request(*args)
 
 
+def _is_pair(value: object) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and all(isinstance(x, str) for x in value)
+
+
 def basic_auth(
     *args: str,
     realm: str = "",
@@ -90,19 +94,17 @@ def basic_auth(
             raise TypeError("pass basic_auth(username, password) or keyword arguments")
         credentials = (args[0], args[1])
     if (credentials is None) == (check_credentials is None):
-        raise TypeError("provide either credentials or check_credentials")
+        raise ValueError("provide either credentials or check_credentials")
     if credentials is not None:
         pairs: list[tuple[str, str]]
-        if (
-            isinstance(credentials, tuple)
-            and len(credentials) == 2
-            and all(isinstance(x, str) for x in credentials)
-        ):
+        if _is_pair(credentials):
             pairs = [credentials]  # type: ignore[list-item]
-        else:
-            pairs = list(credentials)  # type: ignore[arg-type]
-            if not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
+        elif isinstance(credentials, Iterable) and not isinstance(credentials, (str, bytes)):
+            pairs = list(credentials)
+            if not all(_is_pair(p) for p in pairs):
                 raise TypeError(f"invalid credentials argument: {credentials}")
+        else:
+            raise TypeError(f"invalid credentials argument: {credentials}")
         table = {u.encode(): p.encode() for u, p in pairs}
 
         async def check(username: str, password: str) -> bool:

@@ -13,7 +13,7 @@ from .connection import Data, ServerConnection
 from .deflate import compress_message
 from .exceptions import ConcurrencyError
 from .frames import Opcode, encode_frame
-from .protocol import OPEN
+from .protocol import CLOSED, OPEN
 
 __all__ = ["broadcast", "encode_once"]
 
@@ -23,8 +23,9 @@ def broadcast(
 ) -> None:
     """Send ``message`` to every open connection without waiting for any of them.
 
-    Connections that are not open, or are in the middle of sending a fragmented message, are
-    skipped; with ``raise_exceptions`` the skips are raised together as an ``ExceptionGroup``.
+    Connections that are not open, are in the middle of sending a fragmented message, or whose
+    transport refuses the write are skipped (the last two with a warning on the connection's
+    logger); with ``raise_exceptions`` the skips are raised together as an ``ExceptionGroup``.
     Slow connections are not skipped: their write buffers grow (the hub applies its own limit).
     """
     if isinstance(message, str):
@@ -42,11 +43,25 @@ def broadcast(
             if raise_exceptions:
                 errors.append(protocol.close_exc)
             continue
-        if connection._sending_fragments:
+        if connection._fragmented is not None:
             if raise_exceptions:
                 errors.append(ConcurrencyError("sending a fragmented message"))
+            else:
+                connection.logger.warning("skipped broadcast: sending a fragmented message")
             continue
         connection._write(frames.for_connection(connection))
+        if protocol.state is CLOSED:  # the transport refused the write
+            cause = protocol.close_exc_override
+            if raise_exceptions:
+                error = RuntimeError("failed to write message")
+                error.__cause__ = cause
+                errors.append(error)
+            else:
+                connection.logger.warning(
+                    "skipped broadcast: failed to write message: %s: %s",
+                    type(cause).__name__,
+                    cause,
+                )
     if errors:
         raise ExceptionGroup("skipped broadcast", errors)
 

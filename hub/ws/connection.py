@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import random
 import socket
 import struct
 import uuid
@@ -26,7 +26,7 @@ from .protocol import CLOSED, CONNECTING, OPEN, ServerProtocol, State
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["Data", "ServerConnection", "WriteCoalescer"]
+__all__ = ["ConnectionOptions", "Data", "ServerConnection", "WriteCoalescer"]
 
 Data = str | bytes
 OP_TEXT, OP_BINARY, OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
@@ -101,22 +101,107 @@ class WriteCoalescer:
             connection._flush()
 
 
-class ServerConnection(asyncio.Protocol):
-    """A WebSocket connection on the server: what the connection handler receives."""
+class ConnectionOptions:
+    """The per-connection settings of ``serve()``: keepalive, close timeout, queue and buffer
+    limits.
+
+    Every connection of a server points at the server's one instance; a connection given other
+    values (``ServerConnection(..., close_timeout=...)``, ``connection.close_timeout = None``)
+    gets its own copy, so the common case costs one pointer per connection.
+    """
 
     __slots__ = (
+        "close_timeout",
+        "max_queue_high",
+        "max_queue_low",
+        "ping_interval",
+        "ping_timeout",
+        "read_limit",
+        "write_limit_high",
+        "write_limit_low",
+    )
+
+    def __init__(
+        self,
+        *,
+        ping_interval: float | None = 20,
+        ping_timeout: float | None = 20,
+        close_timeout: float | None = 10,
+        max_queue: int | tuple[int | None, int | None] | None = 16,
+        write_limit: int | tuple[int, int | None] = 2**15,
+        read_limit: int | None = None,
+    ) -> None:
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.close_timeout = close_timeout
+        high, low = max_queue if isinstance(max_queue, tuple) else (max_queue, None)
+        if low is None and high is not None:
+            low = high // 4
+        self.max_queue_high = high
+        self.max_queue_low = low
+        high, low = write_limit if isinstance(write_limit, tuple) else (write_limit, None)
+        self.write_limit_high = high
+        self.write_limit_low = low
+        self.read_limit = read_limit
+
+    def _key(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ConnectionOptions) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def copy(self) -> ConnectionOptions:
+        clone = ConnectionOptions.__new__(ConnectionOptions)
+        for name in self.__slots__:
+            setattr(clone, name, getattr(self, name))
+        return clone
+
+    @property
+    def max_queue(self) -> tuple[int | None, int | None]:
+        return self.max_queue_high, self.max_queue_low
+
+
+DEFAULT_OPTIONS = ConnectionOptions()
+_UNSET: Any = object()
+
+
+class _Fragments(list):  # type: ignore[type-arg]
+    """A fragmented message in the receive queue: its frames so far, in order.
+
+    ``recv()`` waits until ``complete`` and joins them; ``recv_streaming()`` hands each frame out
+    as it arrives. An unfragmented message is queued as a plain ``str`` / ``bytes``.
+    """
+
+    __slots__ = ("complete",)
+
+
+class ServerConnection(asyncio.Protocol):
+    """A WebSocket connection on the server: what the connection handler receives.
+
+    ``ServerConnection(protocol, server, *, ping_interval=..., ping_timeout=...,
+    close_timeout=..., max_queue=..., write_limit=...)`` is how ``serve()`` builds it, so a
+    ``create_connection=`` factory can subclass it and pass the arguments through. Options left
+    out are the server's. Connections accept attributes of their own (``websocket.user = ...``);
+    the attribute dictionary is made on the first one.
+    """
+
+    __slots__ = (
+        "__dict__",
         "_close_timer",
         "_closed_waiter",
         "_drain_waiter",
+        "_fragmented",
         "_fragments",
         "_id",
         "_messages",
+        "_opts",
         "_pings",
+        "_queued_size",
         "_reading_paused",
         "_recv_busy",
         "_recv_waiter",
-        "_sending_fragments",
-        "_task",
         "_timer",
         "_turn",
         "_wbuf",
@@ -131,20 +216,54 @@ class ServerConnection(asyncio.Protocol):
         "username",
     )
 
-    def __init__(self, server: Server, protocol: ServerProtocol) -> None:
-        self.server = server
+    def __init__(
+        self,
+        protocol: ServerProtocol,
+        server: Server | None = None,
+        *,
+        ping_interval: float | None = _UNSET,
+        ping_timeout: float | None = _UNSET,
+        close_timeout: float | None = _UNSET,
+        max_queue: int | tuple[int | None, int | None] | None = _UNSET,
+        write_limit: int | tuple[int, int | None] = _UNSET,
+    ) -> None:
+        self.server = server  # type: ignore[assignment]
         self.protocol = protocol
+        base = DEFAULT_OPTIONS if server is None else server.options
+        given = {
+            name: value
+            for name, value in (
+                ("ping_interval", ping_interval),
+                ("ping_timeout", ping_timeout),
+                ("close_timeout", close_timeout),
+                ("max_queue", max_queue),
+                ("write_limit", write_limit),
+            )
+            if value is not _UNSET
+        }
+        if given:
+            opts = ConnectionOptions(
+                ping_interval=given.get("ping_interval", base.ping_interval),
+                ping_timeout=given.get("ping_timeout", base.ping_timeout),
+                close_timeout=given.get("close_timeout", base.close_timeout),
+                max_queue=given.get("max_queue", base.max_queue),
+                write_limit=given.get("write_limit", (base.write_limit_high, base.write_limit_low)),
+                read_limit=base.read_limit,
+            )
+            self._opts = base if opts == base else opts
+        else:
+            self._opts = base
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.request: Request | None = None
         self.response: Response | None = None
         self.latency = 0.0
         self.username: str | None = None
         self._id: uuid.UUID | None = None
-        self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None  # open timeout, then keepalive
         self._close_timer: asyncio.TimerHandle | None = None
-        self._messages: deque[Data] | None = None
-        self._fragments: list[Any] | None = None
+        self._messages: deque[Data | _Fragments] | None = None
+        self._queued_size = 0  # of the complete messages queued; kept only with read_limit
+        self._fragments: _Fragments | None = None
         self._recv_waiter: asyncio.Future[None] | None = None
         self._recv_busy = False
         self._reading_paused = False
@@ -155,7 +274,9 @@ class ServerConnection(asyncio.Protocol):
         self._wbuf: list[bytes] | None = None
         self._wsize = 0
         self._turn = -1  # the coalescer turn of our last direct write
-        self._sending_fragments = False
+        # Set while a fragmented message is being sent: other sends wait for it (no frame may
+        # come between the fragments of a message), broadcast() skips the connection.
+        self._fragmented: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.remote_address} {self.state.name}>"
@@ -169,8 +290,43 @@ class ServerConnection(asyncio.Protocol):
         return self._id
 
     @property
-    def logger(self) -> logging.Logger | logging.LoggerAdapter:
-        return self.server.logger
+    def logger(self) -> logging.LoggerAdapter[Any]:
+        """The server's logger, with this connection as ``websocket`` in each record's extras
+        (made on use: an idle connection does not hold one)."""
+        server = self.server
+        base = logging.getLogger("hub.ws.server") if server is None else server.logger
+        return logging.LoggerAdapter(base, {"websocket": self})
+
+    def _options(self) -> ConnectionOptions:
+        """Our own copy of the options, made the first time one of them is changed."""
+        server = self.server
+        if self._opts is DEFAULT_OPTIONS or (server is not None and self._opts is server.options):
+            self._opts = self._opts.copy()
+        return self._opts
+
+    @property
+    def close_timeout(self) -> float | None:
+        return self._opts.close_timeout
+
+    @close_timeout.setter
+    def close_timeout(self, value: float | None) -> None:
+        self._options().close_timeout = value
+
+    @property
+    def ping_interval(self) -> float | None:
+        return self._opts.ping_interval
+
+    @ping_interval.setter
+    def ping_interval(self, value: float | None) -> None:
+        self._options().ping_interval = value
+
+    @property
+    def ping_timeout(self) -> float | None:
+        return self._opts.ping_timeout
+
+    @ping_timeout.setter
+    def ping_timeout(self, value: float | None) -> None:
+        self._options().ping_timeout = value
 
     @property
     def state(self) -> State:
@@ -220,24 +376,42 @@ class ServerConnection(asyncio.Protocol):
         """Build a plain-text HTTP response for ``process_request`` to return."""
         return self.protocol.reject(status, text)
 
+    async def __aenter__(self) -> ServerConnection:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        """Close with 1000, or 1011 when the block raised."""
+        await self.close(1000 if exc_type is None else 1011)
+
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; not always an asyncio.Transport subclass (uvloop's are not).
         self.transport = cast(asyncio.Transport, transport)
+        opts = self._opts
+        transport.set_write_buffer_limits(opts.write_limit_high, opts.write_limit_low)
         server = self.server
-        transport.set_write_buffer_limits(server.write_limit)
+        if server is None:
+            return  # built by hand, outside a server: nothing to register or time
         server._register(self)
         if server.open_timeout is not None:
             self._timer = server.loop.call_later(server.open_timeout, self._open_timed_out)
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol
-        protocol.receive_data(data)
-        if protocol.events:
-            self._process_events()
-        if protocol.writes:
-            self._send_protocol_data()
+        try:
+            protocol.receive_data(data)
+            if protocol.events:
+                self._process_events()
+            if protocol.writes:
+                self._send_protocol_data()
+        except Exception as exc:
+            # A bug of ours: drop this connection (its handler sees ConnectionClosedError with
+            # the bug as the cause), never the others, and say so in the log.
+            self.logger.error("unexpected internal error", exc_info=True)
+            protocol.io_failed(exc)
+            self.abort()
+            return
         if protocol.pending_failure is not None:
             # Let the handler see the messages that came before the bad frame, then fail.
             self.server.loop.call_soon(self._apply_pending_failure)
@@ -290,26 +464,34 @@ class ServerConnection(asyncio.Protocol):
         for event in self.protocol.events_received():
             if isinstance(event, Request):
                 self.request = event
-                self._task = self.server.loop.create_task(self.server._run(self, event))
+                self.server._start_handler(self, event)
                 continue
             opcode = event.opcode
             if opcode is OP_TEXT or opcode is OP_BINARY or opcode is OP_CONT:
                 fragments = self._fragments
                 piece = event.data if event.text is None else event.text
-                if event.fin and fragments is None:
-                    self._deliver(piece)
-                elif fragments is None:
-                    self._fragments = [piece]
-                else:
-                    if piece:
-                        fragments.append(piece)
+                if fragments is None:
                     if event.fin:
+                        self._deliver(piece)
+                    else:  # queued now, so recv_streaming() can hand out its frames as they come
+                        fragments = self._fragments = _Fragments((piece,))
+                        fragments.complete = False
+                        self._deliver(fragments)
+                else:
+                    fragments.append(piece)
+                    if event.fin:
+                        fragments.complete = True
                         self._fragments = None
-                        self._deliver(("" if isinstance(piece, str) else b"").join(fragments))
+                        if self._opts.read_limit is not None:
+                            self._queued_size += sum(map(len, fragments))
+                            self._maybe_pause_reading()
+                    waiter = self._recv_waiter
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
             elif opcode is OP_PONG:
                 self._on_pong(event.data)
 
-    def _deliver(self, message: Data) -> None:
+    def _deliver(self, message: Data | _Fragments) -> None:
         messages = self._messages
         if messages is None:
             messages = self._messages = deque()
@@ -317,12 +499,53 @@ class ServerConnection(asyncio.Protocol):
         waiter = self._recv_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        high = self.server.max_queue_high
+        opts = self._opts
+        high = opts.max_queue_high
         if high is not None and len(messages) >= high and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if opts.read_limit is not None and type(message) is not _Fragments:
+            self._queued_size += len(message)
+            self._maybe_pause_reading()
+
+    def _maybe_pause_reading(self) -> None:
+        """``read_limit``: stop reading while the complete messages waiting for ``recv()`` add
+        up to that many bytes (characters for text). A message still arriving is not counted, so
+        a message larger than the limit can always complete."""
+        limit = self._opts.read_limit
+        if limit is not None and self._queued_size >= limit and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
 
     # -- receiving -----------------------------------------------------------------------------
+
+    async def _wait_for_message(self) -> None:
+        """Wait until something new is queued (a message or a frame), or the connection ends."""
+        if self.protocol.state is CLOSED:
+            raise self.protocol.close_exc
+        waiter = self._recv_waiter = self.server.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._recv_waiter = None
+
+    def _popleft(self) -> Data | _Fragments:
+        messages = self._messages
+        assert messages
+        message = messages.popleft()
+        opts = self._opts
+        if opts.read_limit is not None:
+            self._queued_size -= (
+                sum(map(len, message)) if type(message) is _Fragments else len(message)
+            )
+        if (
+            self._reading_paused
+            and (opts.max_queue_high is None or len(messages) <= (opts.max_queue_low or 0))
+            and (opts.read_limit is None or self._queued_size <= opts.read_limit // 4)
+        ):
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return message
 
     async def recv(self, decode: bool | None = None) -> Data:
         """Receive the next message: ``str`` for text, ``bytes`` for binary.
@@ -332,31 +555,61 @@ class ServerConnection(asyncio.Protocol):
         """
         if self._recv_busy:
             raise ConcurrencyError(
-                "cannot call recv while another coroutine is already running recv"
+                "cannot call recv while another coroutine is already running recv or recv_streaming"
             )
         messages = self._messages
-        while not messages:
-            if self.protocol.state is CLOSED:
-                raise self.protocol.close_exc
+        while not messages or (type(messages[0]) is _Fragments and not messages[0].complete):
             self._recv_busy = True
-            waiter = self._recv_waiter = self.server.loop.create_future()
             try:
-                await waiter
+                await self._wait_for_message()
             finally:
-                self._recv_waiter = None
                 self._recv_busy = False
             messages = self._messages
-        message = messages.popleft()
-        if self._reading_paused and len(messages) <= self.server.max_queue_low:
-            self._reading_paused = False
-            self.transport.resume_reading()
-        if decode is None:
-            return message
-        if decode and isinstance(message, bytes):
-            return message.decode()
-        if not decode and isinstance(message, str):
-            return message.encode()
-        return message
+        message = self._popleft()
+        if type(message) is _Fragments:
+            message = ("" if isinstance(message[0], str) else b"").join(message)
+        return message if decode is None else _convert(message, decode)
+
+    async def recv_streaming(self, decode: bool | None = None) -> AsyncIterator[Data]:
+        """Receive the next message frame by frame, as each frame arrives.
+
+        Yields ``str`` for text and ``bytes`` for binary (``decode`` converts as in
+        :meth:`recv`). Once a frame was handed out, the rest of the message belongs to this
+        iterator: if it is cancelled or left early, later calls to ``recv()`` or
+        ``recv_streaming()`` raise :class:`ConcurrencyError`.
+        """
+        if self._recv_busy:
+            raise ConcurrencyError(
+                "cannot call recv_streaming while another coroutine is already running recv or "
+                "recv_streaming"
+            )
+        self._recv_busy = True
+        finished = True  # nothing handed out yet: giving up leaves the connection usable
+        try:
+            while not self._messages:
+                await self._wait_for_message()
+            head = self._messages[0]
+            if type(head) is not _Fragments:
+                self._popleft()
+                yield head if decode is None else _convert(head, decode)
+                return
+            given = 0
+            while True:
+                while given < len(head):
+                    piece = head[given]
+                    given += 1
+                    finished = False
+                    yield piece if decode is None else _convert(piece, decode)
+                if head.complete:
+                    break
+                await self._wait_for_message()
+            self._popleft()
+            finished = True
+        finally:
+            # A message half handed out stays this iterator's: later receivers must not see
+            # its remaining frames as a message of their own. A closed connection has no more.
+            if finished or self.protocol.state is CLOSED:
+                self._recv_busy = False
 
     def __aiter__(self) -> AsyncIterator[Data]:
         return self._iterate()
@@ -378,60 +631,99 @@ class ServerConnection(asyncio.Protocol):
                 raise InvalidState("connection is not open yet")
             raise self.protocol.close_exc
 
-    async def send(self, message: Data | Iterable[Data] | AsyncIterable[Data]) -> None:
+    def _check_written(self) -> None:
+        """Raise :class:`ConnectionClosed` if the write just made failed (see ``_write``)."""
+        if self.protocol.state is CLOSED:
+            raise self.protocol.close_exc
+
+    async def send(
+        self,
+        message: Data | Iterable[Data] | AsyncIterable[Data],
+        text: bool | None = None,
+    ) -> None:
         """Send a message: ``str`` as text, bytes-like as binary, an (async) iterable of either as
-        one fragmented message."""
+        one fragmented message, each fragment sent as soon as it is produced.
+
+        ``text=True`` sends bytes as a text frame (they must be UTF-8), ``text=False`` sends a
+        ``str`` as a binary frame. While a fragmented message is being sent, other sends wait
+        for it to end: no frame of another message goes between its fragments.
+        """
+        while self._fragmented is not None:
+            await asyncio.shield(self._fragmented)
         if isinstance(message, str):
             self._check_sendable()
-            self._write(self.protocol.encode_data(OP_TEXT, message.encode()))
+            opcode = OP_BINARY if text is False else OP_TEXT
+            self._write(self.protocol.encode_data(opcode, message.encode()))
         elif isinstance(message, (bytes, bytearray, memoryview)):
             self._check_sendable()
-            self._write(self.protocol.encode_data(OP_BINARY, bytes(message)))
+            opcode = OP_TEXT if text else OP_BINARY
+            self._write(self.protocol.encode_data(opcode, bytes(message)))
         elif isinstance(message, Mapping):
             raise TypeError("data is a dict-like object")
         elif isinstance(message, Iterable):
-            await self._send_fragments(_aiter_sync(message))
+            await self._send_fragments(_aiter_sync(message), text)
+            return
         elif isinstance(message, AsyncIterable):
-            await self._send_fragments(aiter(message))
+            await self._send_fragments(aiter(message), text)
+            return
         else:
             raise TypeError("data must be str, bytes-like, or an iterable")
+        self._check_written()
         if self._write_paused:
             await self._drain()
 
-    async def _send_fragments(self, fragments: AsyncIterator[Data]) -> None:
-        if self._sending_fragments:
-            raise ConcurrencyError("cannot send while another coroutine sends a fragmented message")
+    async def _send_fragments(self, fragments: AsyncIterator[Data], text: bool | None) -> None:
         try:
-            first = await anext(fragments)
+            piece = await anext(fragments)
         except StopAsyncIteration:
             return
-        if isinstance(first, str):
-            opcode, text = OP_TEXT, True
-        elif isinstance(first, (bytes, bytearray, memoryview)):
-            opcode, text = OP_BINARY, False
+        if isinstance(piece, str):
+            is_str = True
+        elif isinstance(piece, (bytes, bytearray, memoryview)):
+            is_str = False
         else:
             raise TypeError("iterable must contain bytes or str")
+        opcode = (
+            (OP_BINARY if text is False else OP_TEXT)
+            if is_str
+            else (OP_TEXT if text else OP_BINARY)
+        )
+        while self._fragmented is not None:  # another message started while we waited
+            await asyncio.shield(self._fragmented)
         self._check_sendable()
-        self._sending_fragments = True
+        done = self._fragmented = self.server.loop.create_future()
         encode = self.protocol.encode_data
-        pending: Data = first
         try:
-            async for fragment in fragments:
-                if isinstance(fragment, str) != text:
-                    raise TypeError("iterable must contain uniform types")
+            while True:
                 self._check_sendable()
-                self._write(encode(opcode, _to_bytes(pending), False))
+                self._write(encode(opcode, _to_bytes(piece), False))
+                self._check_written()
                 opcode = OP_CONT
-                pending = fragment
                 if self._write_paused:
                     await self._drain()
+                try:
+                    piece = await anext(fragments)
+                except StopAsyncIteration:
+                    break
+                if not isinstance(piece, (str, bytes, bytearray, memoryview)) or (
+                    isinstance(piece, str) is not is_str
+                ):
+                    raise TypeError("iterable must contain uniform types")
+            # The message ends with an empty final frame, as websockets ends it: each fragment
+            # left when it was produced, so the last one is not known to be last until now.
             self._check_sendable()
-            self._write(encode(opcode, _to_bytes(pending), True))
-        except TypeError:
-            self._fail(1011, "error in fragmented message")
+            self._write(encode(OP_CONT, b"", True))
+            self._check_written()
+        except BaseException:
+            # Half a message is on the wire and cannot be finished: the connection is unusable.
+            if self.protocol.state is OPEN:
+                self._fail(1011, "error in fragmented message")
             raise
         finally:
-            self._sending_fragments = False
+            self._fragmented = None
+            done.set_result(None)
+        if self._write_paused:
+            await self._drain()
 
     async def _drain(self) -> None:
         self._flush()
@@ -446,30 +738,33 @@ class ServerConnection(asyncio.Protocol):
 
     async def ping(self, data: Data | None = None) -> asyncio.Future[float]:
         """Send a ping; the returned future resolves to the latency when the pong arrives."""
-        if isinstance(data, str):
-            data = data.encode()
+        if data is not None:
+            data = _control_payload(data)
         pings = self._pings
         if pings is None:
             pings = self._pings = {}
         if data is None:
-            data = os.urandom(4)
+            data = _ping_payload()
             while data in pings:
-                data = os.urandom(4)
+                data = _ping_payload()
         elif data in pings:
             raise ConcurrencyError("already waiting for a pong with the same data")
         self._check_sendable()
-        self.protocol.send_ping(bytes(data))
+        self.protocol.send_ping(data)
         self._send_protocol_data()
+        self._check_written()
         loop = self.server.loop
         future: asyncio.Future[float] = loop.create_future()
-        pings[bytes(data)] = (future, loop.time())
+        pings[data] = (future, loop.time())
         return future
 
     async def pong(self, data: Data = b"") -> None:
         """Send an unsolicited pong (a one-way heartbeat)."""
+        payload = _control_payload(data)
         self._check_sendable()
-        self.protocol.send_pong(data.encode() if isinstance(data, str) else bytes(data))
+        self.protocol.send_pong(payload)
         self._send_protocol_data()
+        self._check_written()
 
     def _on_pong(self, data: bytes) -> None:
         pings = self._pings
@@ -491,7 +786,7 @@ class ServerConnection(asyncio.Protocol):
         """Perform the closing handshake and wait until the TCP connection is closed."""
         protocol = self.protocol
         if protocol.state is OPEN:
-            if self._sending_fragments:
+            if self._fragmented is not None:
                 protocol.fail(1011, "close during fragmented message")
             else:
                 protocol.send_close(code, reason)
@@ -536,14 +831,16 @@ class ServerConnection(asyncio.Protocol):
         self._send_protocol_data()
 
     def _arm_close_timer(self) -> None:
-        timeout = self.server.close_timeout
-        if self._close_timer is None and timeout is not None:
-            self._close_timer = self.server.loop.call_later(timeout, self._abort)
+        timeout = self._opts.close_timeout
+        if self._close_timer is None and timeout is not None and self.protocol.state is not CLOSED:
+            self._close_timer = self.server.loop.call_later(timeout, self._close_timed_out)
 
-    def _abort(self) -> None:
-        # The closing handshake did not finish within close_timeout: the peer is gone or not
-        # reading, and the close frame may sit behind an unread send queue.
+    def _close_timed_out(self) -> None:
         self._close_timer = None
+        if self.protocol.state is not CLOSED:
+            self.protocol.io_failed(TimeoutError("timed out waiting for the peer to close"))
+        # The peer is gone or not reading, and the close frame may sit behind an unread send
+        # queue: reset rather than close.
         self.abort()
 
     def _open_timed_out(self) -> None:
@@ -555,7 +852,7 @@ class ServerConnection(asyncio.Protocol):
     # -- keepalive -----------------------------------------------------------------------------
 
     def _start_keepalive(self) -> None:
-        interval = self.server.ping_interval
+        interval = self._opts.ping_interval
         if interval is not None:
             self._timer = self.server.loop.call_later(interval, self._keepalive)
 
@@ -566,15 +863,17 @@ class ServerConnection(asyncio.Protocol):
         pings = self._pings
         if pings is None:
             pings = self._pings = {}
-        data = os.urandom(4)
+        data = _ping_payload()
+        while data in pings:
+            data = _ping_payload()
         loop = self.server.loop
         future: asyncio.Future[float] = loop.create_future()
         pings[data] = (future, loop.time())
         self.protocol.send_ping(data)
         self._send_protocol_data()
-        server = self.server
-        if server.ping_timeout is not None:
-            self._timer = loop.call_later(server.ping_timeout, self._keepalive_timed_out, future)
+        timeout = self._opts.ping_timeout
+        if timeout is not None:
+            self._timer = loop.call_later(timeout, self._keepalive_timed_out, future)
         future.add_done_callback(self._keepalive_answered)
 
     def _keepalive_answered(self, future: asyncio.Future[float]) -> None:
@@ -583,9 +882,8 @@ class ServerConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.protocol.state is OPEN:
-            interval = self.server.ping_interval
-            assert interval is not None
+        interval = self._opts.ping_interval
+        if self.protocol.state is OPEN and interval is not None:
             delay = max(interval - future.result(), 0.0)
             self._timer = self.server.loop.call_later(delay, self._keepalive)
 
@@ -607,7 +905,10 @@ class ServerConnection(asyncio.Protocol):
                 coalescer.touch()
                 transport = self.transport
                 if not transport.is_closing():
-                    transport.write(data)
+                    try:
+                        transport.write(data)
+                    except Exception as exc:
+                        self._write_failed(exc)
                 return
             self._wbuf = [data]
             self._wsize = len(data)
@@ -615,7 +916,7 @@ class ServerConnection(asyncio.Protocol):
         else:
             buf.append(data)
             self._wsize += len(data)
-            if self._wsize >= self.server.write_limit:
+            if self._wsize >= self._opts.write_limit_high:
                 self._flush()
 
     def _flush(self) -> None:
@@ -626,8 +927,19 @@ class ServerConnection(asyncio.Protocol):
         transport = self.transport
         if transport.is_closing():
             return
-        transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+        try:
+            transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+        except Exception as exc:
+            self._write_failed(exc)
         # From here the coalescer's entry for us is stale; the next _write registers again.
+
+    def _write_failed(self, exc: Exception) -> None:
+        """The transport refused a write (e.g. after ``write_eof()``): nothing more can be sent,
+        so the connection is closed at once, with ``exc`` as the cause callers see."""
+        if self.protocol.state is not CLOSED:
+            self.logger.debug("! error while sending data", exc_info=exc)
+            self.protocol.io_failed(exc)
+        self.abort()
 
     def _send_protocol_data(self) -> None:
         for data in self.protocol.data_to_send():
@@ -657,3 +969,26 @@ async def _aiter_sync(iterable: Iterable[Data]) -> AsyncIterator[Data]:
 
 def _to_bytes(data: Data) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
+
+
+def _convert(message: Data, decode: bool) -> Data:
+    """``decode=True``: bytes become str; ``decode=False``: str becomes bytes."""
+    if decode and isinstance(message, bytes):
+        return message.decode()
+    if not decode and isinstance(message, str):
+        return message.encode()
+    return message
+
+
+def _ping_payload() -> bytes:
+    """Four random bytes to tell our pings apart (not a secret: ``random`` is enough)."""
+    return random.getrandbits(32).to_bytes(4, "big")
+
+
+def _control_payload(data: Data) -> bytes:
+    """The payload of a ping or pong: ``str`` is encoded, anything else must be bytes-like."""
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError("data must be str or bytes-like")

@@ -229,9 +229,12 @@ class PerMessageDeflate:
             encoder = self._encoder = zlib.compressobj(
                 f.compress_level, zlib.DEFLATED, -p.server_max_window_bits, f.mem_level
             )
-        if not fin:
-            return encoder.compress(data)
+        # Every fragment is flushed, so the peer can inflate it as soon as it arrives (a
+        # fragment held back in zlib until the message ends would defeat streaming); only the
+        # message's last one loses the empty-block tail (RFC 7692 7.2.1).
         out = encoder.compress(data) + encoder.flush(zlib.Z_SYNC_FLUSH)
+        if not fin:
+            return out
         if out.endswith(_TAIL):
             out = out[:-4]
         if p.server_no_context_takeover:

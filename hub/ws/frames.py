@@ -61,6 +61,26 @@ class CloseCode(enum.IntEnum):
     TLS_HANDSHAKE = 1015  # never on the wire
 
 
+# How a close code reads in messages: the words websockets uses, so that logs and exception
+# texts match what its users already grep for ("sent 1000 (OK); then received 1000 (OK)").
+CLOSE_CODE_LABELS: dict[int, str] = {
+    1000: "OK",
+    1001: "going away",
+    1002: "protocol error",
+    1003: "unsupported data",
+    1005: "no status received [internal]",
+    1006: "abnormal closure [internal]",
+    1007: "invalid frame payload data",
+    1008: "policy violation",
+    1009: "message too big",
+    1010: "mandatory extension",
+    1011: "internal error",
+    1012: "service restart",
+    1013: "try again later",
+    1014: "bad gateway",
+    1015: "TLS handshake failure [internal]",
+}
+
 # Codes a peer may put in a close frame (RFC 6455 7.4 and the IANA registry), plus 3000-4999.
 _WIRE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
@@ -77,12 +97,12 @@ class Close:
     reason: str = ""
 
     def __str__(self) -> str:
-        label = {1005: "no status received", 1006: "abnormal closure"}.get(self.code)
-        if label is None:
-            try:
-                label = CloseCode(self.code).name.lower().replace("_", " ")
-            except ValueError:
-                label = "private use" if 3000 <= self.code < 5000 else "unknown"
+        if 3000 <= self.code < 4000:
+            label = "registered"
+        elif 4000 <= self.code < 5000:
+            label = "private use"
+        else:
+            label = CLOSE_CODE_LABELS.get(self.code, "unknown")
         text = f"{self.code} ({label})"
         return f"{text} {self.reason}" if self.reason else text
 

@@ -80,6 +80,12 @@ def _values(headers: Headers, name: str, parse: Callable[[str, str], list[Any]])
     return [item for value in headers.get_all(name) for item in parse(value, name)]
 
 
+def _invalid_utf8(exc: UnicodeDecodeError, offset: int = 0) -> InvalidUTF8:
+    """The close reason for bad UTF-8, worded as websockets words it ("invalid start byte at
+    position 2"): the decoder's own reason and where in the frame's data it failed."""
+    return InvalidUTF8(f"{exc.reason} at position {offset + exc.start}")
+
+
 SelectSubprotocol = Callable[["ServerProtocol", Sequence[str]], "str | None"]
 
 
@@ -104,7 +110,6 @@ class ServerProtocol:
         "deflate",
         "eof_sent",
         "events",
-        "extensions",
         "handshake_exc",
         "limits",
         "logger",
@@ -146,7 +151,6 @@ class ServerProtocol:
         self.writes: list[bytes] = []
         self.eof_sent = False
 
-        self.extensions: Sequence[PerMessageDeflate] = ()
         self.deflate: PerMessageDeflate | None = None
         self.subprotocol: str | None = None
         self.handshake_exc: Exception | None = None
@@ -186,6 +190,11 @@ class ServerProtocol:
         return "" if self.close_rcvd is None else self.close_rcvd.reason
 
     @property
+    def extensions(self) -> list[PerMessageDeflate]:
+        """Extensions in use (permessage-deflate is the only one there is)."""
+        return [] if self.deflate is None else [self.deflate]
+
+    @property
     def close_exc(self) -> ConnectionClosed:
         """The exception to raise when the connection is used after closing."""
         rcvd, sent = self.close_rcvd, self.close_sent
@@ -217,6 +226,22 @@ class ServerProtocol:
         self._step()
         self.state = CLOSED
         self.parser = None
+
+    def io_failed(self, exc: BaseException) -> None:
+        """The I/O layer gave up on the connection (a write failed, a timeout fired, a bug).
+
+        ``exc`` becomes the cause of the :class:`ConnectionClosed` raised from here on; nothing is
+        parsed or sent any more, and the connection counts as closed at once (the transport is
+        being aborted, so no close frame can follow).
+        """
+        if self.close_exc_override is None:
+            self.close_exc_override = exc
+        self.state = CLOSED
+        self.parser = None
+        self.reader.discard()
+        self.reader.feed_eof()
+        self.writes = []
+        self.eof_sent = True
 
     def events_received(self) -> list[Event]:
         events, self.events = self.events, []
@@ -329,7 +354,6 @@ class ServerProtocol:
                 break
         if not accepted:
             return None
-        self.extensions = extensions
         self.deflate = extensions[0]
         return build_extensions(accepted)
 
@@ -600,8 +624,8 @@ class ServerProtocol:
             if decoder is not None:
                 try:
                     text = decoder.decode(data, h.fin)
-                except UnicodeDecodeError:
-                    raise InvalidUTF8("invalid utf-8 in text message")
+                except UnicodeDecodeError as exc:
+                    raise _invalid_utf8(exc)
         self._msg_size += len(data)
         if h.fin:
             self._msg_opcode = None
@@ -620,8 +644,8 @@ class ServerProtocol:
             got += len(chunk)
             try:
                 texts.append(decoder.decode(chunk, fin and got == length))
-            except UnicodeDecodeError:
-                raise InvalidUTF8("invalid utf-8 in text message")
+            except UnicodeDecodeError as exc:
+                raise _invalid_utf8(exc, got - len(chunk))
             chunks.append(chunk)
         return b"".join(chunks), "".join(texts)
 

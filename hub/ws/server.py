@@ -12,7 +12,7 @@ import sys
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
-from .connection import ServerConnection, WriteCoalescer
+from .connection import ConnectionOptions, ServerConnection, WriteCoalescer
 from .deflate import ServerPerMessageDeflateFactory
 from .exceptions import ConnectionClosed
 from .headers import Headers, HeadersLike
@@ -80,8 +80,10 @@ class Server:
         max_size: int | None,
         max_queue: int | tuple[int | None, int | None] | None,
         write_limit: int | tuple[int, int | None],
+        read_limit: int | None,
         limits: Limits | None,
         logger: logging.Logger | logging.LoggerAdapter | None,
+        create_connection: type[ServerConnection] | Callable[..., ServerConnection] | None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.handler = handler
@@ -100,22 +102,23 @@ class Server:
         self._extra_legacy = callable(extra_headers) and _takes_legacy_path(extra_headers)
         self.server_header = server_header
         self.open_timeout = open_timeout
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.close_timeout = close_timeout
         self.max_size = max_size
-        if isinstance(max_queue, tuple):
-            high, low = max_queue
-        else:
-            high, low = max_queue, None
-        self.max_queue_high = high
-        self.max_queue_low = (high // 4 if low is None and high is not None else low) or 0
-        self.write_limit = write_limit[0] if isinstance(write_limit, tuple) else write_limit
+        # What every connection reads its keepalive, timeouts and limits from (one shared object).
+        self.options = ConnectionOptions(
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            close_timeout=close_timeout,
+            max_queue=max_queue,
+            write_limit=write_limit,
+            read_limit=read_limit,
+        )
+        self.create_connection = create_connection
         self.limits = limits or Limits()
         self.logger = logger or logging.getLogger("hub.ws.server")
         self._coalescer = WriteCoalescer.of(self.loop)
         self._server: asyncio.Server | None = None
         self._all: set[ServerConnection] = set()
+        self._handlers: set[asyncio.Task[None]] = set()  # running connection handlers
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
@@ -140,7 +143,20 @@ class Server:
             logger=self.logger,
             defer_failures=True,
         )
-        connection = ServerConnection(self, protocol)
+        factory = self.create_connection
+        if factory is None:
+            connection = ServerConnection(protocol, self)
+        else:  # called as websockets calls it, so a subclass can pass the options through
+            opts = self.options
+            connection = factory(
+                protocol,
+                self,
+                ping_interval=opts.ping_interval,
+                ping_timeout=opts.ping_timeout,
+                close_timeout=opts.close_timeout,
+                max_queue=opts.max_queue,
+                write_limit=(opts.write_limit_high, opts.write_limit_low),
+            )
         return connection
 
     def _register(self, connection: ServerConnection) -> None:
@@ -148,6 +164,15 @@ class Server:
 
     def _unregister(self, connection: ServerConnection) -> None:
         self._all.discard(connection)
+
+    def _start_handler(self, connection: ServerConnection, request: Request) -> None:
+        """Run the handshake and the handler of a connection whose request just arrived.
+
+        The task is kept until it ends, so that :meth:`wait_closed` waits for handlers that
+        outlive their connection (one that sleeps after ``close()``, for instance)."""
+        task = self.loop.create_task(self._run(connection, request))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
 
     async def _handshake(self, connection: ServerConnection, request: Request) -> Response:
         protocol = connection.protocol
@@ -309,7 +334,7 @@ class Server:
         elif self._server is not None:
             await self._server.wait_closed()
         while True:
-            tasks = [c._task for c in self._all if c._task is not None and not c._task.done()]
+            tasks = [task for task in self._handlers if not task.done()]
             waiters = [c.wait_closed() for c in self._all]
             if not tasks and not waiters:
                 break
@@ -353,9 +378,10 @@ class serve:
         max_size: int | None = 2**20,
         max_queue: int | tuple[int | None, int | None] | None = 16,
         write_limit: int | tuple[int, int | None] = 2**15,
-        read_limit: int | None = None,  # accepted for compatibility; reads are not buffered
+        read_limit: int | None = None,
         limits: Limits | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
+        create_connection: type[ServerConnection] | Callable[..., ServerConnection] | None = None,
         unix: bool = False,
         path: str | None = None,
         **kwargs: Any,
@@ -368,6 +394,13 @@ class serve:
             exts = list(extensions or [])
         else:
             raise ValueError(f"unsupported compression: {compression}")
+        if subprotocols is not None:
+            _check_subprotocols(subprotocols)
+        if kwargs.get("ssl") is not None:
+            # The TLS handshake is part of opening, the TLS shutdown part of closing: bound
+            # them like the rest (asyncio would wait 60 s / 30 s).
+            kwargs.setdefault("ssl_handshake_timeout", open_timeout)
+            kwargs.setdefault("ssl_shutdown_timeout", close_timeout)
         self._options = dict(
             origins=origins,
             extensions=exts,
@@ -384,8 +417,10 @@ class serve:
             max_size=max_size,
             max_queue=max_queue,
             write_limit=write_limit,
+            read_limit=read_limit,
             limits=limits,
             logger=logger,
+            create_connection=create_connection,
         )
         self._handler = handler
         self._host, self._port, self._unix, self._path = host, port, unix, path
@@ -417,6 +452,14 @@ class serve:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
+
+
+def _check_subprotocols(subprotocols: object) -> None:
+    """``subprotocols`` must be a list of names: a lone string would match by substring."""
+    if isinstance(subprotocols, str):
+        raise TypeError("subprotocols must be a list, not a str")
+    if not isinstance(subprotocols, Sequence):
+        raise TypeError("subprotocols must be a list")
 
 
 def unix_serve(handler: Handler, path: str | None = None, **kwargs: Any) -> serve:
