@@ -28,7 +28,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="run the long opt-in tests")
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which Redis (and compose) path runs, and why: containers or local processes."""
+    import dockerfix
+
+    return [f"redis and compose tests: {dockerfix.engine()[1]}"]
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    import dockerfix
+
+    if dockerfix.required() and not dockerfix.enabled():
+        raise pytest.UsageError(f"HUB_TEST_DOCKER=1, but {dockerfix.engine()[1]}")
     config.addinivalue_line(
         "markers",
         "hub_only(reason): spec behaviour the websockets library lacks; "

@@ -1,5 +1,9 @@
 """A private ``redis-server`` per test: its own free port and temp dir, no persistence, so a test
 can kill, stop (SIGSTOP) and restart it without touching any shared Redis.
+
+Each one runs as a local process, or, where a Docker engine answers, in a container through
+testcontainers with the same arguments on the same 127.0.0.1 port (tests/dockerfix.py says how,
+and the pytest report header says which ran).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dockerfix
 import pytest
 import redis
 from procfix import free_port
@@ -41,17 +46,46 @@ def cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+class LocalRedis:
+    """``redis-server`` as a child process: the local path of :class:`RedisServer`."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def failure(self) -> str | None:
+        """None while the server runs; else why it stopped (its stderr)."""
+        if self.popen.poll() is None:
+            return None
+        return self.popen.stderr.read().decode().strip() if self.popen.stderr else ""
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait(5)
+        if self.popen.stderr is not None:
+            self.popen.stderr.close()
+
+    def pause(self) -> None:
+        os.kill(self.popen.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.popen.pid, signal.SIGCONT)
+
+
 class RedisServer:
-    """One ``redis-server`` process on 127.0.0.1:``port``; restartable on the same port."""
+    """One ``redis-server`` on 127.0.0.1:``port``; restartable on the same port."""
 
     def __init__(self, directory: Path, port: int | None = None) -> None:
-        executable = shutil.which("redis-server")
+        self.containers = dockerfix.enabled()
+        executable = "redis-server" if self.containers else shutil.which("redis-server")
         if executable is None:
             pytest.fail(INSTALL_HINT, pytrace=False)
         self.executable = executable
         self.directory = directory
         self.port = port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        #: The running server, None while it is down.
+        self.process: LocalRedis | dockerfix.ContainerRedis | None = None
+        #: The container path keeps its container (and its /data) from a kill to the restart.
+        self._container: dockerfix.ContainerRedis | None = None
         #: More ``redis-server`` options (cluster mode).
         self.extra: dict[str, str] = {}
         self._clients: list[redis.Redis] = []
@@ -67,22 +101,30 @@ class RedisServer:
             "bind": "127.0.0.1",
             "save": "",  # no RDB snapshots
             "appendonly": "no",
-            "dir": str(self.directory),
+            # In a container: the image's own data directory, kept with the container.
+            "dir": "/data" if self.containers else str(self.directory),
             "daemonize": "no",
             "protected-mode": "no",
             "loglevel": "warning",
             **self.extra,
         }
-        argv = [self.executable]
+        args: list[str] = []
         for key, value in options.items():
-            argv += [f"--{key}", value]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            args += [f"--{key}", value]
+        if not self.containers:
+            self.process = LocalRedis([self.executable, *args])
+        elif self._container is None:
+            self.process = self._container = dockerfix.ContainerRedis(args)
+            timeout = max(timeout, 60.0)  # the first start may pull the image
+        else:
+            self._container.start()
+            self.process = self._container
         deadline = time.monotonic() + timeout
         while True:
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
+            err = self.process.failure()
+            if err is not None:
                 self.process = None
-                raise RuntimeError(f"redis-server exited at start: {err.strip()}")
+                raise RuntimeError(f"redis-server exited at start: {err}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                     sock.sendall(b"PING\r\n")
@@ -100,9 +142,6 @@ class RedisServer:
         process, self.process = self.process, None
         if process is not None:
             process.kill()
-            process.wait(5)
-            if process.stderr is not None:
-                process.stderr.close()
 
     def restart(self) -> None:
         self.kill()
@@ -111,11 +150,11 @@ class RedisServer:
     def pause(self) -> None:
         """SIGSTOP: connections stay open but nothing is answered (a hung server)."""
         assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
+        self.process.pause()
 
     def resume(self) -> None:
         assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
+        self.process.resume()
 
     def client(self) -> redis.Redis:
         """A blocking client for inspection (``PUBSUB NUMSUB``, ``INFO commandstats``)."""
@@ -147,6 +186,9 @@ class RedisServer:
         if self.process is not None:
             self.resume()  # a stopped process still dies of SIGKILL, but leave it clean
         self.kill()
+        if self._container is not None:
+            self._container.remove()
+            self._container = None
 
 
 @pytest.fixture
@@ -188,14 +230,20 @@ class LocalCluster:
     def start(self, timeout: float = 15.0) -> None:
         for node in self.nodes:
             node.start()
-        cli = shutil.which("redis-cli")
-        if cli is None:
-            pytest.fail(INSTALL_HINT.replace("redis-server", "redis-cli"), pytrace=False)
-        argv = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
-        argv += ["--cluster-replicas", "0", "--cluster-yes"]
-        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout.decode()[-500:]}")
+        create = ["--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
+        create += ["--cluster-replicas", "0", "--cluster-yes"]
+        first = self.nodes[0].process
+        if isinstance(first, dockerfix.ContainerRedis):
+            # The image's redis-cli, from inside the first node (host network: same addresses).
+            code, output = first.exec(["redis-cli", *create])
+        else:
+            cli = shutil.which("redis-cli")
+            if cli is None:
+                pytest.fail(INSTALL_HINT.replace("redis-server", "redis-cli"), pytrace=False)
+            done = subprocess.run([cli, *create], capture_output=True, timeout=timeout, check=False)
+            code, output = done.returncode, done.stdout.decode()
+        if code != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {output[-500:]}")
         self.wait_ok(timeout)
 
     def wait_ok(self, timeout: float = 15.0) -> None:

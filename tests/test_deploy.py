@@ -6,7 +6,11 @@ Two kinds of test:
   file without an engine) and the resolved services, the Dockerfile, nginx's and Prometheus's
   configs and the Grafana dashboard agree with each other and with the hub's real CLI, settings
   and metrics;
-- end to end: the compose topology as local processes. A private Redis, two ``hub serve`` built
+- end to end, where a Docker engine answers (tests/dockerfix.py): the compose file itself through
+  testcontainers, image built, every service up and healthy, real clients through the published
+  nginx port and Prometheus's API; see :func:`compose_in_docker`;
+- end to end everywhere else (no engine, the default here): the compose topology as local
+  processes. A private Redis, two ``hub serve`` built
   from the compose services' own ``command:`` and ``environment:`` (only the address, port and
   Redis URL changed), Debian's nginx running ``deploy/nginx.conf`` (only ports, host names and the
   paths an unprivileged run needs changed) and Prometheus running ``deploy/prometheus.yml`` (only
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import dockerfix
 import pytest
 import yaml
 from procfix import clean_env, free_port, wait_until
@@ -562,10 +567,108 @@ async def ws_client(nginx_port: int, user: str) -> tuple[ClientConnection, int]:
     return conn, int(conn.response.headers[WORKER_HEADER])
 
 
-@pytest.mark.timeout(240)  # bounded waits add up on a loaded machine; it takes ~10 s when idle
+def compose_in_docker(tmp_path: Path) -> None:
+    """The compose file itself, on a Docker engine through testcontainers.
+
+    ``docker compose up --build --wait`` builds the image and starts every service in order,
+    each waiting for the healthcheck of what it depends on. Then, through the ports the file
+    publishes: clients connect through nginx until Prometheus sees both hubs holding some,
+    publishes through nginx reach every client, one hub is stopped (it drains within its
+    ``stop_grace_period``) and new clients and publishes go on through the other while
+    Prometheus reports it down. (Worker pids are per container here, so which hub took a
+    client is read from Prometheus, not from the X-Hub-Worker header.)
+    """
+    from testcontainers.compose import DockerCompose
+
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items()))
+    stack = DockerCompose(
+        REPO, compose_file_name=COMPOSE.name, build=True, wait=True, env_file=str(env_file)
+    )
+    job_name = yaml.safe_load(PROMETHEUS_CONF.read_text())["scrape_configs"][0]["job_name"]
+    with stack:
+        published = {
+            name: stack.get_service_port(name, services()[name]["ports"][0]["target"])
+            for name in ("nginx", "prometheus")
+        }
+        assert all(published.values()), published
+        nginx_port = int(published["nginx"] or 0)
+        base = f"http://127.0.0.1:{published['prometheus']}"
+        instances = hub_addresses()  # Prometheus's targets: service:port -> service
+        messages = [{"via": "nginx", "n": n} for n in range(4)]
+
+        def spread() -> dict[str, float] | None:
+            """Open connections by hub once all 8 are counted and each hub holds some."""
+            held = by_instance(base, f'hub_connections{{job="{job_name}"}}')
+            counted = sum(held.values()) == 8 and min(held.values(), default=0) > 0
+            return held if counted else None
+
+        async def main() -> None:
+            clients: list[ClientConnection] = []
+            try:
+                for n in range(8):
+                    clients.append((await ws_client(nginx_port, f"u{n}"))[0])
+                for conn in clients:
+                    await within(
+                        conn.send(json.dumps({"op": "subscribe", "channel": "news", "id": 1}))
+                    )
+                    assert json.loads(await within(conn.recv())) == {"id": 1, "result": {}}
+                # Prometheus scrapes every 15 s: both hubs hold some of the clients.
+                held = await asyncio.to_thread(
+                    wait_until, spread, 60, "prometheus sees clients on both hubs", 1.0
+                )
+                assert held is not None and set(held) == set(instances), held
+                for m in messages:
+                    status, _ = await asyncio.to_thread(
+                        http_post, nginx_port, "/api/publish", {"channel": "news", "data": m}
+                    )
+                    assert status == 200
+                for conn in clients:
+                    got = [json.loads(await within(conn.recv())) for _ in messages]
+                    assert got == [{"channel": "news", "data": m} for m in messages]
+            finally:
+                for conn in clients:
+                    await within(conn.close())
+
+        run(main, timeout=180)
+        (stopped, stopped_name), (survivor, _) = sorted(instances.items())
+        done = subprocess.run(
+            [*stack.compose_command_property, "stop", stopped_name],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+
+        async def failover() -> None:
+            for n in range(4):
+                conn, _ = await ws_client(nginx_port, f"after{n}")
+                await within(conn.close())
+            status, _ = await asyncio.to_thread(
+                http_post, nginx_port, "/api/publish", {"channel": "news", "data": "still up"}
+            )
+            assert status == 200
+
+        run(failover, timeout=60)
+        wait_until(
+            lambda: by_instance(base, f'up{{job="{job_name}"}}') == {stopped: 0.0, survivor: 1.0},
+            60,
+            "prometheus sees the stopped hub down",
+            1.0,
+        )
+
+
+# Where a Docker engine answers, the compose file runs there (building the image takes minutes).
+@pytest.mark.timeout(900 if dockerfix.enabled() else 240)
 def test_the_compose_topology_serves_through_nginx_and_is_scraped_by_prometheus(
-    redis_server: RedisServer, tmp_path: Path
+    request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """Bounded waits add up on a loaded machine; the local path takes ~10 s when idle."""
+    if dockerfix.enabled():
+        compose_in_docker(tmp_path)
+        return
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
     nginx_bin = binary("nginx", "/usr/sbin/nginx")
     prometheus_bin = binary("prometheus", "/usr/bin/prometheus")
     hubs_by_name = hub_services()
