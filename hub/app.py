@@ -49,7 +49,11 @@ class Hub:
             if broker is None:
                 from .bridge import RedisBroker
 
-                broker = RedisBroker(settings.redis_url, settings.redis_prefix)
+                broker = RedisBroker(
+                    settings.redis_url,
+                    settings.redis_prefix,
+                    signing_key=settings.redis_signing_key,
+                )
             # The same Redis (or cluster, by the URL's scheme) and prefix as the bridge.
             presence = RedisPresence(
                 settings.redis_url, settings.redis_prefix, settings.presence_ttl
@@ -58,13 +62,21 @@ class Hub:
         self.admin: Admin | None = None
         if settings.admin:
             self.admin = self.node.admin = Admin(self.node)
-        self.api = HttpApi(self.node, settings.api_key, settings.insecure, self.admin)
+        self.api = HttpApi(
+            self.node,
+            settings.api_key,
+            settings.insecure,
+            self.admin,
+            metrics_key=settings.metrics_key,
+            metrics_elsewhere=bool(settings.metrics_port),
+        )
         self.verifier: TokenVerifier | None = None
         if settings.token_secret or settings.token_public_key:
             self.verifier = TokenVerifier(
                 settings.token_secret, settings.token_public_key, settings.token_algorithms
             )
         self.server: ws.Server | None = None
+        self.metrics_server: ws.Server | None = None
         self.draining = False
         self._sampler: asyncio.Task[None] | None = None
 
@@ -94,14 +106,43 @@ class Hub:
             server_header=None,
             **serve_kwargs,
         )
+        if s.metrics_port:
+            await self._serve_metrics()
         if self.node.metrics.multiprocess_dir is not None:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         return self.server
 
+    async def _serve_metrics(self) -> None:
+        """``/metrics`` on a listener of its own (``metrics_host``:``metrics_port``), e.g. an
+        address only the monitoring network reaches. Every worker binds it (``SO_REUSEPORT``):
+        with multiprocess metrics any one of them reports the whole server."""
+        s = self.settings
+        api = self.api
+
+        async def answer(
+            connection: ws.ServerConnection, request: ws.Request
+        ) -> ws.Response | None:
+            if request.path.partition("?")[0] == "/metrics":
+                return api.metrics(request)
+            return connection.respond(404, "not found\n")
+
+        async def never(connection: ws.ServerConnection) -> None:  # every request is answered
+            await connection.close()
+
+        self.metrics_server = await ws.serve(
+            never,
+            host=s.metrics_host or s.host,
+            port=s.metrics_port,
+            process_request=answer,
+            server_header=None,
+            reuse_port=s.workers > 1,
+        )
+
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+        for server in (self.server, self.metrics_server):
+            if server is not None:
+                server.close()
+                await server.wait_closed()
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
@@ -186,7 +227,10 @@ class Hub:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
         token = (query.get("token") or [None])[0]
         if token is None:
-            auth = request.headers.get("Authorization")
+            values = request.headers.get_all("Authorization")
+            if len(values) > 1:  # which one to believe? neither
+                raise TokenError("more than one authorization header")
+            auth = values[0] if values else None
             if auth is not None and auth[:7].lower() == "bearer ":
                 token = auth[7:].strip()
         if token is not None and self.verifier is not None:

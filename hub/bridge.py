@@ -38,11 +38,11 @@ from redis.exceptions import RedisError
 
 from .broker import Broker, BrokerHandler, Publication
 from .config import mask_url
-from .errors import HubUnavailable
+from .envelope import Envelopes
+from .errors import BadEnvelope, BadSignature, HubUnavailable
 from .history import HistoryPage
 from .publisher import (
     DEFAULT_PREFIX,
-    MAX_REASON_BYTES,
     Addr,
     AsyncPublisher,
     Names,
@@ -56,19 +56,10 @@ __all__ = ["BridgeError", "RedisBroker", "RedisClusterBroker"]
 log = logging.getLogger("hub.bridge")
 
 _RESERVED = frozenset({"channel", "data", "gap", "join", "leave", "offset", "epoch"})
-#: Envelope fields of a publication on a channel with history, always passed on to clients.
-_HISTORY_FIELDS = ("offset", "epoch")
 
 
 class BridgeError(HubUnavailable):
     """Redis is unreachable or did not answer in time (the HTTP API can answer 503)."""
-
-
-def _unpack(payload: bytes) -> Any:
-    # The options of the client msgpack codec (hub.codec), so data crosses Redis exactly as it
-    # crosses one process: str stays str, bin stays bytes, extension types (timestamps too) stay
-    # themselves (JSON clients get such pushes as msgpack, see docs/protocol.md "Pushes").
-    return msgpack.unpackb(payload, raw=False, strict_map_key=True)
 
 
 class _RateLimited:
@@ -578,6 +569,7 @@ class RedisBroker(Broker):
         batch_size: int = 500,
         forward: Iterable[str] = ("ts", "event"),
         start_timeout: float = 5.0,
+        signing_key: bytes | str | None = None,
         **redis_kwargs: Any,
     ) -> None:
         self.url = url
@@ -594,10 +586,14 @@ class RedisBroker(Broker):
         self.forward = tuple(forward)
         if _RESERVED.intersection(self.forward):
             raise ValueError(f"forward must not name any of {sorted(_RESERVED)}")
-        self._incoming = (*self.forward, *_HISTORY_FIELDS)
+        if isinstance(signing_key, str):
+            signing_key = signing_key.encode()
+        self.signing_key = signing_key
+        self.envelopes = Envelopes(signing_key, self.forward)
         self.start_timeout = start_timeout
 
         self.malformed = 0
+        self.bad_signatures = 0
         self.reconnects = 0
         self.handler_errors = 0
 
@@ -630,7 +626,9 @@ class RedisBroker(Broker):
         await super().start(handler)
         self._closing = False
         kwargs = {**self._redis_kwargs, "client_name": f"{self.names.prefix}-bridge-pub"}
-        self._publisher = AsyncPublisher(self.url, prefix=self.names.prefix, **kwargs)
+        self._publisher = AsyncPublisher(
+            self.url, prefix=self.names.prefix, signing_key=self.signing_key, **kwargs
+        )
         try:
             await asyncio.wait_for(asyncio.shield(self._boot()), self.start_timeout)
         except TimeoutError:
@@ -734,19 +732,21 @@ class RedisBroker(Broker):
         limit: int | None,
         history_size: int,
         history_ttl: float,
+        subscribing: bool = False,
     ) -> HistoryPage:
         read = self._pub().history(
-            channel, since=since, limit=limit, history_size=history_size, history_ttl=history_ttl
+            channel, since=since, limit=limit, history_size=history_size, keep_epoch=subscribing
         )
         try:
             page = await read
         except (RedisError, OSError) as exc:
             raise BridgeError(f"redis unavailable: {exc}") from exc
+        if page.skipped:  # stored by a writer that could not pass hub.envelope
+            self.bad_signatures += page.unsigned
+            self.malformed += page.skipped - page.unsigned
         # Clients get what live pushes carry: data, the forwarded fields, offset and epoch.
-        keep = self._incoming
-        page.entries = [
-            {"data": e["data"], **{k: e[k] for k in keep if k in e}} for e in page.entries
-        ]
+        meta = self.envelopes.meta
+        page.entries = [{"data": e["data"], **meta(e)} for e in page.entries]
         return page
 
     async def send_to_user(self, user: str, data: Any) -> None:
@@ -768,7 +768,7 @@ class RedisBroker(Broker):
             envelope["join"] = join
         if leave:
             envelope["leave"] = leave
-        payload = msgpack.packb(envelope, use_bin_type=True)
+        payload = msgpack.packb(envelope, use_bin_type=True)  # signed by _publish with a key
         await self._publishing(self._pub()._publish(self.names.channel(channel), payload))
 
     async def control(self, message: dict[str, Any]) -> None:
@@ -793,84 +793,65 @@ class RedisBroker(Broker):
         self.malformed += 1
         self._log_malformed(log.warning, "dropped a malformed message on %r: %s", name, why)
 
-    def _on_message(self, name: bytes, payload: bytes) -> None:
-        handler = self.handler
-        if handler is None:
-            return
+    def _on_admin(self, name: bytes, message: dict[str, Any]) -> None:
+        """hub.admin's heartbeats and searches: it checks their fields (False: malformed)."""
+        assert self.handler is not None
         try:
-            envelope = _unpack(payload)
-        except Exception as exc:
-            self._malformed(name, f"not msgpack ({type(exc).__name__}: {exc})")
-            return
-        if type(envelope) is not dict:
-            self._malformed(name, "not a map")
-            return
-        if name == self._ctl:
-            self._on_control(name, envelope)
-            return
-        if "data" not in envelope:
-            if name.startswith(self._ch) and ("join" in envelope or "leave" in envelope):
-                self._on_join_leave(name, envelope)
-                return
-            self._malformed(name, "no data field")
-            return
-        data = envelope["data"]
-        try:  # as _call does, without a call per message
-            if name.startswith(self._ch):
-                meta = {}
-                if len(envelope) > 1:
-                    meta = {k: envelope[k] for k in self._incoming if k in envelope}
-                channel = name[len(self._ch) :].decode()
-                handler.on_publication(Publication(channel, data, meta))
-            elif name.startswith(self._user):
-                handler.on_user_message(name[len(self._user) :].decode(), data)
-            elif name == self._all:
-                handler.on_broadcast(data)
+            if not self.handler.on_admin(message):
+                self._malformed(name, f"bad {message['op'][:40]} message")
         except Exception:
             self._handler_failed()
 
-    def _on_join_leave(self, name: bytes, envelope: dict[str, Any]) -> None:
-        """``{"join": [entry, ...], "leave": [...]}`` from a hub's coalesced join/leave."""
-        assert self.handler is not None
-        join, leave = envelope.get("join", []), envelope.get("leave", [])
-        for entries in (join, leave):
-            if type(entries) is not list or not all(type(e) is dict for e in entries):
-                self._malformed(name, "join/leave must be lists of maps")
-                return
-        channel = name[len(self._ch) :].decode()
-        self._call(self.handler.on_join_leave, channel, join, leave)
+    def _bad_signature(self, name: bytes, why: str) -> None:
+        self.bad_signatures += 1
+        self._log_malformed(log.warning, "dropped a message on %r: %s", name, why)
 
-    def _on_control(self, name: bytes, message: dict[str, Any]) -> None:
-        assert self.handler is not None
-        op = message.get("op")
-        if not isinstance(op, str):
-            self._malformed(name, "control message without op")
+    def _on_message(self, name: bytes, payload: bytes) -> None:
+        """One pub/sub message: opened and checked by ``hub.envelope`` (the one place that
+        decides what a payload from Redis may hold), then handed to the node."""
+        handler = self.handler
+        if handler is None:
             return
-        if op.startswith("admin."):
-            try:
-                if not self.handler.on_admin(message):
-                    self._malformed(name, f"bad {op[:40]} message")
-            except Exception:
-                self._handler_failed()
-            return
-        if op != "disconnect":
-            log.debug("ignoring control message %r", op)  # a newer hub's: forward compatible
-            return
-        user = message.get("user")
-        code = message.get("code", 4503)
-        reason = message.get("reason", "")
-        if (
-            not isinstance(user, str)
-            or not user
-            or isinstance(code, bool)
-            or not isinstance(code, int)
-            or not 4000 <= code <= 4999
-            or not isinstance(reason, str)
-            or len(reason.encode()) > MAX_REASON_BYTES
-        ):
-            self._malformed(name, "bad disconnect (user, code 4000-4999, reason)")
-            return
-        self._call(self.handler.on_disconnect, user, code, reason)
+        envelopes = self.envelopes
+        try:
+            envelope = envelopes.open(name, payload)
+            if name == self._ctl:
+                kind, args = envelopes.control(envelope)
+                if kind == "disconnect":
+                    self._call(handler.on_disconnect, *args)
+                elif kind == "admin":
+                    self._on_admin(name, envelope)
+                else:
+                    log.debug("ignoring control message %r", envelope["op"][:40])
+                return
+            if "data" not in envelope:
+                if name.startswith(self._ch) and ("join" in envelope or "leave" in envelope):
+                    join, leave = envelopes.join_leave(envelope)
+                    channel = name[len(self._ch) :].decode()
+                    self._call(handler.on_join_leave, channel, join, leave)
+                    return
+                raise BadEnvelope("no data field")
+            data = envelope["data"]
+            if name.startswith(self._ch):
+                meta = envelopes.meta(envelope) if len(envelope) > 1 else {}
+                channel = name[len(self._ch) :].decode()
+                publication = Publication(channel, data, meta)
+                try:  # as _call does, without a call per message
+                    handler.on_publication(publication)
+                except Exception:
+                    self._handler_failed()
+            elif name.startswith(self._user):
+                user = name[len(self._user) :].decode()
+                try:
+                    handler.on_user_message(user, data)
+                except Exception:
+                    self._handler_failed()
+            elif name == self._all:
+                self._call(handler.on_broadcast, data)
+        except BadSignature as exc:
+            self._bad_signature(name, str(exc))
+        except BadEnvelope as exc:
+            self._malformed(name, str(exc))
 
 
 class RedisClusterBroker(RedisBroker):

@@ -96,9 +96,12 @@ class Broker(abc.ABC):
         limit: int | None,
         history_size: int,
         history_ttl: float,
+        subscribing: bool = False,
     ) -> HistoryPage:
         """The channel's offset, epoch and stored publications (envelopes): after ``since``,
-        or the newest ``limit`` (``None``: all) when ``since`` is None."""
+        or the newest ``limit`` (``None``: all) when ``since`` is None. A channel with no history
+        answers an empty page and is left as it was, unless ``subscribing``: then its epoch is
+        kept for a while (``hub.history.EMPTY_TTL``) so the first publication gets it."""
         raise NotImplementedError(f"{type(self).__name__} keeps no history")
 
     @abc.abstractmethod
@@ -183,8 +186,9 @@ class MemoryBroker(Broker):
         limit: int | None,
         history_size: int,
         history_ttl: float,
+        subscribing: bool = False,
     ) -> HistoryPage:
-        return self.store.read(channel, since, limit, history_size, history_ttl)
+        return self.store.read(channel, since, limit, history_size, history_ttl, subscribing)
 
     async def send_to_user(self, user: str, data: Any) -> None:
         self._handler().on_user_message(user, data)

@@ -128,7 +128,9 @@ def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> i
     from .publisher import Publisher
 
     try:
-        publisher = Publisher(args.redis, prefix=settings.redis_prefix)
+        publisher = Publisher(
+            args.redis, prefix=settings.redis_prefix, signing_key=settings.redis_signing_key
+        )
         try:
             if args.user:
                 receivers = publisher.send_to_user(args.user, data)

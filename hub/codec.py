@@ -99,7 +99,11 @@ def loads_strict(text: str | bytes) -> Any:
     no encoder can write back as UTF-8 (they would fail the fan-out, not the publish)."""
     if isinstance(text, (bytes, bytearray)):
         text = text.decode(json.detect_encoding(text))  # strict: no encoded surrogates either
-    obj = json.loads(text, parse_constant=_reject_constant)
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        # 60,000 "[" exhaust the decoder's recursion guard: bad input, not a server fault.
+        raise ValueError("nested too deep") from None
     if _SURROGATE_ESCAPE.search(text) is not None:  # rare: check the pairs matched up
         try:
             _dumps(obj).encode()
@@ -170,7 +174,12 @@ class MsgpackCodec(Codec):
         return obj
 
     def encode(self, obj: dict[str, Any]) -> bytes:
-        return msgpack.packb(obj, use_bin_type=True)
+        try:
+            return msgpack.packb(obj, use_bin_type=True)
+        except OverflowError:
+            raise BadRequest("data cannot be encoded: integer out of 64-bit range") from None
+        except (TypeError, ValueError) as exc:  # nesting past msgpack's limit, foreign types
+            raise BadRequest(f"data cannot be encoded: {_reason(exc)}") from None
 
 
 JSON = JsonCodec()

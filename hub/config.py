@@ -55,12 +55,16 @@ class Settings:
     insecure: bool = False
     redis_url: str | None = None
     redis_prefix: str = "hub"
+    redis_signing_key: str | None = None
     workers: int = 1
     token_secret: str | None = None
     token_public_key: str | None = None
     token_algorithms: list[str] = field(default_factory=lambda: ["HS256", "RS256", "ES256"])
     api_key: str | None = None
     admin: bool = False
+    metrics_key: str | None = None
+    metrics_host: str | None = None
+    metrics_port: int = 0
     allowed_origins: list[str] = field(default_factory=list)
     max_connections: int = 0
     max_subscriptions: int = 128
@@ -219,6 +223,12 @@ def load_settings(
 def validate(s: Settings) -> None:
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"port: expected an integer from 0 to 65535, got {s.port}")
+    if not 0 <= s.metrics_port <= 65535:
+        raise ConfigError(
+            f"metrics_port: expected an integer from 0 to 65535, got {s.metrics_port}"
+        )
+    if s.metrics_host is not None and not s.metrics_port:
+        raise ConfigError("metrics_host: needs metrics_port (a listener of its own for /metrics)")
     if s.workers < 1:
         raise ConfigError(f"workers: must be at least 1, got {s.workers}")
     if s.workers > 1 and not s.redis_url:
@@ -239,6 +249,8 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             f"redis_url: expected redis://, unix:// or redis+cluster://, got {s.redis_url!r}"
         )
+    if s.redis_signing_key is not None and len(s.redis_signing_key.encode()) < 32:
+        raise ConfigError("redis_signing_key: must have at least 32 bytes")
     if not 1.0 <= s.presence_ttl <= 86400:
         raise ConfigError(f"presence_ttl: expected 1 to 86400 seconds, got {s.presence_ttl}")
     if not 0.0 <= s.join_leave_interval <= 60:

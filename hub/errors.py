@@ -9,7 +9,9 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "BadEnvelope",
     "BadRequest",
+    "BadSignature",
     "ClientError",
     "CloseCode",
     "ErrorCode",
@@ -106,3 +108,13 @@ class ClientError(HubError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class BadEnvelope(HubError):
+    """A payload from Redis that the hub drops: not msgpack, not a map, or a field of the wrong
+    type (``hub.envelope``); counted in ``hub_bridge_malformed_total``."""
+
+
+class BadSignature(BadEnvelope):
+    """With ``redis_signing_key`` set: a payload from Redis without a valid signature; counted in
+    ``hub_bridge_bad_signatures_total``."""

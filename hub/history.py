@@ -22,18 +22,20 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-import msgpack
-
+from .errors import BadEnvelope, BadSignature
 from .resp import bulk
 
 __all__ = [
+    "EMPTY_TTL",
     "META_TTL_MIN",
     "PUBLISH_SCRIPT",
     "READ_SCRIPT",
+    "UNTIMED_TTL",
     "HistoryPage",
     "MemoryHistory",
     "Published",
@@ -43,21 +45,39 @@ __all__ = [
     "stream_key",
 ]
 
-#: The meta hash (offset and epoch) lives at least this long (seconds) after the last
-#: publication, and never less than the history itself, so offsets survive idle periods and a
-#: client coming back after the history expired learns "not recovered" rather than seeing
-#: offsets start again at 1 under the same epoch.
+#: Every key the hub writes to Redis expires, so that nothing a client can make the hub write
+#: (a random channel name) stays for good, and the memory broker forgets the same way:
+#:
+#: - the meta hash (offset and epoch) lives at least ``META_TTL_MIN`` seconds after the last
+#:   publication, and never less than the history itself, so offsets survive idle periods and a
+#:   client coming back after the history expired learns "not recovered" rather than seeing
+#:   offsets start again at 1 under the same epoch;
+#: - with ``history_ttl = 0`` (no time limit set) entries and meta live ``UNTIMED_TTL`` after the
+#:   channel's last publication;
+#: - a meta made by a subscribe before any publication (so that the subscriber's epoch is the one
+#:   the first publication gets) lives ``EMPTY_TTL``: it holds nothing but a fresh epoch, and a
+#:   client that subscribes to many random names makes nothing that lasts.
+#:
+#: A plain history read creates nothing: a channel without history answers offset 0 and an epoch
+#: that is not kept (a client recovering from it learns "not recovered").
 META_TTL_MIN = 86400.0
+UNTIMED_TTL = 30 * 86400.0
+EMPTY_TTL = 3600.0
 
 
 def _ms(seconds: float) -> bytes:
-    """A TTL for the scripts: milliseconds, "0" for none."""
-    return b"%d" % max(1, round(seconds * 1000)) if seconds > 0 else b"0"
+    """A TTL for the scripts, in milliseconds (at least 1)."""
+    return b"%d" % max(1, round(seconds * 1000))
+
+
+def stream_ttl(history_ttl: float) -> float:
+    """How long entries live after their channel's last publication."""
+    return history_ttl if history_ttl > 0 else UNTIMED_TTL
 
 
 def meta_ttl(history_ttl: float) -> float:
-    """The meta TTL for a namespace's ``history_ttl`` (0: neither expires)."""
-    return max(history_ttl, META_TTL_MIN) if history_ttl > 0 else 0.0
+    """How long a channel's offset and epoch live after its last publication."""
+    return max(stream_ttl(history_ttl), META_TTL_MIN)
 
 
 class Script:
@@ -149,7 +169,7 @@ def publish_args(
         name,
         envelope,
         b"%d" % size,
-        _ms(ttl),
+        _ms(stream_ttl(ttl)),
         _ms(meta_ttl(ttl)),
         new_epoch().encode() if epoch is None else epoch,
         b"1" if sharded else b"0",
@@ -157,16 +177,22 @@ def publish_args(
 
 
 def read_args(
-    pubsub_name: str, since: int | None, limit: int | None, size: int, ttl: float
+    pubsub_name: str,
+    since: int | None,
+    limit: int | None,
+    size: int,
+    create: bool = False,
 ) -> list[bytes]:
-    """``numkeys, KEYS..., ARGV...`` of the read script. ``limit`` None: every entry."""
+    """``numkeys, KEYS..., ARGV...`` of the read script. ``limit`` None: every entry.
+    ``create``: a subscribe, which keeps the epoch it answers for ``EMPTY_TTL`` when the channel
+    has none yet; a plain read creates nothing."""
     return [
         b"2",
         stream_key(pubsub_name).encode(),
         meta_key(pubsub_name).encode(),
         b"" if since is None else b"%d" % since,
         b"-1" if limit is None else b"%d" % limit,
-        _ms(meta_ttl(ttl)),
+        _ms(EMPTY_TTL) if create else b"0",
         new_epoch().encode(),
         b"%d" % size,
     ]
@@ -203,6 +229,10 @@ class HistoryPage:
     offset: int
     epoch: str
     entries: list[dict[str, Any]] = field(default_factory=list)
+    #: Stored entries left out because they did not pass ``hub.envelope``: a bad field, or (also
+    #: counted in ``unsigned``) no valid signature where one is required.
+    skipped: int = 0
+    unsigned: int = 0
 
     def covers(self, since: int, epoch: str) -> bool:
         """Whether ``entries`` (read with this ``since``) hold every publication after it."""
@@ -213,16 +243,19 @@ class HistoryPage:
         return bool(self.entries) and self.entries[0]["offset"] == since + 1
 
     @classmethod
-    def from_reply(cls, reply: Any) -> HistoryPage:
+    def from_reply(cls, reply: Any, entry: Callable[[bytes], dict[str, Any]]) -> HistoryPage:
+        """The read script's answer; ``entry`` opens and checks each stored payload
+        (``hub.envelope.Envelopes.entry``), raising ``BadEnvelope`` for one to skip."""
         top, epoch, raw = reply
-        entries = []
+        page = cls(int(top), _text(epoch))
         for _entry_id, fields in raw:
-            # fields: [b"e", envelope]; the envelope already holds offset and epoch.
-            envelope = msgpack.unpackb(fields[1], raw=False, strict_map_key=True)
-            if type(envelope) is dict and "data" in envelope:
-                if type(envelope.get("offset")) is int:
-                    entries.append(envelope)
-        return cls(int(top), _text(epoch), entries)
+            # fields: [b"e", payload]; the payload already holds offset and epoch.
+            try:
+                page.entries.append(entry(fields[1]))
+            except BadEnvelope as exc:
+                page.skipped += 1
+                page.unsigned += isinstance(exc, BadSignature)
+        return page
 
 
 class _Channel:
@@ -238,10 +271,11 @@ class _Channel:
 
 class MemoryHistory:
     """History for the one-process broker, with the semantics of the Redis one: the last
-    ``size`` publications, dropped ``ttl`` seconds after the channel's last publication; the
-    offset and epoch live on (like the Redis meta) for ``max(ttl, META_TTL_MIN)``, then the
-    channel is forgotten and starts again under a new epoch. Epochs are random per channel, so
-    a restarted process never reuses one."""
+    ``size`` publications, dropped ``stream_ttl(ttl)`` seconds after the channel's last
+    publication; the offset and epoch live on (like the Redis meta) for ``meta_ttl(ttl)``, then
+    the channel is forgotten and starts again under a new epoch. A subscribe to a channel with no
+    state keeps its epoch for ``EMPTY_TTL``; a plain read keeps nothing. Epochs are random per
+    channel, so a restarted process never reuses one."""
 
     SWEEP_EVERY = 1000  # operations between sweeps of forgotten channels
 
@@ -253,7 +287,8 @@ class MemoryHistory:
     def __len__(self) -> int:
         return len(self._channels)
 
-    def _channel(self, channel: str, size: int, ttl: float) -> _Channel:
+    def _channel(self, channel: str, size: int, create: bool) -> _Channel | None:
+        """The channel's live state (made when ``create``), with expired entries dropped."""
         now = self._clock()
         self._ops += 1
         if self._ops >= self.SWEEP_EVERY:
@@ -261,34 +296,48 @@ class MemoryHistory:
             for name in [n for n, c in self._channels.items() if c.forget_at <= now]:
                 del self._channels[name]
         state = self._channels.get(channel)
-        if state is None or state.forget_at <= now:
+        if state is not None and state.forget_at <= now:
+            del self._channels[channel]
+            state = None
+        if state is None:
+            if not create:
+                return None
             state = self._channels[channel] = _Channel(size)
+            state.forget_at = now + EMPTY_TTL  # subscribed before any publication
         elif state.entries.maxlen != size:  # the namespace's size changed (reload)
             state.entries = deque(state.entries, maxlen=size)
         if state.expires <= now:
             state.entries.clear()
             state.expires = math.inf
-        if ttl > 0 and state.forget_at == math.inf:
-            state.forget_at = now + meta_ttl(ttl)  # subscribed before any publication
         return state
 
     def add(self, channel: str, envelope: dict[str, Any], size: int, ttl: float) -> tuple[int, str]:
         """Store ``envelope`` (``offset`` and ``epoch`` are added to it); its offset and epoch."""
-        state = self._channel(channel, size, ttl)
+        state = self._channel(channel, size, True)
+        assert state is not None
         state.offset += 1
         envelope["offset"] = state.offset
         envelope["epoch"] = state.epoch
         state.entries.append(envelope)
-        if ttl > 0:
-            now = self._clock()
-            state.expires = now + ttl
-            state.forget_at = now + meta_ttl(ttl)
+        now = self._clock()
+        state.expires = now + stream_ttl(ttl)
+        state.forget_at = now + meta_ttl(ttl)
         return state.offset, state.epoch
 
     def read(
-        self, channel: str, since: int | None, limit: int | None, size: int, ttl: float
+        self,
+        channel: str,
+        since: int | None,
+        limit: int | None,
+        size: int,
+        ttl: float,
+        create: bool = False,
     ) -> HistoryPage:
-        state = self._channel(channel, size, ttl)
+        """The channel's page; ``create`` (a subscribe) keeps the epoch of a channel with no
+        state yet, a plain read answers an empty page under a fresh epoch and keeps nothing."""
+        state = self._channel(channel, size, create)
+        if state is None:
+            return HistoryPage(0, new_epoch(), [])
         entries = list(state.entries)
         if since is not None:
             entries = [e for e in entries if e["offset"] > since]

@@ -4,20 +4,24 @@
 -- KEYS[2]  meta    {<prefix>:ch:<channel>}:meta
 -- ARGV[1]  since: return entries after this offset; "" for the newest entries
 -- ARGV[2]  limit: "-1" every entry, "0" none (just offset and epoch), n at most n
--- ARGV[3]  meta TTL in milliseconds ("0": none), used when the meta is created here
--- ARGV[4]  epoch to use if the channel has none yet
+-- ARGV[3]  "0": a plain read, which writes nothing; else a subscribe: when the channel has no
+--          meta yet, create it with ARGV[4] as its epoch and this TTL in milliseconds, so that
+--          the subscriber's epoch stays valid for the first publication
+-- ARGV[4]  epoch to answer (and keep, see ARGV[3]) if the channel has none yet
 -- ARGV[5]  history size: offsets older than the newest "size" are not returned (the publish
 --          script trims the stream approximately, so it may still hold some); "0": no bound
 -- Returns {offset, epoch, entries}, entries oldest first.
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
-  -- Created on read too, so that a subscriber's epoch stays valid for the first publication.
+  -- No history: an empty page. Only a subscribe keeps the epoch (for a while); a read of a
+  -- random name leaves nothing behind.
   epoch = ARGV[4]
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
   if ARGV[3] ~= '0' then
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
     redis.call('PEXPIRE', KEYS[2], ARGV[3])
   end
+  return {0, epoch, {}}
 end
 local top = tonumber(redis.call('HGET', KEYS[2], 'offset'))
 local limit = tonumber(ARGV[2])

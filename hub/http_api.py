@@ -25,7 +25,7 @@ from .errors import BadRequest, CloseCode, HubUnavailable, ReplyError
 from .metrics import CONTENT_TYPE_LATEST
 from .presence import PresenceUnavailable
 from .session import check_channel, history_result, parse_history
-from .ws import Headers, Request, Response
+from .ws import Headers, MultipleValuesError, Request, Response
 
 if TYPE_CHECKING:
     from .admin import Admin
@@ -109,7 +109,14 @@ MAX_USER_QUERY = 1000
 
 class HttpApi:
     def __init__(
-        self, node: Node, api_key: str | None, insecure: bool, admin: Admin | None = None
+        self,
+        node: Node,
+        api_key: str | None,
+        insecure: bool,
+        admin: Admin | None = None,
+        *,
+        metrics_key: str | None = None,
+        metrics_elsewhere: bool = False,
     ) -> None:
         self.node = node
         self.api_key = api_key
@@ -122,6 +129,9 @@ class HttpApi:
                 "/admin/admin.js": StaticFile("admin.js", "text/javascript; charset=utf-8"),
                 "/admin/admin.css": StaticFile("admin.css", "text/css; charset=utf-8"),
             }
+        self.metrics_key = metrics_key
+        #: ``/metrics`` is served on its own listener (``metrics_port``), not on this one.
+        self.metrics_elsewhere = metrics_elsewhere
         self.routes: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "/api/publish": self._publish,
             "/api/broadcast": self._broadcast,
@@ -136,6 +146,12 @@ class HttpApi:
 
     async def handle(self, request: Request) -> Response | None:
         """Answer an HTTP request, or return None for a WebSocket upgrade on ``/ws``."""
+        try:
+            return await self._handle(request)
+        except MultipleValuesError as exc:  # two Content-Type or X-API-Key headers, say
+            return self._error(400, f"more than one {exc.args[0]} header"[:100])
+
+    async def _handle(self, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
         if path == "/ws":
             return None
@@ -145,7 +161,9 @@ class HttpApi:
             ready = self.node.ready
             return _text(200 if ready else 503, "ready\n" if ready else "not ready\n")
         if path == "/metrics":
-            return _text(200, self.node.metrics.render().decode(), CONTENT_TYPE_LATEST)
+            if self.metrics_elsewhere:
+                return _json(404, {"error": {"message": "not found"}})
+            return self.metrics(request)
         if path == "/hub.js":
             response = self.client_js.response(request, CLIENT_MAX_AGE)
             # A module script from another origin (the app's page) is fetched with CORS.
@@ -167,17 +185,39 @@ class HttpApi:
             body = self._body(request)
             result = await route(body)
         except ApiError as exc:
-            response = _json(exc.status, {"error": {"message": exc.message}})
+            response = self._error(exc.status, exc.message)
             if exc.status == 405:
                 response.headers["Allow"] = "POST"
             return response
         except HubUnavailable as exc:
             what = "presence" if isinstance(exc, PresenceUnavailable) else "broker"
-            return _json(503, {"error": {"message": f"{what} unavailable"}})
+            return self._error(503, f"{what} unavailable")
+        except MultipleValuesError:
+            raise  # the client's fault: answered by handle()
         except Exception:
             log.exception("http api %s failed", path)
-            return _json(500, {"error": {"message": "internal error"}})
+            return self._error(500, "internal error")
         return _json(200, {"result": result})
+
+    def _error(self, status: int, message: str) -> Response:
+        """An API error answer, counted by status (``hub_http_errors_total``)."""
+        self.node.metrics.http_errors.labels(str(status)).inc()
+        return _json(status, {"error": {"message": message}})
+
+    def metrics(self, request: Request) -> Response:
+        """``/metrics``, behind ``metrics_key`` when one is set (``Authorization: Bearer <key>``,
+        what Prometheus sends for ``authorization: {credentials: ...}``)."""
+        key = self.metrics_key
+        if key is not None:
+            auth = request.headers.get("Authorization") or ""
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), key.encode()
+            ):
+                response = self._error(401, "missing or invalid metrics key")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+                return response
+        return _text(200, self.node.metrics.render().decode(), CONTENT_TYPE_LATEST)
 
     def _stats(self, request: Request) -> Response:
         """This process's counts, for the demo page and quick checks (open in dev mode)."""
@@ -187,7 +227,7 @@ class HttpApi:
             if not self.insecure:
                 self._check_key(request)
         except ApiError as exc:
-            response = _json(exc.status, {"error": {"message": exc.message}})
+            response = self._error(exc.status, exc.message)
             if exc.status == 405:
                 response.headers["Allow"] = "GET"
             return response
@@ -218,7 +258,7 @@ class HttpApi:
                 self._check_key(request)
                 response = _json(200, {"result": await self._admin_api(self.admin, request, path)})
         except ApiError as exc:
-            response = _json(exc.status, {"error": {"message": exc.message}})
+            response = self._error(exc.status, exc.message)
             if exc.status == 405:
                 response.headers["Allow"] = "GET"
         for name, value in ADMIN_HEADERS:
@@ -276,8 +316,17 @@ class HttpApi:
             raise ApiError(400, f"invalid field: {name}")
         return value
 
+    def _channel(self, body: dict[str, Any]) -> str:
+        """The body's ``channel``, checked by the rule client commands follow
+        (``session.check_channel``), so neither surface takes a name the other refuses."""
+        channel = self._field(body, "channel")
+        try:
+            return check_channel(channel, self.node.settings.max_channel_length)
+        except BadRequest as exc:
+            raise ApiError(400, f"invalid field: channel ({exc.message})") from None
+
     async def _publish(self, body: dict[str, Any]) -> dict[str, Any]:
-        channel = self._field(body, "channel", str)
+        channel = self._channel(body)
         with _data_refused():
             stored = await self.node.publish(channel, self._field(body, "data"), source="http")
         if stored is None:
@@ -307,14 +356,10 @@ class HttpApi:
         return {}
 
     def _presence_channel(self, body: dict[str, Any]) -> str:
-        channel = self._field(body, "channel")
-        try:
-            check_channel(channel, self.node.settings.max_channel_length)
-        except BadRequest as exc:
-            raise ApiError(400, f"invalid field: channel ({exc.message})") from None
+        channel = self._channel(body)
         if not self.node.settings.namespace(channel).presence:
             raise ApiError(400, "presence is not enabled for this channel's namespace")
-        return str(channel)
+        return channel
 
     async def _presence(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"clients": await self.node.presence.clients(self._presence_channel(body))}
@@ -323,7 +368,7 @@ class HttpApi:
         return await self.node.presence.stats(self._presence_channel(body))
 
     async def _history(self, body: dict[str, Any]) -> dict[str, Any]:
-        channel = self._field(body, "channel", str)
+        channel = self._channel(body)
         ns = self.node.settings.namespace(channel)
         if not ns.history_size:
             raise ApiError(400, "history is not enabled on this channel")

@@ -33,6 +33,11 @@ LIVESUM = "livesum"
 #: hot path).
 BROKER_COUNTERS = (
     ("malformed", "hub_bridge_malformed", "Malformed payloads received from Redis."),
+    (
+        "bad_signatures",
+        "hub_bridge_bad_signatures",
+        "Payloads from Redis dropped for a missing or wrong signature (redis_signing_key).",
+    ),
     ("reconnects", "hub_bridge_reconnects", "Times the Redis link was re-established."),
     ("handler_errors", "hub_bridge_handler_errors", "Broker callbacks that raised."),
     ("write_errors", "hub_presence_write_errors", "Presence writes to Redis that failed."),
@@ -108,6 +113,12 @@ class Metrics:
             "hub_command_errors",
             "Error replies to client commands, by error code.",
             ["code"],
+            registry=r,
+        )
+        self.http_errors = Counter(
+            "hub_http_errors",
+            "HTTP API requests answered with an error, by status.",
+            ["status"],
             registry=r,
         )
         self.delivered_channel = self.delivered.labels("channel")

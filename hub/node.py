@@ -192,15 +192,23 @@ class Node:
         return None
 
     async def history(
-        self, channel: str, ns: Namespace, *, since: int | None, limit: int | None
+        self,
+        channel: str,
+        ns: Namespace,
+        *,
+        since: int | None,
+        limit: int | None,
+        subscribing: bool = False,
     ) -> HistoryPage:
-        """The stored publications of a channel whose namespace keeps history."""
+        """The stored publications of a channel whose namespace keeps history (see
+        ``Broker.history`` for ``subscribing``)."""
         return await self.broker.history(
             channel,
             since=since,
             limit=limit,
             history_size=ns.history_size,
             history_ttl=ns.history_ttl,
+            subscribing=subscribing,
         )
 
     async def send_to_user(self, user: str, data: Any) -> None:
@@ -332,7 +340,11 @@ class Node:
                 # so recovering now could leave a hole. The client retries.
                 raise HubUnavailable("broker unavailable")
             page = await self.history(
-                channel, ns, since=None if since is None else since[0], limit=None if since else 0
+                channel,
+                ns,
+                since=None if since is None else since[0],
+                limit=None if since else 0,
+                subscribing=True,
             )
         except BaseException:
             self._untrack(channel, session)

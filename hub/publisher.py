@@ -15,6 +15,7 @@ bridge publishes through :class:`AsyncPublisher` too: there is one implementatio
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
 import time
@@ -40,6 +41,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .envelope import Envelopes, disconnect_problem, seal
 from .history import (
     PUBLISH_SCRIPT,
     READ_SCRIPT,
@@ -70,8 +72,8 @@ __all__ = [
 DEFAULT_PREFIX = "hub"
 #: Close code of a server-side disconnect when none is given: "disconnected, do not reconnect".
 DISCONNECT_CODE = 4503
-#: A WebSocket close reason must fit a 125-byte control frame with its 2-byte code.
-MAX_REASON_BYTES = 120
+#: Bytes of a signing key, at least (the size of the HMAC-SHA256 output).
+MIN_SIGNING_KEY = 32
 #: URL scheme of a Redis Cluster: ``redis+cluster://[user:password@]host:port[,host:port...]``.
 CLUSTER_SCHEME = "redis+cluster://"
 #: Redis Cluster hash slots.
@@ -162,13 +164,21 @@ def pack_disconnect(user: str, code: int = DISCONNECT_CODE, reason: str = "") ->
     Checked here like the HTTP API checks it, so a bad value fails at the caller instead of being
     dropped (and counted as malformed) by every hub.
     """
-    _non_empty("user", user)
-    if isinstance(code, bool) or not isinstance(code, int) or not 4000 <= code <= 4999:
-        raise ValueError("code must be an integer from 4000 to 4999")
-    if not isinstance(reason, str) or len(reason.encode()) > MAX_REASON_BYTES:
-        raise ValueError(f"reason must be a string of at most {MAX_REASON_BYTES} bytes")
+    problem = disconnect_problem(user, code, reason)
+    if problem is not None:
+        raise ValueError(problem)
     control = {"op": "disconnect", "user": user, "code": code, "reason": reason}
     return msgpack.packb(control, use_bin_type=True)
+
+
+def _signing_key(key: bytes | str | None) -> bytes | None:
+    """``signing_key`` as bytes; short keys are refused (HMAC-SHA256 wants 32 bytes or more)."""
+    if key is None:
+        return None
+    raw = key.encode() if isinstance(key, str) else bytes(key)
+    if len(raw) < MIN_SIGNING_KEY:
+        raise ValueError(f"signing_key must have at least {MIN_SIGNING_KEY} bytes")
+    return raw
 
 
 def is_cluster_url(url: str | None) -> bool:
@@ -285,9 +295,12 @@ class Publisher:
         prefix: str = DEFAULT_PREFIX,
         client: redis.Redis | redis.RedisCluster | None = None,
         cluster: bool = False,
+        signing_key: bytes | str | None = None,
         **redis_kwargs: Any,
     ) -> None:
         self.names = Names(prefix)
+        self._key = _signing_key(signing_key)
+        self._envelopes = Envelopes(self._key)
         if client is None:
             if url is None:
                 raise ValueError("give a redis url or a client")
@@ -309,7 +322,9 @@ class Publisher:
         # and never reaches SSUBSCRIBE subscribers.
         sharded = isinstance(client, redis.RedisCluster)
         self._sharded = sharded
-        self._send: Callable[[str, bytes], Any] = client.spublish if sharded else client.publish
+        self._publish_raw: Callable[[str, bytes], Any] = (
+            client.spublish if sharded else client.publish
+        )
         self._publish_script = client.register_script(PUBLISH_SCRIPT.text)
         self._read_script = client.register_script(READ_SCRIPT.text)
 
@@ -331,9 +346,9 @@ class Publisher:
         """
         name = self.names.channel(_non_empty("channel", channel))
         _history_options(history_size, history_ttl, fields)
-        payload = pack_message(data, fields)
+        payload = seal(self._key, name.encode(), pack_message(data, fields))
         if not history_size:
-            return Published(int(self._send(name, payload)))
+            return Published(int(self._publish_raw(name, payload)))
         args = publish_args(name, payload, history_size, history_ttl, self._sharded)
         return Published.from_reply(self._publish_script(keys=args[1:3], args=args[3:]))
 
@@ -349,12 +364,15 @@ class Publisher:
         """The channel's stored publications: after offset ``since`` (at most ``limit``), or
         the newest ``limit`` (all when None), oldest first, with the current offset and epoch.
         Give the namespace's ``history_size``: the stream is trimmed approximately, and
-        offsets older than the newest ``history_size`` are left out (0: no bound)."""
+        offsets older than the newest ``history_size`` are left out (0: no bound).
+        ``history_ttl`` is checked but not needed (a read writes nothing). A channel with no
+        history answers offset 0 and an epoch that is not kept."""
         name = self.names.channel(_non_empty("channel", channel))
         _limit(since, limit)
         _history_options(history_size, history_ttl, {})
-        args = read_args(name, since, limit, history_size, history_ttl)
-        return HistoryPage.from_reply(self._read_script(keys=args[1:3], args=args[3:]))
+        args = read_args(name, since, limit, history_size)
+        entry = functools.partial(self._envelopes.entry, name.encode())
+        return HistoryPage.from_reply(self._read_script(keys=args[1:3], args=args[3:]), entry)
 
     def send_to_user(self, user: str, data: Any) -> int:
         name = self.names.user(_non_empty("user", user))
@@ -367,9 +385,12 @@ class Publisher:
         For notifying many users at once: per message it costs a fraction of
         :meth:`send_to_user`, which waits for Redis each time.
         """
-        payloads = [(self.names.user(_non_empty("user", u)), pack_message(d)) for u, d in messages]
+        payloads = []
+        for user, data in messages:
+            name = self.names.user(_non_empty("user", user))
+            payloads.append((name, seal(self._key, name.encode(), pack_message(data))))
         if isinstance(self.client, redis.RedisCluster):  # each user channel has its own shard
-            return [int(self._send(name, payload)) for name, payload in payloads]
+            return [int(self._publish_raw(name, payload)) for name, payload in payloads]
         pipe = self.client.pipeline(transaction=False)
         for name, payload in payloads:
             pipe.publish(name, payload)
@@ -380,6 +401,9 @@ class Publisher:
 
     def disconnect(self, user: str, code: int = DISCONNECT_CODE, reason: str = "") -> int:
         return int(self._send(self.names.ctl, pack_disconnect(user, code, reason)))
+
+    def _send(self, name: str, payload: bytes) -> Any:
+        return self._publish_raw(name, seal(self._key, name.encode(), payload))
 
     def close(self) -> None:
         if self._owned:
@@ -643,9 +667,12 @@ class AsyncPublisher:
         client: redis.asyncio.Redis | None = None,
         timeout: float = 5.0,
         cluster: bool = False,
+        signing_key: bytes | str | None = None,
         **redis_kwargs: Any,
     ) -> None:
         self.names = Names(prefix)
+        self._key = _signing_key(signing_key)
+        self._envelopes = Envelopes(self._key)
         if isinstance(client, redis.asyncio.RedisCluster):
             raise ValueError("for a cluster, give a redis+cluster:// url (one pipeline per shard)")
         if client is not None:
@@ -663,6 +690,9 @@ class AsyncPublisher:
         self._commands = PublishCommands()
 
     async def _publish(self, name: str, payload: bytes) -> int:
+        """PUBLISH (SPUBLISH) ``payload``, signed first when there is a key."""
+        if self._key is not None:
+            payload = seal(self._key, name.encode(), payload)
         command = b"SPUBLISH" if self._router.sharded else b"PUBLISH"
         return int(await self._router.execute_packed(name, pack_publish(command, name, payload)))
 
@@ -683,6 +713,7 @@ class AsyncPublisher:
         payload = pack_message(data, fields)
         if not history_size:
             return Published(await self._publish(name, payload))
+        payload = seal(self._key, name.encode(), payload)
         sharded = self._router.sharded
         command, epoch = self._commands.packed(name, payload, history_size, history_ttl, sharded)
         try:
@@ -701,13 +732,17 @@ class AsyncPublisher:
         limit: int | None = None,
         history_size: int = 0,
         history_ttl: float = 0.0,
+        keep_epoch: bool = False,
     ) -> HistoryPage:
-        """See :meth:`Publisher.history`."""
+        """See :meth:`Publisher.history`. ``keep_epoch``: what a hub's subscribe does, keep
+        the epoch answered for a channel with no history yet (``hub.history.EMPTY_TTL``), so
+        the first publication gets it."""
         name = self.names.channel(_non_empty("channel", channel))
         _limit(since, limit)
         _history_options(history_size, history_ttl, {})
-        args = read_args(name, since, limit, history_size, history_ttl)
-        return HistoryPage.from_reply(await self._router.script(name, READ_SCRIPT, args))
+        args = read_args(name, since, limit, history_size, keep_epoch)
+        entry = functools.partial(self._envelopes.entry, name.encode())
+        return HistoryPage.from_reply(await self._router.script(name, READ_SCRIPT, args), entry)
 
     async def send_to_user(self, user: str, data: Any) -> int:
         return await self._publish(self.names.user(_non_empty("user", user)), pack_message(data))
@@ -719,12 +754,19 @@ class AsyncPublisher:
         if self._router.sharded:  # routed one by one, each to its shard's pipeline
             payloads = [(user(_non_empty("user", u)), pack_message(d)) for u, d in messages]
             return list(await asyncio.gather(*(self._publish(n, p) for n, p in payloads)))
-        replies = await self._router.execute_many(
-            [
+        key = self._key
+        if key is None:
+            commands = [
                 pack_publish(b"PUBLISH", user(_non_empty("user", u)), pack_message(d))
                 for u, d in messages
             ]
-        )
+        else:
+            commands = []
+            for u, d in messages:
+                name = user(_non_empty("user", u))
+                payload = seal(key, name.encode(), pack_message(d))
+                commands.append(pack_publish(b"PUBLISH", name, payload))
+        replies = await self._router.execute_many(commands)
         return [int(n) for n in replies]
 
     async def broadcast(self, data: Any) -> int:

@@ -429,7 +429,8 @@ def test_bad_since_values_get_error_replies() -> None:
     async def main() -> None:
         async with running(make_settings(CONFIG)) as hub:
             async with client(hub, user="a") as a:
-                epoch = (await a.call("history", channel="feed:b"))["result"]["epoch"]
+                # A subscribe keeps the epoch of a channel with no history yet (a read would not).
+                epoch = (await a.call("subscribe", channel="feed:b"))["result"]["epoch"]
             bad_values: list[Any] = [
                 5,
                 "5",
@@ -536,7 +537,8 @@ def test_a_publication_still_in_the_end_of_turn_queue_is_not_sent_twice() -> Non
             node = hub.node
             ns = node.settings.namespace("feed:q")
             async with client(hub, user="a") as a, client(hub, user="b") as b:
-                epoch = (await a.call("history", channel="feed:q"))["result"]["epoch"]
+                epoch = (await a.call("subscribe", channel="feed:q"))["result"]["epoch"]
+                await a.ok("unsubscribe", channel="feed:q")
                 await b.call("history", channel="feed:q")
                 sa, sb = sorted(node.registry.sessions, key=lambda s: s.user)
                 # One turn: stored and queued, then both join before the queue is fanned out.
@@ -702,4 +704,6 @@ def test_memory_history_forgets_idle_channels_under_a_new_epoch() -> None:
     assert page.offset == 0 and page.epoch != first[1]
     store.SWEEP_EVERY = 1
     store.read("feed:a", None, 0, 10, 60)
-    assert len(store) == 1  # the idle ones were swept
+    assert len(store) == 0  # the idle ones were swept, and a read made nothing
+    store.read("feed:a", None, 0, 10, 60, create=True)  # a subscribe keeps its epoch
+    assert len(store) == 1

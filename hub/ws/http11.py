@@ -95,6 +95,9 @@ _TOO_LARGE = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) (HTTP/\d\.\d)\r\n")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE = re.compile(rb"[\x09\x20-\x7e\x80-\xff]*")
+#: A number in a header: ASCII digits only. ``str.isdigit`` and ``int`` also take other scripts'
+#: digits ("\u00b2", "\u0663"), which no HTTP number may hold; 18 digits keep it far from huge.
+_DECIMAL = re.compile(r"[0-9]{1,18}")
 
 
 def parse_request(reader: StreamReader, limits: Limits) -> Generator[None, None, Request]:
@@ -144,7 +147,7 @@ def parse_request(reader: StreamReader, limits: Limits) -> Generator[None, None,
         raise InvalidMessage("transfer-encoding is not supported; send content-length")
     length_values = headers.get_all("Content-Length")
     if length_values:
-        if len(set(length_values)) != 1 or not length_values[0].isdigit():
+        if len(set(length_values)) != 1 or _DECIMAL.fullmatch(length_values[0]) is None:
             raise InvalidMessage("invalid content-length")
         length = int(length_values[0])
         if length > limits.max_body:
