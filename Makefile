@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/hub serve $(ARGS)
+	$(BIN)/hub serve --insecure $(ARGS)
 
 sysdeps:
 	bash scripts/system-deps.sh

@@ -8,7 +8,8 @@ registry and sessions, and subscribers count what they receive. The baseline is 
 ``websockets`` FAQ recommends for channels. It keeps a module-level ``CHANNELS: dict[str, set]``
 and calls ``websockets.broadcast(CHANNELS[channel], json.dumps(push))`` for each publish. Both
 servers take the same commands and send byte-identical pushes
-(``{"channel":"bench:room","data":{"seq":N,"ts":T,"pad":"..."}}``, 100 bytes), so the same
+(``{"channel":"bench:room","data":{"seq":N,"ts":T,"pad":"..."},"from":{...}}``, 100 bytes
+and the ``from`` of a client publication, which the baseline adds too), so the same
 clients and the same publisher drive both.
 
 Two modes, for each implementation:
@@ -88,7 +89,9 @@ from benchlib import Child as BaseChild
 CHANNEL = "bench:room"
 PUSH_SIZE = 100  # bytes of every push payload (the pad is sized to hit it exactly)
 IMPLS = ("baseline", "hub")
-HUB_TOML = "[namespaces.bench]\npublish = true\n"
+# Dev mode (the bench clients connect with ?user=), and no per-connection command rate limit:
+# the closed-loop publisher is one connection sending as fast as the hub answers.
+HUB_TOML = "insecure = true\ncommand_rate = 0\n[namespaces.bench]\npublish = true\n"
 MAX_SEQ = 10_000_000  # a parsed seq above this is treated as garbage, not as a huge gap
 
 # The hub's JSON codec is compact (and ensure_ascii=False, identical for ASCII): the publisher
@@ -96,10 +99,18 @@ MAX_SEQ = 10_000_000  # a parsed seq above this is treated as garbage, not as a 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
+#: The ``from`` the hub adds to a client's publication, in its size (the client id is 32 hex
+#: digits); the baseline adds one of the same shape, so both push the same bytes.
+FROM_SHAPE: Json = {"user": "publisher", "client": "0" * 32, "info": None}
+#: A client publication's push: PUSH_SIZE bytes of channel and data, plus its ``from``.
+CLIENT_PUSH_SIZE = PUSH_SIZE + len(',"from":' + _dumps(FROM_SHAPE))
+
+
 def publish_command(seq: int, size: int) -> str:
     """A publish whose resulting push is exactly ``size`` bytes; ``ts`` is taken at build time."""
     data: Json = {"seq": seq, "ts": time.time(), "pad": ""}
-    data["pad"] = "x" * max(0, size - len(_dumps({"channel": CHANNEL, "data": data})))
+    push = {"channel": CHANNEL, "data": data, "from": FROM_SHAPE}
+    data["pad"] = "x" * max(0, size - len(_dumps(push)))
     return _dumps({"op": "publish", "channel": CHANNEL, "data": data, "id": seq})
 
 
@@ -122,7 +133,8 @@ def baseline_command(websocket: Any, message: str | bytes) -> str:
     if op == "subscribe":
         CHANNELS.setdefault(channel, set()).add(websocket)
     elif op == "publish":
-        push = _dumps({"channel": channel, "data": command.get("data")})
+        sender = {"user": "publisher", "client": websocket.id.hex, "info": None}
+        push = _dumps({"channel": channel, "data": command.get("data"), "from": sender})
         broadcast(CHANNELS.get(channel, ()), push)
     else:
         return _dumps({"id": cid, "error": {"code": 104, "message": "unknown op"}})
@@ -909,7 +921,7 @@ class Bench(Runner[Child]):
 
             def client_role(conns: int, first: int) -> list[str]:
                 role = ["_client", "--port", str(port), "--conns", str(conns)]
-                return [*role, "--first-user", str(first), "--size", str(PUSH_SIZE)]
+                return [*role, "--first-user", str(first), "--size", str(CLIENT_PUSH_SIZE)]
 
             clients = await self.spawn_clients(n, a.client_procs, client_role)
             t0 = time.monotonic()
@@ -926,7 +938,7 @@ class Bench(Runner[Child]):
             self.progress(
                 f"{label}: {n:,} subscribed in {connect_s:.1f}s (server pid {server.pid})"
             )
-            pub = await Publisher.connect(port, self.wake, PUSH_SIZE)
+            pub = await Publisher.connect(port, self.wake, CLIENT_PUSH_SIZE)
             try:
                 for c in clients:
                     await c.send({"op": "run", "read_interval": a.read_interval_ms / 1000})

@@ -65,6 +65,7 @@ Json = dict[str, Any]
 HISTORY_SIZE = 1000
 HISTORY_TTL = 300
 HUB_TOML = f"""
+insecure = true
 [namespaces.hist]
 history_size = {HISTORY_SIZE}
 history_ttl = {HISTORY_TTL}

@@ -7,6 +7,7 @@ other path is answered by :class:`HttpApi` before any upgrade.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 import urllib.parse
@@ -17,9 +18,10 @@ from . import ws
 from .admin import Admin
 from .broker import Broker
 from .codec import BY_SUBPROTOCOL, JSON
-from .config import Settings
+from .config import Settings, check_serving
 from .errors import CloseCode
 from .http_api import HttpApi
+from .limits import AddressBudget, address_key
 from .node import Node
 from .presence import Presence, RedisPresence
 from .session import Session
@@ -41,8 +43,14 @@ DRAIN_GRACE = 0.5
 METRICS_REFRESH = 1.0
 
 
+#: Hosts a page of the hub's own may be served from in dev mode (its Origin is checked against
+#: the request's Host, which must be one of these: a DNS-rebinding name is not).
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
 class Hub:
     def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
+        check_serving(settings)
         self.settings = settings
         presence: Presence | None = None
         if settings.redis_url:
@@ -73,8 +81,16 @@ class Hub:
         self.verifier: TokenVerifier | None = None
         if settings.token_secret or settings.token_public_key:
             self.verifier = TokenVerifier(
-                settings.token_secret, settings.token_public_key, settings.token_algorithms
+                settings.token_secret,
+                settings.token_public_key,
+                settings.token_algorithms,
+                require_exp=settings.token_require_exp,
+                max_lifetime=settings.token_max_lifetime,
+                issuer=settings.token_issuer,
+                audience=settings.token_audience,
             )
+        self.auth_failures = AddressBudget(settings.auth_failures, settings.auth_failure_window)
+        self.proxies = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
         self.server: ws.Server | None = None
         self.metrics_server: ws.Server | None = None
         self.draining = False
@@ -210,11 +226,51 @@ class Hub:
                 return connection.respond(503, "server draining\n")
         response = await self.api.handle(request)
         if response is None:
-            limit = self.settings.max_connections
-            if limit and len(self.node.registry) >= limit:
-                self.node.metrics.handshake_failures.labels("connection_limit").inc()
-                return connection.respond(503, "connection limit reached\n")
+            return self._admit(connection, request)
         return response
+
+    def _admit(self, connection: ws.ServerConnection, request: ws.Request) -> ws.Response | None:
+        """Refuse a WebSocket upgrade the limits do not admit (None: go ahead). No await from
+        the count to the answer: every socket, this one included, is already counted, so two
+        handshakes can never both take the last place."""
+        s, metrics = self.settings, self.node.metrics
+        if s.insecure and not s.allowed_origins and not _own_origin(request):
+            metrics.handshake_failures.labels("origin").inc()
+            return connection.respond(403, "origin not allowed (dev mode: the hub's own page)\n")
+        server = self.server
+        assert server is not None
+        if s.max_connections and server.socket_count > s.max_connections:
+            metrics.handshake_failures.labels("connection_limit").inc()
+            return connection.respond(503, "connection limit reached\n")
+        address = connection.remote_address
+        host = address[0] if isinstance(address, tuple) else address
+        if s.max_connections_per_ip and server.sockets_from(host) > s.max_connections_per_ip:
+            metrics.handshake_failures.labels("ip_connection_limit").inc()
+            return _too_many(connection, "too many connections from this address\n", 10)
+        if self.auth_failures.exhausted(self._source(host, request)):
+            metrics.rate_limited.labels("auth").inc()
+            return _too_many(connection, "too many failed authentications, retry later\n", 60)
+        return None
+
+    def _source(self, host: object, request: ws.Request) -> str:
+        """Who a failed authentication is held against: the peer, or behind a trusted proxy the
+        address it says it forwards for (the rightmost of X-Forwarded-For not itself a proxy;
+        those to its left are whatever the client wrote). Without this, behind nginx every
+        client would share the proxy's budget and one guesser could lock out everyone."""
+        if not self._trusted(host):
+            return address_key(host)
+        hops = [h.strip() for v in request.headers.get_all("X-Forwarded-For") for h in v.split(",")]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return address_key(hop)[:64]
+        return address_key(host)
+
+    def _trusted(self, host: object) -> bool:
+        try:
+            ip = ipaddress.ip_address(str(host))
+        except ValueError:
+            return False
+        return any(ip in network for network in self.proxies)
 
     def _process_response(
         self, connection: ws.ServerConnection, request: ws.Request, response: ws.Response
@@ -244,13 +300,18 @@ class Hub:
         assert connection.request is not None
         try:
             credentials = self._authenticate(connection.request)
-        except TokenExpired:
-            self.node.metrics.handshake_failures.labels("token_expired").inc()
-            await connection.close(CloseCode.TOKEN_EXPIRED, "token expired")
-            return
         except TokenError as exc:
-            self.node.metrics.handshake_failures.labels("unauthorized").inc()
-            await connection.close(CloseCode.UNAUTHORIZED, str(exc)[:100])
+            # Closed at once (no closing handshake to wait for), and the address's budget of
+            # failures pays for it: a guesser soon gets 429 before any token is looked at.
+            expired = isinstance(exc, TokenExpired)
+            self.node.metrics.handshake_failures.labels(
+                "token_expired" if expired else "unauthorized"
+            ).inc()
+            address = connection.remote_address
+            host = address[0] if isinstance(address, tuple) else address
+            self.auth_failures.spend(self._source(host, connection.request))
+            code = CloseCode.TOKEN_EXPIRED if expired else CloseCode.UNAUTHORIZED
+            connection.close_now(code, "token expired" if expired else str(exc)[:100])
             return
         codec = BY_SUBPROTOCOL.get(connection.subprotocol or "", JSON)
         session = Session(self.node, connection, credentials, codec)
@@ -266,6 +327,27 @@ class Hub:
             if expiry is not None:
                 expiry.cancel()
             await self.node.remove_session(session)
+
+
+def _own_origin(request: ws.Request) -> bool:
+    """Dev mode: a request without Origin (not a browser), or from a page of this hub itself,
+    reached by a loopback name: any other site could otherwise act as anyone here."""
+    origins = request.headers.get_all("Origin")
+    if not origins:
+        return True
+    host = request.headers.get("Host", "")
+    if len(origins) > 1 or not host:
+        return False
+    name = host if host.endswith("]") or ":" not in host else host.rpartition(":")[0]
+    if name not in LOOPBACK_NAMES and not name.startswith("127."):
+        return False
+    return origins[0] in (f"http://{host}", f"https://{host}")
+
+
+def _too_many(connection: ws.ServerConnection, text: str, retry_after: int) -> ws.Response:
+    response = connection.respond(429, text)
+    response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 async def _close_quietly(connection: ws.ServerConnection) -> None:

@@ -55,7 +55,7 @@ __all__ = ["BridgeError", "RedisBroker", "RedisClusterBroker"]
 
 log = logging.getLogger("hub.bridge")
 
-_RESERVED = frozenset({"channel", "data", "gap", "join", "leave", "offset", "epoch"})
+_RESERVED = frozenset({"channel", "data", "gap", "join", "leave", "offset", "epoch", "from"})
 
 
 class BridgeError(HubUnavailable):
@@ -714,7 +714,7 @@ class RedisBroker(Broker):
         history_ttl: float = 0.0,
         **meta: Any,
     ) -> tuple[int, str] | None:
-        unknown = set(meta).difference(self.forward)
+        unknown = set(meta).difference(self.forward, ("from",))
         if unknown:
             # They would reach no client (receivers pass on only ``forward``): fail loudly.
             raise ValueError(f"envelope fields not forwarded: {', '.join(sorted(unknown))}")

@@ -1,6 +1,7 @@
 """The ``hub`` command line: ``serve``, ``token``, ``publish``, ``check-config``.
 
-``hub`` alone is ``hub serve``: an in-memory hub on ws://127.0.0.1:8765/ws in dev mode.
+``hub`` alone is ``hub serve``: an in-memory hub on ws://127.0.0.1:8765/ws. It needs credentials
+(``HUB_TOKEN_SECRET``...) or dev mode chosen with ``--insecure``; it never guesses.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import urllib.request
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings, summary
+from .config import ConfigError, Settings, check_serving, load_settings, summary
 from .tokens import mint_token
 
 log = logging.getLogger("hub")
@@ -38,7 +39,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     }
     if getattr(args, "insecure", False):
         overrides["insecure"] = True
-    return load_settings(getattr(args, "config", None), overrides=overrides)
+    settings = load_settings(getattr(args, "config", None), overrides=overrides)
+    check_serving(settings)
+    return settings
 
 
 async def _serve(settings: Settings) -> None:
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("check-config", help="validate settings and exit")
     with_config(p)
+    p.add_argument("--insecure", action="store_true", help="check them for dev mode")
     p.set_defaults(func=cmd_check_config)
 
     args = parser.parse_args(argv)

@@ -77,6 +77,24 @@ def check_data(data: Any) -> None:
         raise BadRequest(f"data cannot be encoded: {_reason(exc)}") from None
 
 
+def check_sender(sender: Any) -> dict[str, Any]:
+    """The ``from`` of a publication: ``{"user": str, "client": str, "info": any}`` (``client``
+    and ``info`` optional). Clients never set it (the hub sets theirs from the connection); a
+    backend may, over the HTTP API or in a Redis envelope, and this is the one check of it."""
+    if type(sender) is not dict:
+        raise BadRequest("from must be an object with user, client and info")
+    unknown = set(sender).difference(("user", "client", "info"))
+    if unknown:
+        raise BadRequest(f"from has unknown fields: {', '.join(sorted(map(str, unknown)))}"[:100])
+    user, client = sender.get("user"), sender.get("client", "")
+    if type(user) is not str or not 0 < len(user) <= 200:
+        raise BadRequest("from.user must be a string of 1 to 200 characters")
+    if type(client) is not str or len(client) > 200:
+        raise BadRequest("from.client must be a string of at most 200 characters")
+    check_data(sender.get("info"))
+    return sender
+
+
 def _reason(exc: Exception) -> str:
     if isinstance(exc, UnicodeError):
         return "unpaired surrogate in a string"

@@ -35,11 +35,18 @@ class Namespace:
     subscribed by that user only. ``history_size > 0``: each channel keeps its last
     ``history_size`` publications, dropped ``history_ttl`` seconds after its last publication
     (0: kept until pushed out by newer ones); clients can recover missed ones (hub.history).
+
+    ``publish``: ``False`` (clients may not publish), ``True`` (who may subscribe may publish)
+    or ``"token"`` (who may subscribe, and whose token's ``publish`` claim matches the
+    channel). ``publish_rate`` / ``publish_burst``: a per-connection token bucket for publishes
+    in this namespace, on top of the connection's command rate (0: no extra limit).
     """
 
     name: str = ""
     subscribe: str = "any"
-    publish: bool = False
+    publish: bool | str = False
+    publish_rate: float = 0.0
+    publish_burst: int = 0
     personal: bool = False
     max_message_size: int = 65536
     history_size: int = 0
@@ -60,6 +67,10 @@ class Settings:
     token_secret: str | None = None
     token_public_key: str | None = None
     token_algorithms: list[str] = field(default_factory=lambda: ["HS256", "RS256", "ES256"])
+    token_require_exp: bool = False
+    token_max_lifetime: float = 0.0
+    token_issuer: str | None = None
+    token_audience: str | None = None
     api_key: str | None = None
     admin: bool = False
     metrics_key: str | None = None
@@ -67,6 +78,12 @@ class Settings:
     metrics_port: int = 0
     allowed_origins: list[str] = field(default_factory=list)
     max_connections: int = 0
+    max_connections_per_ip: int = 0
+    command_rate: float = 100.0
+    command_burst: int = 200
+    auth_failures: int = 10
+    auth_failure_window: float = 60.0
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1"])
     max_subscriptions: int = 128
     max_message_size: int = 65536
     max_channel_length: int = 255
@@ -142,6 +159,16 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
     raise ConfigError(f"{name}: unsupported setting")
 
 
+def _publish_mode(name: str, value: Any) -> bool | str:
+    """``publish``: true, false or ``"token"`` (also as an environment-style string)."""
+    if value == "token":
+        return "token"
+    try:
+        return bool(_coerce(name, value, "bool"))
+    except ConfigError:
+        raise ConfigError(f"{name}: expected true, false or 'token', got {value!r}") from None
+
+
 def _namespaces(raw: Any) -> dict[str, Namespace]:
     if not isinstance(raw, Mapping):
         raise ConfigError("namespaces: expected a table of tables")
@@ -155,12 +182,19 @@ def _namespaces(raw: Any) -> dict[str, Namespace]:
             f = _NS_FIELDS.get(key)
             if f is None or key == "name":
                 raise ConfigError(f"{where}.{key}: unknown setting")
+            if key == "publish":
+                values[key] = _publish_mode(f"{where}.{key}", value)
+                continue
             values[key] = _coerce(f"{where}.{key}", value, str(f.type))
         if values.get("subscribe", "any") not in ("any", "token"):
             raise ConfigError(f"{where}.subscribe: expected 'any' or 'token'")
-        for key in ("max_message_size", "history_size", "history_ttl"):
+        for key in ("max_message_size", "history_size", "history_ttl", "publish_rate"):
             if not values.get(key, 0) >= 0:  # NaN too
                 raise ConfigError(f"{where}.{key}: must not be negative")
+        if values.get("publish_burst", 0) < 0:
+            raise ConfigError(f"{where}.publish_burst: must not be negative")
+        if values.get("publish_rate", 0) == float("inf"):
+            raise ConfigError(f"{where}.publish_rate: must be finite (0: no extra limit)")
         if values.get("history_ttl", 0) == float("inf"):
             raise ConfigError(f"{where}.history_ttl: must be finite (0 keeps history untimed)")
         if ":" in values["name"]:
@@ -213,11 +247,24 @@ def load_settings(
     if namespaces is not None:
         values["namespaces"] = namespaces
     settings = Settings(**values)
-    if not settings.insecure and not (settings.token_secret or settings.token_public_key):
-        # The zero-configuration default: dev mode, which validate() allows on loopback only.
-        settings.insecure = True
     validate(settings)
     return settings
+
+
+#: Fewest bytes of an HMAC token secret or an API key outside dev mode: shorter ones can be
+#: guessed offline from one token (HS256) or online, key after key.
+MIN_SECRET_BYTES = 32
+
+
+def check_serving(s: Settings) -> None:
+    """What ``hub serve`` (and every :class:`~hub.app.Hub`) needs on top of :func:`validate`:
+    credentials, or dev mode chosen on purpose. Dev mode never turns itself on, since behind a
+    reverse proxy on the same host a loopback address is no protection at all."""
+    if not s.insecure and not (s.token_secret or s.token_public_key):
+        raise ConfigError(
+            "token_secret: no credentials configured; set HUB_TOKEN_SECRET (or token_secret / "
+            "token_public_key), or pass --insecure (HUB_INSECURE=1) for dev mode on loopback"
+        )
 
 
 def validate(s: Settings) -> None:
@@ -233,7 +280,15 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"workers: must be at least 1, got {s.workers}")
     if s.workers > 1 and not s.redis_url:
         raise ConfigError("workers: more than one worker needs redis_url (--redis) to join them")
-    for key in ("max_connections", "max_subscriptions", "max_message_size", "outbound_buffer"):
+    for key in (
+        "max_connections",
+        "max_connections_per_ip",
+        "max_subscriptions",
+        "max_message_size",
+        "outbound_buffer",
+        "command_burst",
+        "auth_failures",
+    ):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key}: must not be negative")
     if s.api_key is not None and not s.api_key.strip():
@@ -241,6 +296,23 @@ def validate(s: Settings) -> None:
         raise ConfigError("api_key: must not be empty (leave it unset to turn the http api off)")
     if s.admin and not s.api_key:
         raise ConfigError("admin: the admin page needs api_key (it is behind the api key)")
+    for key in ("command_rate", "auth_failure_window", "token_max_lifetime"):
+        value = getattr(s, key)
+        if not 0 <= value < float("inf"):  # NaN too
+            raise ConfigError(f"{key}: expected a finite number >= 0, got {value}")
+    for network in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_proxies: not an address or network: {network!r}") from None
+    if not s.insecure:
+        for key in ("token_secret", "api_key"):
+            value = getattr(s, key)
+            if value is not None and len(value.encode()) < MIN_SECRET_BYTES:
+                raise ConfigError(
+                    f"{key}: must be at least {MIN_SECRET_BYTES} bytes outside dev mode "
+                    f"(got {len(value.encode())}); e.g. openssl rand -hex 32"
+                )
     if s.outbound_buffer < 1024:
         raise ConfigError("outbound_buffer: must be at least 1024 bytes")
     if s.redis_url is not None and not s.redis_url.startswith(
@@ -282,4 +354,4 @@ def summary(s: Settings) -> str:
         modes.append("jwt " + ",".join(verifier.algorithms))
     if s.insecure:
         modes.append("dev mode")
-    return f"broker: {broker}  auth: {' + '.join(modes)}"
+    return f"broker: {broker}  auth: {' + '.join(modes) or 'none'}"

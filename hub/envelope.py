@@ -28,7 +28,8 @@ from typing import Any
 
 import msgpack
 
-from .errors import BadEnvelope, BadSignature
+from .codec import check_sender
+from .errors import BadEnvelope, BadRequest, BadSignature
 
 __all__ = [
     "HISTORY_FIELDS",
@@ -100,7 +101,7 @@ class Envelopes:
 
     def __init__(self, key: bytes | None = None, forward: Iterable[str] = ("ts", "event")) -> None:
         self.key = key
-        self._incoming = (*forward, *HISTORY_FIELDS)
+        self._incoming = (*forward, "from", *HISTORY_FIELDS)
 
     def seal(self, name: bytes, envelope: bytes) -> bytes:
         return seal(self.key, name, envelope)
@@ -166,6 +167,11 @@ class Envelopes:
                 raise BadEnvelope("ts must be a finite number")
         if "event" in meta and type(meta["event"]) is not str:
             raise BadEnvelope("event must be a string")
+        if "from" in meta:
+            try:
+                check_sender(meta["from"])
+            except BadRequest as exc:
+                raise BadEnvelope(exc.message) from None
         return meta
 
     def entry(self, name: bytes, payload: bytes) -> dict[str, Any]:

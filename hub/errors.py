@@ -39,6 +39,7 @@ class ErrorCode(enum.IntEnum):
     NOT_SUBSCRIBED = 109
     TOO_LARGE = 110
     UNAVAILABLE = 111
+    RATE_LIMITED = 112  # too many commands; slow down (the connection closes if it goes on)
 
 
 class HubUnavailable(HubError):
@@ -77,6 +78,7 @@ class CloseCode(enum.IntEnum):
     UNAUTHORIZED = 4500  # no valid credentials
     BAD_REQUEST = 4502  # repeated protocol abuse
     DISCONNECTED = 4503  # the backend disconnected this user for good
+    RATE_LIMITED = 4504  # kept sending commands past the rate limit
 
     @property
     def reconnect(self) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from .codec import loads_strict
+from .codec import check_sender, loads_strict
 from .errors import BadRequest, CloseCode, HubUnavailable, ReplyError
 from .metrics import CONTENT_TYPE_LATEST
 from .presence import PresenceUnavailable
@@ -296,9 +296,11 @@ class HttpApi:
 
     @staticmethod
     def _body(request: Request) -> dict[str, Any]:
-        content_type = request.headers.get("Content-Type", "application/json") or ""
-        if "json" not in content_type:
-            raise ApiError(415, "expected application/json")
+        # Only application/json: a page on another site can POST text/plain or a form here
+        # without asking (no CORS preflight), but not JSON, which this hub never allows.
+        content_type = request.headers.get("Content-Type") or ""
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "expected content-type: application/json")
         try:
             body = loads_strict(request.body or b"{}")
         except ValueError:
@@ -327,8 +329,16 @@ class HttpApi:
 
     async def _publish(self, body: dict[str, Any]) -> dict[str, Any]:
         channel = self._channel(body)
+        meta = {}
+        if "from" in body:
+            try:
+                meta["from"] = check_sender(body["from"])
+            except BadRequest as exc:
+                raise ApiError(400, f"invalid field: from ({exc.message})") from None
         with _data_refused():
-            stored = await self.node.publish(channel, self._field(body, "data"), source="http")
+            stored = await self.node.publish(
+                channel, self._field(body, "data"), source="http", **meta
+            )
         if stored is None:
             return {}
         return {"offset": stored[0], "epoch": stored[1]}

@@ -121,6 +121,18 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.command_failures = Counter(
+            "hub_command_failures",
+            "Client commands whose handler raised unexpectedly (a bug: see the log).",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "hub_rate_limited",
+            "Requests refused by a rate limit: command, publish (per connection), auth (per "
+            "source address, answered 429 at the handshake).",
+            ["limit"],
+            registry=r,
+        )
         self.delivered_channel = self.delivered.labels("channel")
         self.delivered_user = self.delivered.labels("user")
         self.delivered_broadcast = self.delivered.labels("broadcast")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .codec import Codec
 from .config import Namespace
 from .errors import BadRequest, CloseCode, ErrorCode, HubUnavailable, ReplyError
+from .limits import TokenBucket
 from .tokens import Credentials
 from .ws import ConnectionClosed, ServerConnection
 from .ws.protocol import OPEN
@@ -27,6 +28,7 @@ log = logging.getLogger("hub.session")
 
 _CHANNEL = re.compile(r"[A-Za-z0-9_\-.:@/=,+]+")
 MAX_ABUSE = 10  # bad commands tolerated before the connection is closed
+MAX_LIMITED = 20  # rate-limited commands in a row tolerated before the connection is closed
 SLOW_CONSUMER_GRACE = 1.0  # seconds a closed slow consumer gets to drain before it is dropped
 
 
@@ -41,8 +43,24 @@ def check_channel(channel: Any, max_length: int) -> str:
     return channel
 
 
+def bucket(rate: float, burst: int) -> TokenBucket | None:
+    """A rate limit from settings: None when off (rate 0); burst 0 means one second's worth."""
+    return TokenBucket(rate, burst or rate) if rate > 0 else None
+
+
 class Session:
-    __slots__ = ("_client_id", "abuse", "codec", "connection", "credentials", "node", "user")
+    __slots__ = (
+        "_client_id",
+        "_publish_buckets",
+        "abuse",
+        "bucket",
+        "codec",
+        "connection",
+        "credentials",
+        "limited",
+        "node",
+        "user",
+    )
 
     def __init__(
         self, node: Node, connection: ServerConnection, credentials: Credentials, codec: Codec
@@ -53,6 +71,10 @@ class Session:
         self.user = credentials.user
         self.codec = codec
         self.abuse = 0
+        self.limited = 0  # commands refused by a rate limit since the last one admitted
+        settings = node.settings
+        self.bucket = bucket(settings.command_rate, settings.command_burst)
+        self._publish_buckets: dict[str, TokenBucket | None] | None = None
         self._client_id: str | None = None
 
     def __repr__(self) -> str:
@@ -117,6 +139,11 @@ class Session:
                 if self.abuse >= MAX_ABUSE:
                     await connection.close(CloseCode.BAD_REQUEST, "too many bad commands")
                     return
+                if self.limited >= MAX_LIMITED:
+                    # At once: waiting for the closing handshake would mean reading (and
+                    # dropping) whatever else the flood has queued.
+                    connection.close_now(CloseCode.RATE_LIMITED, "rate limit exceeded")
+                    return
         except ConnectionClosed:
             pass  # closed with an error code or without a closing handshake: nothing to answer
 
@@ -128,15 +155,30 @@ class Session:
             if not isinstance(cid, int) or isinstance(cid, bool):
                 cid = None
                 raise BadRequest("id must be an integer")
+            limit = self.bucket
+            if limit is not None and not limit.take():
+                self._rate_limited("command")
             op = command.get("op")
             handler = _OPS.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise ReplyError(f"unknown op: {op!r}"[:100], ErrorCode.UNKNOWN_OP)
             result = await handler(self, command)
+            self.limited = 0
         except ReplyError as exc:
+            if exc.code != ErrorCode.RATE_LIMITED:
+                self.limited = 0
             self.abuse += exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_OP)
             self.node.metrics.command_errors.labels(str(int(exc.code))).inc()
             await self._reply({"id": cid, "error": {"code": int(exc.code), "message": exc.message}})
+            return
+        except (ConnectionClosed, asyncio.CancelledError):
+            raise
+        except Exception:
+            # A bug, not the client's fault: answer, count and log it, keep the connection.
+            self.node.metrics.command_failures.inc()
+            log.exception("command failed on %r", self)
+            error = {"code": int(ErrorCode.INTERNAL), "message": "internal error"}
+            await self._reply({"id": cid, "error": error})
             return
         if type(result) is tuple:
             # Something to write right after the reply (a history subscribe's pushes).
@@ -147,6 +189,16 @@ class Session:
                 then()
             return
         await self._reply({"id": cid, "result": result})
+
+    def _rate_limited(self, limit: str) -> None:
+        self.limited += 1
+        self.node.metrics.rate_limited.labels(limit).inc()
+        raise ReplyError("rate limit exceeded, slow down", ErrorCode.RATE_LIMITED)
+
+    def sender(self) -> dict[str, Any]:
+        """The ``from`` of this session's publications: what the server knows of the sender,
+        never what the client claims (hub.codec.check_sender holds the shape)."""
+        return self.presence_entry()
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -161,6 +213,28 @@ class Session:
                 raise ReplyError("personal channel of another user", ErrorCode.PERMISSION_DENIED)
         elif ns.subscribe == "token" and not self.credentials.may_subscribe(channel):
             raise ReplyError("token does not grant this channel", ErrorCode.PERMISSION_DENIED)
+        return ns
+
+    def _writable(self, channel: str) -> Namespace:
+        """The channel's namespace, if this session may publish there: publishing is on, the
+        session may read the channel (a publisher must never reach where it could not listen),
+        the token grants it where the namespace says ``publish = "token"``, and the
+        namespace's publish rate admits it."""
+        ns = self.node.settings.namespace(channel)
+        if not ns.publish:
+            raise ReplyError("publishing is not allowed here", ErrorCode.PERMISSION_DENIED)
+        self._readable(channel)
+        if ns.publish == "token" and not self.credentials.may_publish(channel):
+            raise ReplyError("token does not grant publishing here", ErrorCode.PERMISSION_DENIED)
+        if ns.publish_rate:
+            buckets = self._publish_buckets
+            if buckets is None:
+                buckets = self._publish_buckets = {}
+            limit = buckets.get(ns.name)
+            if limit is None:
+                limit = buckets[ns.name] = bucket(ns.publish_rate, ns.publish_burst)
+            if limit is not None and not limit.take():
+                self._rate_limited("publish")
         return ns
 
     async def _subscribe(self, command: dict[str, Any]) -> Any:
@@ -208,15 +282,15 @@ class Session:
         channel = self._channel(command)
         if "data" not in command:
             raise BadRequest("publish needs data")
-        ns = self.node.settings.namespace(channel)
-        if not ns.publish:
-            raise ReplyError("publishing is not allowed here", ErrorCode.PERMISSION_DENIED)
+        ns = self._writable(channel)
         encoded = self.codec.encode({"data": command["data"]})
         size = len(encoded.encode() if isinstance(encoded, str) else encoded)
         if ns.max_message_size and size > ns.max_message_size:
             raise ReplyError(f"data exceeds {ns.max_message_size} bytes", ErrorCode.TOO_LARGE)
         try:
-            await self.node.publish(channel, command["data"], source="client")
+            await self.node.publish(
+                channel, command["data"], source="client", **{"from": self.sender()}
+            )
         except HubUnavailable:
             raise ReplyError("broker unavailable, try again", ErrorCode.UNAVAILABLE) from None
         return {}

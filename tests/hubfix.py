@@ -36,9 +36,21 @@ from hub.app import Hub
 from hub.config import Settings, load_settings
 
 SECRET = "test-secret-0123456789abcdef0123456789"
-API_KEY = "test-api-key"
+API_KEY = "test-api-key-0123456789abcdef0123456789"
 JSON_PROTO = "hub.v1.json"
 MSGPACK_PROTO = "hub.v1.msgpack"
+
+
+class _AnyClient(str):
+    """Equal to any client id (32 hex digits): the ``client`` of a publication's ``from``."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and len(other) == 32 and other.isalnum()
+
+    __hash__ = str.__hash__
+
+
+ANY_CLIENT = _AnyClient("<any client id>")
 
 
 # --- settings and the hub ----------------------------------------------------------------------
@@ -48,9 +60,15 @@ def make_settings(
     toml: str | None = None, env: Mapping[str, str] | None = None, **overrides: Any
 ) -> Settings:
     """Settings from an optional TOML text, an explicit environment (never os.environ) and
-    overrides; port 0 (ephemeral) unless told otherwise. No secret: dev mode on loopback."""
+    overrides; port 0 (ephemeral) unless told otherwise. No credentials anywhere: dev mode
+    (``insecure``), chosen here as a deployer must choose it."""
     overrides.setdefault("port", 0)
     env = dict(env or {})
+    credentials = ("token_secret", "token_public_key")
+    if not any(
+        overrides.get(k) or env.get(f"HUB_{k.upper()}") or (toml and k in toml) for k in credentials
+    ):
+        overrides.setdefault("insecure", True)
     if toml is None:
         return load_settings(None, env=env, overrides=overrides)
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,6 +49,8 @@ class HubProcess:
         assert self.process is None
         argv = [sys.executable, "-m", "hub.cli", "serve", "--config", str(self.config)]
         argv += ["--port", str(self.port)]
+        if "token_secret" not in self.config.read_text():
+            argv.append("--insecure")  # dev mode, as `make run` asks for it
         if self.redis_url:
             argv += ["--redis", self.redis_url]
         env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}

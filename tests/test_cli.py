@@ -54,16 +54,21 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_check_config_ok(tmp_path: Path) -> None:
-    path = write(tmp_path, "port = 9001\n[namespaces.chat]\npublish = true\n")
+    path = write(tmp_path, "port = 9001\ninsecure = true\n[namespaces.chat]\npublish = true\n")
     result = hub("check-config", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert "config ok" in result.stdout
     assert "9001" in result.stdout
 
 
-def test_check_config_defaults_ok() -> None:
+def test_check_config_defaults_need_credentials_or_insecure() -> None:
     result = hub("check-config")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "HUB_TOKEN_SECRET" in lines[0] and "--insecure" in lines[0]
+    result = hub("check-config", "--insecure")
     assert result.returncode == 0, result.stderr
+    assert "dev mode" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -161,7 +166,7 @@ def served() -> Iterator[int]:
     """``hub serve --port P`` in dev mode; yields P once /healthz answers; SIGTERM at the end."""
     port = free_port()
     proc = subprocess.Popen(
-        [HUB, "serve", "--port", str(port)],
+        [HUB, "serve", "--insecure", "--port", str(port)],
         env=clean_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -301,9 +306,9 @@ def test_a_flag_overrides_a_bad_environment_value() -> None:
     """``HUB_PORT=abc hub serve --port P`` serves on P; without the flag it is the one-line
     config error (exit 2)."""
     port = free_port()
-    log = serve_until_ready("--port", str(port), env=clean_env(HUB_PORT="abc"))
+    log = serve_until_ready("--port", str(port), "--insecure", env=clean_env(HUB_PORT="abc"))
     assert f"ready: ws://127.0.0.1:{port}/ws  broker: memory  auth: dev mode" in log
-    result = hub("serve", env=clean_env(HUB_PORT="abc"))
+    result = hub("serve", "--insecure", env=clean_env(HUB_PORT="abc"))
     assert result.returncode == 2
     assert result.stderr == "hub: config error: HUB_PORT: expected int, got 'abc'\n"
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import redis
-from hubfix import api, client, eventually, make_settings, running
+from hubfix import ANY_CLIENT, api, client, eventually, make_settings, running
 from test_bridge import brokers
 from wshelp import run, within
 
@@ -154,7 +154,9 @@ def test_two_hubs_on_the_cluster_end_to_end(redis_cluster: LocalCluster) -> None
                 for room in rooms:
                     await b.ok("publish", channel=room, data={"room": room})
                 for room in rooms:
-                    assert (await a.push()) == {"channel": room, "data": {"room": room}}
+                    sender = {"user": "bob", "client": ANY_CLIENT, "info": None}
+                    push = {"channel": room, "data": {"room": room}, "from": sender}
+                    assert (await a.push()) == push
                 status, _ = await api(h1, "/api/send", {"user": "bob", "data": "hi bob"})
                 assert status == 200
                 assert (await b.push()) == {"data": "hi bob"}

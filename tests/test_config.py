@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 from hubfix import SECRET, make_settings
 
-from hub.config import ConfigError, Namespace, Settings, load_settings, summary
+from hub.config import (
+    ConfigError,
+    Namespace,
+    Settings,
+    check_serving,
+    load_settings,
+    summary,
+)
 
 FILE = """
 port = 1111
@@ -88,11 +95,19 @@ def test_boolean_environment_values(raw: str, value: bool) -> None:
     assert s.insecure is value
 
 
-def test_defaults_are_dev_mode_on_loopback() -> None:
+def test_defaults_are_not_dev_mode_and_cannot_serve() -> None:
     s = load_settings(None, env={})
-    assert s == Settings(insecure=True)
+    assert s == Settings(insecure=False)
     assert (s.host, s.port) == ("127.0.0.1", 8765)
     assert s.outbound_buffer == 1 << 20
+    # Dev mode never turns itself on: serving needs credentials or an explicit --insecure.
+    with pytest.raises(ConfigError) as caught:
+        check_serving(s)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "HUB_TOKEN_SECRET" in message and "--insecure" in message, message
+    check_serving(load_settings(None, env={"HUB_INSECURE": "1"}))
+    check_serving(load_settings(None, env={"HUB_TOKEN_SECRET": SECRET}))
 
 
 @pytest.mark.parametrize(
@@ -125,6 +140,17 @@ def test_defaults_are_dev_mode_on_loopback() -> None:
         ("[namespaces.chat]\nbogus = 1", {}, {}, "namespaces.chat.bogus"),
         ("[namespaces.chat]\nmax_message_size = -5", {}, {}, "namespaces.chat.max_message_size"),
         ("port = ", {}, {}, "hub.toml"),
+        ("token_secret = 'short'", {}, {}, "token_secret"),
+        ("", {"HUB_TOKEN_SECRET": "x" * 31}, {}, "token_secret"),
+        (f"token_secret = '{SECRET}'\napi_key = 'abc'", {}, {}, "api_key"),
+        ("command_rate = -1", {}, {}, "command_rate"),
+        ("command_rate = nan", {}, {}, "command_rate"),
+        ("max_connections_per_ip = -1", {}, {}, "max_connections_per_ip"),
+        ("token_max_lifetime = inf", {}, {}, "token_max_lifetime"),
+        ("trusted_proxies = ['not-a-net']", {}, {}, "trusted_proxies"),
+        ("[namespaces.chat]\npublish = 'tokens'", {}, {}, "namespaces.chat.publish"),
+        ("[namespaces.chat]\npublish_rate = -1", {}, {}, "namespaces.chat.publish_rate"),
+        ("[namespaces.chat]\npublish_burst = -1", {}, {}, "namespaces.chat.publish_burst"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_field(
@@ -148,12 +174,15 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.0.2.10", "example.com"])
 def test_non_loopback_host_without_secret_is_refused(host: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings(None, env={}, overrides={"host": host})
+        check_serving(load_settings(None, env={}, overrides={"host": host}))
     assert "token_secret" in str(caught.value)
     assert "\n" not in str(caught.value)
     # Explicit dev mode on a network address is refused even with a secret.
     with pytest.raises(ConfigError):
         load_settings(None, env={}, overrides={"host": host, "insecure": True, "token_secret": "s"})
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, env={}, overrides={"host": host, "insecure": True})
+    assert "token_secret" in str(caught.value)
     # With a secret (or a public key) it is fine and not in dev mode.
     s = load_settings(None, env={"HUB_TOKEN_SECRET": SECRET}, overrides={"host": host})
     assert not s.insecure
@@ -162,8 +191,12 @@ def test_non_loopback_host_without_secret_is_refused(host: str) -> None:
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
-def test_loopback_hosts_allow_dev_mode(host: str) -> None:
-    assert load_settings(None, env={}, overrides={"host": host}).insecure
+def test_loopback_hosts_allow_dev_mode_when_asked(host: str) -> None:
+    s = load_settings(None, env={}, overrides={"host": host, "insecure": True})
+    assert s.insecure
+    check_serving(s)
+    with pytest.raises(ConfigError):
+        check_serving(load_settings(None, env={}, overrides={"host": host}))
 
 
 def test_make_settings_helper_never_reads_the_process_environment(
@@ -212,13 +245,16 @@ def test_an_overridden_bad_value_is_not_an_error(tmp_path: Path) -> None:
     ],
 )
 def test_the_ready_line_masks_redis_passwords(url: str, shown: str) -> None:
-    s = load_settings(env={}, overrides={"redis_url": url})
+    s = load_settings(env={}, overrides={"redis_url": url, "insecure": True})
     assert summary(s) == f"broker: {shown}  auth: dev mode"
     assert "s3cret" not in summary(s) and "pw" not in summary(s).replace("password", "")
 
 
 def test_the_ready_line_names_the_auth_mode() -> None:
-    assert summary(load_settings(env={})) == "broker: memory  auth: dev mode"
+    assert summary(load_settings(env={}, overrides={"insecure": True})) == (
+        "broker: memory  auth: dev mode"
+    )
+    assert summary(load_settings(env={})) == "broker: memory  auth: none"  # serve refuses it
     s = load_settings(env={"HUB_TOKEN_SECRET": "x" * 32})
     assert summary(s) == "broker: memory  auth: jwt HS256"
     s = load_settings(env={"HUB_TOKEN_SECRET": "x" * 32, "HUB_TOKEN_ALGORITHMS": "HS256,HS512"})

@@ -72,7 +72,10 @@ PROMETHEUS_CONF = REPO / "deploy" / "prometheus.yml"
 DASHBOARD = REPO / "deploy" / "grafana-dashboard.json"
 HUB = str(Path(sys.executable).with_name("hub"))
 #: What `docker compose up` needs from the operator's environment (the file requires both).
-SECRETS = {"HUB_TOKEN_SECRET": "deploy-test-secret-0123456789abcdef", "HUB_API_KEY": "deploy-key"}
+SECRETS = {
+    "HUB_TOKEN_SECRET": "deploy-test-secret-0123456789abcdef",
+    "HUB_API_KEY": "deploy-key-0123456789abcdef0123456789",
+}
 HEALTH_PATHS = {"/healthz", "/readyz"}
 START_TIMEOUT = 30.0  # several helpers' suites share two cores: starting is slow, never fatal
 READY = re.compile(r"worker \d+ ready: pid (\d+)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hubfix import MSGPACK_PROTO, api, client, eventually, make_settings, running
+from hubfix import API_KEY, MSGPACK_PROTO, api, client, eventually, make_settings, running
 from wshelp import run
 
 from hub.config import ConfigError
@@ -85,7 +85,17 @@ def hub_process(redis_url: str, tmp_path: Path) -> Iterator[Proc]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [HUB, "serve", "--port", str(port), "--redis", redis_url, "--config", str(config)],
+            [
+                HUB,
+                "serve",
+                "--insecure",
+                "--port",
+                str(port),
+                "--redis",
+                redis_url,
+                "--config",
+                str(config),
+            ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -407,7 +417,7 @@ async def check_history(hub: Any) -> None:
 
 def test_history_command_and_endpoint_memory() -> None:
     async def main() -> None:
-        async with running(make_settings(CONFIG, api_key="test-api-key")) as hub:
+        async with running(make_settings(CONFIG, api_key=API_KEY)) as hub:
             await check_history(hub)
 
     run(main)
@@ -415,7 +425,7 @@ def test_history_command_and_endpoint_memory() -> None:
 
 def test_history_command_and_endpoint_redis(redis_server: RedisServer) -> None:
     async def main() -> None:
-        settings = make_settings(CONFIG, redis_url=redis_server.url, api_key="test-api-key")
+        settings = make_settings(CONFIG, redis_url=redis_server.url, api_key=API_KEY)
         async with running(settings) as hub:
             await check_history(hub)
 

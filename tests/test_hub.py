@@ -20,6 +20,7 @@ import jwt
 import msgpack
 import pytest
 from hubfix import (
+    ANY_CLIENT,
     JSON_PROTO,
     MSGPACK_PROTO,
     SECRET,
@@ -96,9 +97,11 @@ def test_client_publish_reaches_subscribers_in_both_encodings() -> None:
                 await a.ok("subscribe", channel="chat:room")
                 await b.ok("subscribe", channel="chat:room")
                 await b.ok("publish", channel="chat:room", data={"msg": "hi"})
-                expected = {"channel": "chat:room", "data": {"msg": "hi"}}
-                assert await a.push() == expected
-                assert await b.push() == expected
+                got_a, got_b = await a.push(), await b.push()
+                assert got_a == got_b
+                sender = got_a.pop("from")
+                assert sender["user"].startswith("anonymous-"), sender
+                assert got_a == {"channel": "chat:room", "data": {"msg": "hi"}}
                 assert a.frame_types[-1] is str and b.frame_types[-1] is bytes
 
     run(main)
@@ -338,7 +341,11 @@ def test_client_publish_allowed_or_denied_by_namespace() -> None:
                 assert await a.error("publish", channel="news", data="no") == 103
                 assert await a.error("publish", channel="private:x", data="no") == 103
                 await a.ok("publish", channel="chat:room", data="yes")
-                assert await a.push() == {"channel": "chat:room", "data": "yes"}
+                assert await a.push() == {
+                    "channel": "chat:room",
+                    "data": "yes",
+                    "from": {"user": "a", "client": ANY_CLIENT, "info": None},
+                }
 
     run(main)
 
@@ -351,7 +358,11 @@ def test_oversize_publish_data_is_error_110_and_connection_stays_usable() -> Non
                 assert await a.error("publish", channel="chat:room", data="x" * 200) == 110
                 assert await b.error("publish", channel="chat:room", data=b"x" * 200) == 110
                 await b.ok("publish", channel="chat:room", data="small")
-                assert await a.push() == {"channel": "chat:room", "data": "small"}
+                assert await a.push() == {
+                    "channel": "chat:room",
+                    "data": "small",
+                    "from": {"user": "b", "client": ANY_CLIENT, "info": None},
+                }
 
     run(main)
 
@@ -379,7 +390,11 @@ def test_publish_of_data_redis_cannot_carry_is_error_107_on_any_broker() -> None
                         await call
                 await a.ok("publish", channel="chat:room", data=2**64 - 1)
                 for c in (a, b):
-                    assert await c.push() == {"channel": "chat:room", "data": 2**64 - 1}
+                    assert await c.push() == {
+                        "channel": "chat:room",
+                        "data": 2**64 - 1,
+                        "from": {"user": "a", "client": ANY_CLIENT, "info": None},
+                    }
 
     run(main)
 

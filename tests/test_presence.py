@@ -558,7 +558,17 @@ def hub_serve(
     env["HUB_PRESENCE_TTL"] = str(ttl)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [HUB, "serve", "--port", str(port), "--redis", redis_url, "--config", str(config)],
+            [
+                HUB,
+                "serve",
+                "--insecure",
+                "--port",
+                str(port),
+                "--redis",
+                redis_url,
+                "--config",
+                str(config),
+            ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

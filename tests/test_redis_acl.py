@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from hubfix import client, running, secure_settings
+from hubfix import ANY_CLIENT, client, running, secure_settings
 from wshelp import run
 
 from hub.publisher import Publisher
@@ -95,7 +95,8 @@ def test_the_documented_acl_users_run_everything(redis_server: RedisServer) -> N
 
             seen: list[dict[str, Any]] = []  # bob's "hi" and the joins (batched, 0.5 s later)
             joined: set[str] = set()
-            hi = {"channel": "room:1", "data": "hi"}
+            sender = {"user": "bob", "client": ANY_CLIENT, "info": None}
+            hi = {"channel": "room:1", "data": "hi", "from": sender}
             while len(seen) < 4 and not (joined == {"alice", "bob"} and hi in seen):
                 seen.append(await alice.push(10))
                 joined |= {e["user"] for e in seen[-1].get("join", [])}

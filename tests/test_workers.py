@@ -102,7 +102,17 @@ def serve_workers(redis_url: str, tmp_path: Path, n: int = 2) -> Iterator[Served
     log_path = tmp_path / "hub.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [HUB, "serve", "--workers", str(n), "--port", str(port), "--redis", redis_url],
+            [
+                HUB,
+                "serve",
+                "--insecure",
+                "--workers",
+                str(n),
+                "--port",
+                str(port),
+                "--redis",
+                redis_url,
+            ],
             # TMPDIR: the metrics directory lands in tmp_path, even if the supervisor is killed.
             env=clean_env(HUB_DRAIN_SECONDS=str(DRAIN), TMPDIR=str(tmp_path)),
             stdout=log,
@@ -436,7 +446,17 @@ def test_a_port_in_use_is_an_error_not_a_shared_port(redis_server: RedisServer) 
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [HUB, "serve", "--workers", "2", "--port", str(port), "--redis", redis_server.url],
+            [
+                HUB,
+                "serve",
+                "--insecure",
+                "--workers",
+                "2",
+                "--port",
+                str(port),
+                "--redis",
+                redis_server.url,
+            ],
             capture_output=True,
             text=True,
             timeout=15,
@@ -453,7 +473,7 @@ def test_serve_reports_each_worker_then_the_urls_on_stderr(
     """Progress goes to stderr, in order: each worker as it is ready (k of N), then the URL to
     open; in dev mode also the page to open in a browser, never with tokens required."""
     port = free_port()
-    extra = {} if dev else {"HUB_TOKEN_SECRET": "s" * 32}
+    extra = {"HUB_INSECURE": "1"} if dev else {"HUB_TOKEN_SECRET": "s" * 32}
     out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
     with out_path.open("wb") as out, err_path.open("wb") as err:
         proc = subprocess.Popen(
@@ -503,7 +523,7 @@ def test_single_process_serve_reports_the_page_url_in_dev_mode(tmp_path: Path) -
     err_path = tmp_path / "stderr"
     with err_path.open("wb") as err:
         proc = subprocess.Popen(
-            [HUB, "serve", "--port", str(port)],
+            [HUB, "serve", "--insecure", "--port", str(port)],
             env=clean_env(HUB_DRAIN_SECONDS="0"),
             stdout=subprocess.DEVNULL,
             stderr=err,

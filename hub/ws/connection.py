@@ -796,6 +796,16 @@ class ServerConnection(asyncio.Protocol):
             self.transport.close()
         await self.wait_closed()
 
+    def close_now(self, code: int, reason: str = "") -> None:
+        """Send a close frame and end the TCP connection without waiting for the peer's: for a
+        peer that must not hold the connection a moment longer (refused credentials). It still
+        learns why from the close code."""
+        if self.protocol.state is OPEN:
+            self._fail(code, reason)
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()  # what this turn queued (replies, the close frame) goes first
+            self.transport.close()
+
     async def wait_closed(self) -> None:
         """Wait until the connection is closed, whatever closed it."""
         waiter = self._closed_waiter

@@ -58,6 +58,9 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
+_NONE = object()
+
+
 class Server:
     """A running WebSocket server: what ``await serve(...)`` returns."""
 
@@ -119,6 +122,8 @@ class Server:
         self._server: asyncio.Server | None = None
         self._all: set[ServerConnection] = set()
         self._handlers: set[asyncio.Task[None]] = set()  # running connection handlers
+        self._hosts: dict[ServerConnection, object] = {}
+        self._per_host: dict[object, int] = {}
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
@@ -161,9 +166,20 @@ class Server:
 
     def _register(self, connection: ServerConnection) -> None:
         self._all.add(connection)
+        address = connection.remote_address
+        host = address[0] if isinstance(address, tuple) else address
+        self._hosts[connection] = host
+        self._per_host[host] = self._per_host.get(host, 0) + 1
 
     def _unregister(self, connection: ServerConnection) -> None:
         self._all.discard(connection)
+        host = self._hosts.pop(connection, _NONE)
+        if host is not _NONE:
+            left = self._per_host[host] - 1
+            if left:
+                self._per_host[host] = left
+            else:
+                del self._per_host[host]
 
     def _start_handler(self, connection: ServerConnection, request: Request) -> None:
         """Run the handshake and the handler of a connection whose request just arrived.
@@ -264,6 +280,17 @@ class Server:
         return {c for c in self._all if c.protocol.state is OPEN}
 
     websockets = connections
+
+    @property
+    def socket_count(self) -> int:
+        """Every TCP connection this server holds, whatever its state (opening handshake, plain
+        HTTP, open, closing): what a connection limit must count, since each costs memory and a
+        file descriptor. It includes the connection whose request is being decided."""
+        return len(self._all)
+
+    def sockets_from(self, host: object) -> int:
+        """How many of :attr:`socket_count` come from ``host`` (the peer address's host part)."""
+        return self._per_host.get(host, 0)
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
