@@ -132,6 +132,11 @@ def test_demo_pages_chat_through_two_hub_processes(
 
     a = hubs(CHAT, redis_server.url)
     b = hubs(CHAT, redis_server.url)
+    # Dev mode lets only a hub's own page connect; b also serves an app page on a's origin
+    # (below), so it is told both origins, as a deployment would be.
+    b.stop()
+    b.config.write_text(f'allowed_origins = ["{a.base}", "{b.base}"]\n' + CHAT)
+    b.start()
     alice = context.new_page()
     alice.goto(a.base + "/?user=alice&channel=chat:lobby")
     bob = context.new_page()
@@ -194,6 +199,8 @@ def test_hub_restart_loses_no_message_on_a_history_channel(
     if mode == "failover":
         b = hubs(HISTORY, redis_server.url)
         b.stop()
+        # The page is on a's origin: b, in dev mode, must be told it (as a deployment would).
+        b.config.write_text(f'allowed_origins = ["{a.base}"]\n' + HISTORY)
         urls = [a.base.replace("http:", "ws:") + "/ws", b.base.replace("http:", "ws:") + "/ws"]
     delays = {"minDelay": 200, "maxDelay": 500} if mode == "failover" else {}
     page = client_page(context, a, urls, user="reader", **delays)
