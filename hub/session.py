@@ -140,9 +140,11 @@ class Session:
                     await connection.close(CloseCode.BAD_REQUEST, "too many bad commands")
                     return
                 if self.limited >= MAX_LIMITED:
-                    # At once: waiting for the closing handshake would mean reading (and
-                    # dropping) whatever else the flood has queued.
-                    connection.close_now(CloseCode.RATE_LIMITED, "rate limit exceeded")
+                    # The closing handshake, not an abrupt close: a socket closed with the
+                    # flood still unread goes out as a reset, which can destroy the replies
+                    # and the close frame before the client reads them. The handshake drops
+                    # what else the flood sent, for at most close_timeout.
+                    await connection.close(CloseCode.RATE_LIMITED, "rate limit exceeded")
                     return
         except ConnectionClosed:
             pass  # closed with an error code or without a closing handshake: nothing to answer

@@ -252,7 +252,11 @@ class Served:
 
 @contextmanager
 def serving(*args: str, config: str | None = None, **extra: str) -> Iterator[Served]:
-    """``hub serve --port P ARGS`` until its ready line; SIGTERM (drain) at the end."""
+    """``hub serve --port P ARGS`` until its ready line; SIGTERM (drain) at the end. Without a
+    token secret it is what the docs' ``make run`` starts: dev mode, asked for with
+    ``--insecure``."""
+    if "HUB_TOKEN_SECRET" not in extra and "token_secret" not in (config or ""):
+        args = (*args, "--insecure")
     with tempfile.TemporaryDirectory() as tmp:
         if config is not None:
             (Path(tmp) / "hub.toml").write_text(config)

@@ -70,7 +70,9 @@ def test_history_reads_of_unknown_channels_create_nothing_on_the_memory_broker(
 ) -> None:
     config = tmp_path / "hub.toml"
     config.write_text(CONFIG)
-    settings = load_settings(config, env={}, overrides={"port": 0, "token_secret": SECRET})
+    settings = load_settings(
+        config, env={}, overrides={"port": 0, "token_secret": SECRET, "command_rate": 0}
+    )  # reads in a row, unthrottled
     settings.api_key = API_KEY
 
     async def main() -> None:
@@ -101,7 +103,7 @@ def test_history_reads_of_unknown_channels_leave_redis_as_it_was(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     r = redis_server.client()
-    with hub_serve(tmp_path, CONFIG, redis_server.url) as hub:
+    with hub_serve(tmp_path, CONFIG, redis_server.url, command_rate=0) as hub:  # unthrottled
 
         async def main() -> None:
             async with client(hub, token=token("alice")) as alice:  # type: ignore[arg-type]

@@ -38,7 +38,7 @@ SOURCES = ("pyproject.toml", "README.md", "hub", "workers")
 #: reStructuredText a terminal shows as noise: ``literal``, :role:`x`, `interpreted`_.
 RST = re.compile(r"``|:[a-z]+:`|`_")
 SECRET = "packaging-test-secret-0123456789abcdef"
-KEY = "packaging-test-key"
+KEY = "packaging-test-key-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")

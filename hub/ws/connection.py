@@ -191,6 +191,7 @@ class ServerConnection(asyncio.Protocol):
         "__dict__",
         "_close_timer",
         "_closed_waiter",
+        "_discard",
         "_drain_waiter",
         "_fragmented",
         "_fragments",
@@ -267,6 +268,7 @@ class ServerConnection(asyncio.Protocol):
         self._recv_waiter: asyncio.Future[None] | None = None
         self._recv_busy = False
         self._reading_paused = False
+        self._discard = False  # messages arriving after close() are dropped
         self._closed_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -468,6 +470,10 @@ class ServerConnection(asyncio.Protocol):
                 continue
             opcode = event.opcode
             if opcode is OP_TEXT or opcode is OP_BINARY or opcode is OP_CONT:
+                if self._discard:
+                    # Sent after our close frame: nobody will read it (RFC 6455 7.1.2), and
+                    # queueing it would pause reading before the peer's close frame arrives.
+                    continue
                 fragments = self._fragments
                 piece = event.data if event.text is None else event.text
                 if fragments is None:
@@ -792,6 +798,10 @@ class ServerConnection(asyncio.Protocol):
                 protocol.send_close(code, reason)
             self._send_protocol_data()
             self._arm_close_timer()
+            self._discard = True
+            if self._reading_paused:  # the peer's close frame may wait behind a full queue
+                self._reading_paused = False
+                self.transport.resume_reading()
         elif protocol.state is CONNECTING:
             self.transport.close()
         await self.wait_closed()
