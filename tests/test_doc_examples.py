@@ -120,6 +120,7 @@ RUN = {
     "docs/protocol.md > History and recovery #3": "test_protocol_toml_blocks_load",
     "docs/protocol.md > Channels and namespaces #0": "test_protocol_toml_blocks_load",
     "docs/protocol.md > Tokens #0": "test_protocol_token_command",
+    "docs/protocol.md > Publishing #0": "test_protocol_publication_carries_from",
     "docs/http-api.md > HTTP API #0": "test_http_api_curl_with_key",
     "docs/publish-api.md > Channels with history #0": "test_history_publish_python",
     "docs/publish-api.md > Channels with history #1": "test_history_publish_plain_redis_py",
@@ -608,6 +609,40 @@ def test_protocol_token_command() -> None:
             with pytest.raises(ConnectionClosed) as closed:
                 conn.recv(timeout=TIMEOUT)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4500
+
+
+def test_protocol_publication_carries_from() -> None:
+    """A client's publication reaches subscribers as the Publishing block shows: ``from`` holds
+    the token's ``sub`` and ``info`` and the connection's client id, whatever the client claims."""
+    shown = json.loads(block("docs/protocol.md", "Publishing").text)
+    sender = shown["from"]
+    import jwt
+
+    claims = {"sub": sender["user"], "info": sender["info"], "exp": int(time.time()) + 600}
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    namespace = shown["channel"].split(":")[0]
+    config = f"[namespaces.{namespace}]\npublish = true\n"
+    with serving(config=config, HUB_TOKEN_SECRET=SECRET) as hub:
+        with ws(hub.port, f"token={token}", shown["channel"]) as alice:
+            alice.send(
+                json.dumps(
+                    {
+                        "op": "publish",
+                        "channel": shown["channel"],
+                        "data": shown["data"],
+                        "from": {"user": "mallory"},  # claimed: ignored
+                        "id": 7,
+                    }
+                )
+            )
+            got = [recv(alice), recv(alice)]
+            push = next(m for m in got if "id" not in m)
+            assert next(m for m in got if "id" in m) == {"id": 7, "result": {}}
+            assert set(push) == set(shown) and push["data"] == shown["data"]
+            assert push["channel"] == shown["channel"]
+            assert push["from"]["user"] == sender["user"]
+            assert push["from"]["info"] == sender["info"]
+            assert isinstance(push["from"]["client"], str) and push["from"]["client"]
 
 
 def test_config_error_line_and_an_overridden_value() -> None:
