@@ -26,6 +26,7 @@ from hub.tokens import mint_token
 __all__ = [
     "API_KEY",
     "SECRET",
+    "client_frame",
     "hub_process",
     "memory_kb",
     "metric",
@@ -116,7 +117,7 @@ def hub_process(
 # --- raw clients --------------------------------------------------------------------------------
 
 
-def _frame(opcode: int, payload: bytes) -> bytes:
+def client_frame(opcode: int, payload: bytes) -> bytes:
     """A masked client frame."""
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
@@ -190,7 +191,9 @@ def stalled_client(
         head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
         buffer = bytearray(rest)
-        sock.sendall(_frame(0x1, b'{"op":"subscribe","channel":"%s","id":1}' % channel.encode()))
+        sock.sendall(
+            client_frame(0x1, b'{"op":"subscribe","channel":"%s","id":1}' % channel.encode())
+        )
         opcode, payload = _read_frame(sock, buffer)
         assert (opcode, payload) == (0x1, b'{"id":1,"result":{}}'), (opcode, payload)
         assert not buffer, "nothing may follow the reply yet"

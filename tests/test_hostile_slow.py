@@ -31,6 +31,7 @@ from stallfix import (
     TCP_CLOSE,
     TCP_CLOSE_WAIT,
     TCP_ESTABLISHED,
+    client_frame,
     hub_process,
     memory_kb,
     metric,
@@ -247,12 +248,15 @@ def _run(loop: str, main: Callable[[], Any]) -> Any:
     return asyncio.run(bounded())
 
 
-async def _stalled_ws(port: int) -> socket.socket:
+async def _stalled_ws(port: int, sndbuf: int = 0) -> socket.socket:
     """A WebSocket client on a non-blocking socket with a tiny receive buffer, never read after
     the handshake."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1400)
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", port))
     await loop.sock_sendall(
@@ -370,6 +374,59 @@ def test_ping_timeout_resets_a_stalled_peer(loop: str) -> None:
             sock = await _stalled_ws(port)
             try:
                 await _ended(sock, port, 10)
+            finally:
+                sock.close()
+
+    _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_peer_that_pings_without_reading_is_pushed_back(loop: str) -> None:
+    """Pings are answered by the core itself, so a peer that floods them and never reads would
+    grow the server's write buffer with pongs for ever. The server stops reading while its
+    writes are paused: the peer's own sends stall, the server's buffer stays small."""
+
+    async def main() -> None:
+        connections: list[Any] = []
+
+        async def handler(connection: Any) -> None:
+            connections.append(connection)
+            await connection.wait_closed()
+
+        server, port = await _serve_one(handler)
+        async with server:
+            sock = await _stalled_ws(port, sndbuf=16384)  # Ethernet-sized segments, small queues
+            try:
+                pings = bytearray(client_frame(0x9, b"p" * 125) * 64)
+                pending = bytearray(pings)
+                sent = largest = 0
+                blocked_since = None
+                started = time.monotonic()
+                while True:
+                    now = time.monotonic()
+                    assert now - started < 10, f"the server kept reading: {sent} bytes of pings"
+                    try:
+                        n = sock.send(pending)
+                    except BlockingIOError:
+                        if blocked_since is None:
+                            blocked_since = now
+                        elif now - blocked_since > 0.5:
+                            break  # pushed back for half a second: the server stopped reading
+                        await asyncio.sleep(0.01)
+                    else:
+                        blocked_since = None
+                        sent += n
+                        del pending[:n]
+                        if not pending:
+                            pending = bytearray(pings)
+                        await asyncio.sleep(0)
+                    if connections:
+                        buffered = connections[0].transport.get_write_buffer_size()
+                        largest = max(largest, buffered)
+                print(f"{sent} bytes of pings sent in {now - started:.1f}s, {largest} buffered")
+                assert sent > 1 << 16  # the flood did fill every buffer on the way
+                assert largest < 1 << 20, largest
+                assert connections[0].open
             finally:
                 sock.close()
 

@@ -452,10 +452,17 @@ class ServerConnection(asyncio.Protocol):
         self.server._unregister(self)
 
     def pause_writing(self) -> None:
+        # Stop reading as well: the core answers pings (and close frames) by itself, so a peer
+        # that sends them without reading would grow our write buffer with pongs for ever.
+        # Left unread, its data waits in the kernel and TCP pushes back on it.
         self._write_paused = True
+        if not self._reading_paused and not self.transport.is_closing():
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if not self._reading_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -550,7 +557,8 @@ class ServerConnection(asyncio.Protocol):
             and (opts.read_limit is None or self._queued_size <= opts.read_limit // 4)
         ):
             self._reading_paused = False
-            self.transport.resume_reading()
+            if not self._write_paused:
+                self.transport.resume_reading()
         return message
 
     async def recv(self, decode: bool | None = None) -> Data:
