@@ -268,7 +268,7 @@ class ServerConnection(asyncio.Protocol):
         self._recv_waiter: asyncio.Future[None] | None = None
         self._recv_busy = False
         self._reading_paused = False
-        self._discard = False  # messages arriving after close() are dropped
+        self._discard = False  # after close(): drop what a full queue cannot take
         self._closed_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -477,9 +477,9 @@ class ServerConnection(asyncio.Protocol):
                 continue
             opcode = event.opcode
             if opcode is OP_TEXT or opcode is OP_BINARY or opcode is OP_CONT:
-                if self._discard:
-                    # Sent after our close frame: nobody will read it (RFC 6455 7.1.2), and
-                    # queueing it would pause reading before the peer's close frame arrives.
+                if self._discard and self._queue_full():
+                    # Sent after our close frame, with the queue full: dropped (RFC 6455
+                    # 7.1.2 lets us), since pausing would keep the peer's close frame unread.
                     continue
                 fragments = self._fragments
                 piece = event.data if event.text is None else event.text
@@ -514,19 +514,38 @@ class ServerConnection(asyncio.Protocol):
             waiter.set_result(None)
         opts = self._opts
         high = opts.max_queue_high
-        if high is not None and len(messages) >= high and not self._reading_paused:
+        if (
+            high is not None
+            and len(messages) >= high
+            and not self._reading_paused
+            and not self._discard  # closing: read on (and drop) until the peer's close frame
+        ):
             self._reading_paused = True
             self.transport.pause_reading()
         if opts.read_limit is not None and type(message) is not _Fragments:
             self._queued_size += len(message)
             self._maybe_pause_reading()
 
+    def _queue_full(self) -> bool:
+        """Whether the messages waiting for ``recv()`` reached ``max_queue`` or ``read_limit``."""
+        opts = self._opts
+        messages = self._messages
+        high = opts.max_queue_high
+        if high is not None and messages is not None and len(messages) >= high:
+            return True
+        return opts.read_limit is not None and self._queued_size >= opts.read_limit
+
     def _maybe_pause_reading(self) -> None:
         """``read_limit``: stop reading while the complete messages waiting for ``recv()`` add
         up to that many bytes (characters for text). A message still arriving is not counted, so
         a message larger than the limit can always complete."""
         limit = self._opts.read_limit
-        if limit is not None and self._queued_size >= limit and not self._reading_paused:
+        if (
+            limit is not None
+            and self._queued_size >= limit
+            and not self._reading_paused
+            and not self._discard
+        ):
             self._reading_paused = True
             self.transport.pause_reading()
 
