@@ -160,10 +160,11 @@ def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> i
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    mode = "dev mode (insecure)" if settings.insecure else "tokens required"
+    # The ready line's own words (config.summary), so what check-config promises is what the
+    # log of ``hub serve`` then shows.
     print(
-        f"config ok: {settings.host}:{settings.port}, {mode}, "
-        f"{len(settings.namespaces)} namespace(s)"
+        f"config ok: {settings.host}:{settings.port}  {summary(settings)}  "
+        f"namespaces: {len(settings.namespaces)}"
     )
     return 0
 

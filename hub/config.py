@@ -177,6 +177,8 @@ def _namespaces(raw: Any) -> dict[str, Namespace]:
         where = f"namespaces.{ns_name}"
         if not isinstance(options, Mapping):
             raise ConfigError(f"{where}: expected a table")
+        if ns_name == "":  # one spelling for the default namespace, so two cannot disagree
+            raise ConfigError('namespaces."": the default namespace is [namespaces.default]')
         values: dict[str, Any] = {"name": "" if ns_name == "default" else ns_name}
         for key, value in options.items():
             f = _NS_FIELDS.get(key)

@@ -58,6 +58,12 @@ def test_toml_file_values_and_namespaces(tmp_path: Path) -> None:
     assert s.namespace("chat").max_message_size == 65536
 
 
+def test_the_default_namespace_has_one_spelling(tmp_path: Path) -> None:
+    path = write(tmp_path, '[namespaces.""]\npublish = true\n')
+    with pytest.raises(ConfigError, match=r"\[namespaces.default\]"):
+        load_settings(path, env={})
+
+
 def test_hub_table_is_accepted(tmp_path: Path) -> None:
     path = write(tmp_path, "[hub]\nport = 2345\n[hub.namespaces.chat]\npublish = true\n")
     s = load_settings(path, env={})

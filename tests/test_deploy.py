@@ -309,7 +309,8 @@ def test_hub_services_use_real_settings_and_a_command_the_cli_accepts(
             [HUB, "check-config"], env=clean_env(**env), capture_output=True, text=True, timeout=30
         )
         assert done.returncode == 0, done.stderr
-        assert f"config ok: 0.0.0.0:{settings.port}, tokens required" in done.stdout
+        assert f"config ok: 0.0.0.0:{settings.port}  broker: redis://" in done.stdout
+        assert "auth: jwt HS256" in done.stdout and "dev mode" not in done.stdout
 
 
 def test_dockerfile_agrees_with_the_hub_and_compose(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -265,7 +265,9 @@ def test_the_pod_answers_its_probes_and_drains_on_sigterm(
     hub = container()
     port = free_port()
     env = pod_env(secret_values(**{"redis-url": redis_server.url}))
-    env.update(HUB_HOST="127.0.0.1", HUB_PORT=str(port))  # the pod's address, made local
+    metrics_port = free_port()
+    # The pod's addresses, made local.
+    env.update(HUB_HOST="127.0.0.1", HUB_PORT=str(port), HUB_METRICS_PORT=str(metrics_port))
     log_path = tmp_path / "pod.log"
     argv = [HUB, *hub["command"][1:]]
     with log_path.open("wb") as log:
@@ -282,8 +284,9 @@ def test_the_pod_answers_its_probes_and_drains_on_sigterm(
                 interval=0.1,
             )
             assert proc.poll() is None, log_path.read_text()
-        status, body = get(port, "/metrics")
+        status, body = get(metrics_port, "/metrics")
         assert status == 200 and b"hub_connections " in body
+        assert get(port, "/metrics")[0] == 404, "the public port must not show the counters"
 
         grace = manifests()["Deployment"]["spec"]["template"]["spec"][
             "terminationGracePeriodSeconds"
