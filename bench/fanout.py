@@ -7,7 +7,7 @@ WebSocket, and every server process fans out what Redis hands it.
 
 - hub: a subprocess ``hub serve --workers 2 --redis redis://127.0.0.1:<private> --port P``
   (supervisor + 2 workers on one port with SO_REUSEPORT). The publisher is
-  ``hub.publisher.AsyncPublisher``: ``publish("bench:room", data)`` (Redis channel
+  ``hub.redis.publisher.AsyncPublisher``: ``publish("bench:room", data)`` (Redis channel
   ``hub:ch:bench:room``, msgpack ``{"data": ...}``) and ``send_to_users([("u<i>", data), ...])``
   (``hub:user:u<i>``).
 - baseline: 2 processes, each a ``websockets.asyncio.server.serve(..., reuse_port=True)`` on the
@@ -315,7 +315,7 @@ class RedisPub:
     interface (``seq``, ``inflight``, ``acked``, ``errors``), so its phases drive it as is."""
 
     def __init__(self, impl: str, url: str, wake: asyncio.Event, size: int) -> None:
-        from hub.publisher import AsyncPublisher
+        from hub.redis.publisher import AsyncPublisher
 
         self.impl, self.wake, self.size = impl, wake, size
         self.pub = AsyncPublisher(url)

@@ -211,7 +211,7 @@ class Bench:
 
     async def publish_round(self, channel: str, history: bool) -> Json:
         """Closed loop for ``--seconds`` with ``--window`` in flight; publishes/s."""
-        from hub.publisher import AsyncPublisher
+        from hub.redis.publisher import AsyncPublisher
 
         script = Path(__file__).resolve()
         sub = await self.spawn(
@@ -260,7 +260,7 @@ class Bench:
         return {"rate": seq / elapsed, "published": seq, "seconds": elapsed, **report}
 
     async def recovery_round(self, i: int) -> Json:
-        from hub.publisher import AsyncPublisher
+        from hub.redis.publisher import AsyncPublisher
 
         channel = f"hist:rec{i}"
         ws = await ws_connect(self.port, "rec")

@@ -55,14 +55,14 @@ class Hub:
         presence: Presence | None = None
         if settings.redis_url:
             if broker is None:
-                from .bridge import RedisBroker
+                from .redis.broker import RedisBroker
 
                 broker = RedisBroker(
                     settings.redis_url,
                     settings.redis_prefix,
                     signing_key=settings.redis_signing_key,
                 )
-            # The same Redis (or cluster, by the URL's scheme) and prefix as the bridge.
+            # The same Redis (or cluster, by the URL's scheme) and prefix as the broker.
             presence = RedisPresence(
                 settings.redis_url, settings.redis_prefix, settings.presence_ttl
             )

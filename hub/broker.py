@@ -2,7 +2,7 @@
 
 The node subscribes a channel (or a user) at the broker when it gains its first local subscriber
 and unsubscribes when it loses its last one; the broker calls the node back for every message
-that arrives. :class:`MemoryBroker` serves one process; ``bridge.RedisBroker`` joins many.
+that arrives. :class:`MemoryBroker` serves one process; ``hub.redis.broker.RedisBroker`` joins many.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> int:
-    from .publisher import Publisher
+    from .redis.publisher import Publisher
 
     try:
         publisher = Publisher(

@@ -6,6 +6,7 @@ shared by every recipient that speaks it.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -24,7 +25,16 @@ __all__ = [
     "check_data",
     "json_bytes",
     "loads_strict",
+    "unpack_msgpack",
 ]
+
+#: msgpack as the hub reads it, from a client's binary frame and from Redis alike (envelopes,
+#: history entries, presence entries): str stays str, bin stays bytes, extension types stay
+#: themselves, map keys are strings (or bin). One definition, so data crosses Redis exactly as
+#: it crosses one process; nesting past msgpack's own limit raises, as bad input.
+unpack_msgpack: Callable[[bytes], Any] = functools.partial(
+    msgpack.unpackb, raw=False, strict_map_key=True
+)
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -184,7 +194,7 @@ class MsgpackCodec(Codec):
         if isinstance(message, str):
             raise BadRequest("msgpack protocol expects binary frames")
         try:
-            obj = msgpack.unpackb(message, raw=False, strict_map_key=True)
+            obj = unpack_msgpack(message)
         except Exception:
             raise BadRequest("invalid msgpack") from None
         if not isinstance(obj, dict):

@@ -17,6 +17,7 @@ __all__ = [
     "ErrorCode",
     "HubError",
     "HubUnavailable",
+    "RedisUnavailable",
     "ReplyError",
     "may_reconnect",
 ]
@@ -44,6 +45,11 @@ class ErrorCode(enum.IntEnum):
 
 class HubUnavailable(HubError):
     """The broker cannot deliver right now (e.g. Redis is down); retry later."""
+
+
+class RedisUnavailable(HubUnavailable):
+    """Redis is unreachable or did not answer in time (``hub.redis``: the pub/sub link, the
+    broker's publishes and history reads); the HTTP API answers 503."""
 
 
 class ReplyError(HubError):
@@ -114,7 +120,7 @@ class ClientError(HubError):
 
 class BadEnvelope(HubError):
     """A payload from Redis that the hub drops: not msgpack, not a map, or a field of the wrong
-    type (``hub.envelope``); counted in ``hub_bridge_malformed_total``."""
+    type (``hub.redis.wire``); counted in ``hub_bridge_malformed_total``."""
 
 
 class BadSignature(BadEnvelope):

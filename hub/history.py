@@ -17,18 +17,17 @@ docs/publish-api.md.
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
 import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from .errors import BadEnvelope, BadSignature
-from .resp import bulk
+from .redis.resp import bulk
+from .redis.script import Script
 
 __all__ = [
     "EMPTY_TTL",
@@ -39,7 +38,6 @@ __all__ = [
     "HistoryPage",
     "MemoryHistory",
     "Published",
-    "Script",
     "meta_key",
     "new_epoch",
     "stream_key",
@@ -78,23 +76,6 @@ def stream_ttl(history_ttl: float) -> float:
 def meta_ttl(history_ttl: float) -> float:
     """How long a channel's offset and epoch live after its last publication."""
     return max(stream_ttl(history_ttl), META_TTL_MIN)
-
-
-class Script:
-    """A Lua script: its text and SHA1 (for ``EVALSHA``)."""
-
-    __slots__ = ("sha", "sha_bytes", "text", "text_bytes")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.text_bytes = text.encode()
-        self.sha = hashlib.sha1(self.text_bytes).hexdigest()
-        self.sha_bytes = self.sha.encode()
-
-    @classmethod
-    def shipped(cls, name: str) -> Script:
-        """A script shipped in the package (other languages read the same file)."""
-        return cls(resources.files(__package__).joinpath(name).read_text())
 
 
 PUBLISH_SCRIPT = Script.shipped("history.lua")
@@ -229,7 +210,7 @@ class HistoryPage:
     offset: int
     epoch: str
     entries: list[dict[str, Any]] = field(default_factory=list)
-    #: Stored entries left out because they did not pass ``hub.envelope``: a bad field, or (also
+    #: Stored entries left out because they did not pass ``hub.redis.wire``: a bad field, or (also
     #: counted in ``unsigned``) no valid signature where one is required.
     skipped: int = 0
     unsigned: int = 0
@@ -245,7 +226,7 @@ class HistoryPage:
     @classmethod
     def from_reply(cls, reply: Any, entry: Callable[[bytes], dict[str, Any]]) -> HistoryPage:
         """The read script's answer; ``entry`` opens and checks each stored payload
-        (``hub.envelope.Envelopes.entry``), raising ``BadEnvelope`` for one to skip."""
+        (``hub.redis.wire.Envelopes.entry``), raising ``BadEnvelope`` for one to skip."""
         top, epoch, raw = reply
         page = cls(int(top), _text(epoch))
         for _entry_id, fields in raw:

@@ -30,8 +30,11 @@ from typing import Any
 
 import msgpack
 
-from .history import Script, new_epoch
-from .publisher import DEFAULT_PREFIX, Names, Router
+from .codec import unpack_msgpack
+from .history import new_epoch
+from .redis.cluster import Router
+from .redis.script import Script
+from .redis.wire import DEFAULT_PREFIX, Names
 
 __all__ = [
     "NOTIFY_SCRIPT",
@@ -94,7 +97,7 @@ class Due:
 
 
 def _mark(push: bytes) -> dict[str, Any]:
-    return msgpack.unpackb(push, raw=False)["inbox"]
+    return unpack_msgpack(push)["inbox"]
 
 
 class Inbox(abc.ABC):
@@ -317,7 +320,7 @@ class MemoryInbox(Inbox):
 
 def _append_inbox(envelope: bytes, mark: dict[str, Any]) -> bytes:
     """The envelope with ``"inbox": mark`` added, as the script makes it."""
-    fields = msgpack.unpackb(envelope, raw=False, strict_map_key=False)
+    fields = unpack_msgpack(envelope)
     if not isinstance(fields, dict):
         raise ValueError("envelope must be a msgpack map")
     fields["inbox"] = mark

@@ -3,7 +3,7 @@
 Only channels in namespaces with ``presence = true`` are tracked. An entry is
 ``{"user": ..., "client": <connection id>, "info": <the token's info claim>}``, keyed by the
 connection's client id. :class:`MemoryPresence` serves one process; :class:`RedisPresence`
-shares the entries of every process through the bridge's Redis (or Redis Cluster).
+shares the entries of every process through the Redis broker's Redis (or Redis Cluster).
 
 Kept apart from the broker on purpose: the broker moves messages, this stores state, and a
 deployment could put the two on different backends.
@@ -21,9 +21,11 @@ from typing import Any
 import msgpack
 from redis.exceptions import RedisError
 
+from .codec import unpack_msgpack
 from .errors import HubUnavailable
-from .history import Script
-from .publisher import DEFAULT_PREFIX, Names, Router
+from .redis.cluster import Router
+from .redis.script import Script
+from .redis.wire import DEFAULT_PREFIX, Names
 
 __all__ = ["MemoryPresence", "Presence", "PresenceUnavailable", "RedisPresence"]
 
@@ -321,7 +323,7 @@ class RedisPresence(Presence):
         result: dict[str, Entry] = {}
         for i in range(0, len(flat) - 1, 2):
             try:
-                entry = msgpack.unpackb(flat[i + 1], raw=False)
+                entry = unpack_msgpack(flat[i + 1])
             except Exception:
                 continue  # not ours; never fail a whole answer for one bad field
             if isinstance(entry, dict):

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from procfix import free_port
 
-from hub.publisher import Publisher
+from hub.redis.publisher import Publisher
 
 __all__ = ["WAIT", "HubProcess", "SequencePublisher", "hubs"]
 

@@ -24,9 +24,10 @@ from hubfix import JSON_PROTO, MSGPACK_PROTO, api, client, eventually, http, mak
 from wshelp import run, within
 
 from hub.app import Hub
-from hub.bridge import BridgeError, RedisBroker
 from hub.broker import Publication
-from hub.publisher import AsyncPublisher, Publisher
+from hub.errors import RedisUnavailable
+from hub.redis.broker import RedisBroker
+from hub.redis.publisher import AsyncPublisher, Publisher
 
 if TYPE_CHECKING:
     from redisfix import LocalCluster, RedisServer
@@ -312,7 +313,7 @@ def test_redis_restart_gap_readiness_and_resumed_delivery(redis_server: RedisSer
             assert ra.gaps == [["news", "sport"]] and rb.gaps == [["news"]]
             assert ra.ready_at_gap == [False]
             assert not a.ready and not b.ready
-            with pytest.raises(BridgeError):
+            with pytest.raises(RedisUnavailable):
                 await b.publish("news", "lost")
             # Subscribed while down: returns at once, subscribed on reconnect.
             await within(a.subscribe(["late"]), 0.5)
@@ -383,7 +384,7 @@ def test_start_without_redis_then_redis_appears(redis_server: RedisServer) -> No
         try:
             assert not broker.ready
             await within(broker.subscribe(["news"]), 0.5)
-            with pytest.raises(BridgeError):
+            with pytest.raises(RedisUnavailable):
                 await broker.publish("news", 0)
             redis_server.start()
             await eventually(lambda: broker.ready, 5)

@@ -20,7 +20,7 @@ from hubfix import API_KEY, SECRET, http, make_settings, running, secure_setting
 from hubproc import HubProcess, SequencePublisher
 from wshelp import run
 
-from hub.publisher import Publisher
+from hub.redis.publisher import Publisher
 from hub.tokens import mint_token
 
 if TYPE_CHECKING:

@@ -95,7 +95,7 @@ def test_the_reconnect_rule_is_the_close_code_table() -> None:
 def test_the_server_never_imports_websockets() -> None:
     """hub.client's transport is an optional extra: the server runs without it."""
     code = (
-        "import sys, hub.cli, hub.app, hub.http_api, hub.node, hub.bridge\n"
+        "import sys, hub.cli, hub.app, hub.http_api, hub.node, hub.redis.broker\n"
         "assert 'websockets' not in sys.modules, 'the server imported websockets'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)

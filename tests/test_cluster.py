@@ -18,8 +18,10 @@ from hubfix import ANY_CLIENT, api, client, eventually, make_settings, running
 from test_bridge import brokers
 from wshelp import run, within
 
-from hub.bridge import BridgeError, RedisBroker, RedisClusterBroker
-from hub.publisher import AsyncPublisher, Publisher
+from hub.errors import RedisUnavailable
+from hub.redis.broker import RedisBroker
+from hub.redis.cluster_broker import RedisClusterBroker
+from hub.redis.publisher import AsyncPublisher, Publisher
 
 if TYPE_CHECKING:
     from redisfix import LocalCluster, RedisServer
@@ -191,7 +193,7 @@ def test_a_killed_shard_gaps_its_channels_and_recovers(redis_cluster: LocalClust
             await b.publish(kept[0], "still here")
             await b.broadcast("still")
             await eventually(lambda: ra.data(kept[0]) == ["still here"] and ra.broadcasts)
-            with pytest.raises(BridgeError):
+            with pytest.raises(RedisUnavailable):
                 await b.publish(lost[0], "lost")
 
             victim.start()
@@ -203,7 +205,7 @@ def test_a_killed_shard_gaps_its_channels_and_recovers(redis_cluster: LocalClust
             async def delivered() -> bool:
                 try:
                     await b.publish(lost[0], "back")
-                except BridgeError:
+                except RedisUnavailable:
                     return False
                 await asyncio.sleep(0.05)
                 return "back" in ra.data(lost[0])
@@ -216,7 +218,7 @@ def test_a_killed_shard_gaps_its_channels_and_recovers(redis_cluster: LocalClust
 
 
 def test_cluster_urls_and_flags() -> None:
-    from hub.publisher import parse_cluster_url
+    from hub.redis.cluster import parse_cluster_url
 
     seeds, auth, query = parse_cluster_url("redis+cluster://u:p@h1:7000,h2:7001/0?ssl_cert_reqs=x")
     assert seeds == [("h1", 7000), ("h2", 7001)] and auth == "u:p@" and query == "?ssl_cert_reqs=x"

@@ -54,7 +54,7 @@ from wshelp import run, within
 from hub import cli
 from hub.config import Settings
 from hub.metrics import BROKER_COUNTERS, Metrics
-from hub.publisher import Publisher
+from hub.redis.publisher import Publisher
 from hub.tokens import mint_token
 from workers.supervisor import Policy
 from workers.worker import WORKER_HEADER

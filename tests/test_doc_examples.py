@@ -714,7 +714,7 @@ def history_dir(tmp_path: Path) -> Path:
 
 def test_history_publish_python(redis_server: RedisServer, tmp_path: Path) -> None:
     code = block("docs/publish-api.md", "Channels with history", 0).text
-    prelude = f"from hub.publisher import Publisher\npub = Publisher({redis_server.url!r})\n"
+    prelude = f"from hub.redis.publisher import Publisher\npub = Publisher({redis_server.url!r})\n"
     show = "print(sent.offset, sent.epoch, page.offset, [e['data'] for e in page.entries])\n"
     with serving("--redis", redis_server.url, config=HISTORY_CONFIG) as hub:
         with ws(hub.port, "user=alice", "news:world") as alice:

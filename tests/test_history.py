@@ -24,7 +24,7 @@ from wshelp import run
 
 from hub.config import ConfigError
 from hub.errors import ErrorCode
-from hub.publisher import AsyncPublisher, Publisher
+from hub.redis.publisher import AsyncPublisher, Publisher
 
 if TYPE_CHECKING:
     from redisfix import LocalCluster, RedisServer

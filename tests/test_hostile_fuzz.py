@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of the input surfaces hub serve takes from outside the
 WebSocket protocol: HTTP API requests (bodies and headers, over real sockets to a real process)
 and Redis payloads (envelopes and control messages: through a private Redis into a real process,
-and straight into ``hub.envelope``, the one function every payload from Redis passes). Each input
+and straight into ``hub.redis.wire``, the one function every payload from Redis passes). Each input
 gets an answer or a counted drop, never an exception escaping a handler, never a traceback."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from servefix import API_KEY, SECRET, Served, hub_serve, raw_http
 from wshelp import run
 
-from hub.envelope import Envelopes, seal
 from hub.errors import BadEnvelope, BadSignature
+from hub.redis.wire import Envelopes, open_control, open_join_leave, seal
 from hub.tokens import mint_token
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ payloads = st.one_of(
 )
 
 
-# -- straight into hub.envelope --------------------------------------------------------------
+# -- straight into hub.redis.wire --------------------------------------------------------------
 
 
 @fuzz(100)
@@ -110,7 +110,7 @@ def test_any_payload_opens_to_a_checked_map_or_a_bad_envelope(
         envelope = opener.open(name, payload)
         assert type(envelope) is dict
         if name == b"hub:ctl":
-            kind, args = opener.control(envelope)
+            kind, args = open_control(envelope)
             if kind == "disconnect":
                 user, code, reason = args
                 assert type(user) is str and user and 4000 <= code <= 4999
@@ -123,7 +123,7 @@ def test_any_payload_opens_to_a_checked_map_or_a_bad_envelope(
             if "ts" in meta:
                 assert type(meta["ts"]) in (int, float) and math.isfinite(meta["ts"])
         else:
-            join, leave = opener.join_leave(envelope)
+            join, leave = open_join_leave(envelope)
             assert all(type(e["user"]) is str for e in [*join, *leave])
     except BadEnvelope:
         pass  # dropped and counted by the bridge: the one other outcome allowed

@@ -21,7 +21,7 @@ from wshelp import run
 from hub.config import load_settings
 from hub.errors import ErrorCode
 from hub.history import EMPTY_TTL, META_TTL_MIN, UNTIMED_TTL
-from hub.publisher import Publisher
+from hub.redis.publisher import Publisher
 from hub.tokens import mint_token
 
 if TYPE_CHECKING:

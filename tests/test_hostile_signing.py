@@ -25,8 +25,8 @@ from test_doc_examples import (  # the runner of the docs' blocks
 from wshelp import run
 
 from hub.config import ConfigError, load_settings
-from hub.envelope import seal
-from hub.publisher import AsyncPublisher, Publisher
+from hub.redis.publisher import AsyncPublisher, Publisher
+from hub.redis.wire import seal
 from hub.tokens import mint_token
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from hubfix import api, client, eventually, make_settings, running, scrape
 from wshelp import run
 
-from hub.bridge import RedisBroker
+from hub.redis.broker import RedisBroker
 
 if TYPE_CHECKING:
     from redisfix import RedisServer

@@ -17,7 +17,7 @@ import redis
 from wshelp import run
 
 from hub.inbox import MAX_DEVICES, Inbox, MemoryInbox, RedisInbox
-from hub.publisher import Router
+from hub.redis.cluster import Router
 
 if TYPE_CHECKING:
     from redisfix import LocalCluster, RedisServer

@@ -22,7 +22,7 @@ from hubfix import API_KEY, SECRET
 from hubproc import HubProcess
 from openapi_spec_validator import validate
 
-from hub.publisher import Publisher
+from hub.redis.publisher import Publisher
 
 if TYPE_CHECKING:
     from redisfix import RedisServer

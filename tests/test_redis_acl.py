@@ -14,7 +14,7 @@ import redis
 from hubfix import ANY_CLIENT, client, running, secure_settings
 from wshelp import run
 
-from hub.publisher import Publisher
+from hub.redis.publisher import Publisher
 from hub.tokens import mint_token
 
 if TYPE_CHECKING:

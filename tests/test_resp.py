@@ -1,4 +1,4 @@
-"""hub.resp: the RESP fast path under the bridge's pub/sub link and the publisher's pipeline,
+"""hub.redis.resp: the RESP fast path under the broker's pub/sub link and the publisher's pipeline,
 checked against redis-py's own packing and error classes and against a real Redis."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError, TryAgainError
 from wshelp import run
 
-from hub.publisher import _Pipeline, pack_message
-from hub.resp import RespStream, pack_commands, pack_publish, reply_error
+from hub.redis.pipeline import Pipeline
+from hub.redis.resp import RespStream, pack_commands, pack_publish, reply_error
+from hub.redis.wire import pack_message
 
 if TYPE_CHECKING:
     from redisfix import RedisServer
@@ -73,7 +74,7 @@ def test_a_failing_command_in_a_batch_fails_alone(redis_server: RedisServer) -> 
 
     async def main() -> None:
         pool = redis.asyncio.ConnectionPool.from_url(redis_server.url)
-        pipeline = _Pipeline(pool.make_connection)
+        pipeline = Pipeline(pool.make_connection)
         try:
             with pytest.raises(ResponseError, match="wrong number of arguments"):
                 await pipeline.execute_many([("SET", "a", "1"), ("PUBLISH", "x"), ("GET", "a")])

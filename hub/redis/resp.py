@@ -1,7 +1,7 @@
 """RESP on a connection redis-py has opened, without redis-py's per-command layers.
 
 redis-py connects, authenticates, selects the database and names the client; after that the
-bridge's pub/sub link and the publisher's pipeline only ever send known commands and read their
+broker's pub/sub link and the publisher's pipeline only ever send known commands and read their
 replies or pushes. Per reply, ``read_response`` costs several coroutine layers and (with a socket
 timeout) a timer; per command, ``pack_command`` costs more than the PUBLISH it packs. On the hot
 paths (a burst of pushes from Redis, a batch of publishes) this module reads whole socket chunks

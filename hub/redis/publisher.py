@@ -1,0 +1,358 @@
+"""The publisher SDK: publish to hub processes through Redis from any Python backend.
+
+:class:`Publisher` (blocking, on ``redis.Redis`` / ``redis.RedisCluster``) and
+:class:`AsyncPublisher` (asyncio, on the pipelines of :mod:`hub.redis.cluster`) write the
+envelopes of :mod:`hub.redis.wire`, the contract in docs/publish-api.md, so a backend never
+builds one by hand. The hub's own broker publishes through :class:`AsyncPublisher` too: there is
+one implementation of the format. ``hub.publisher`` re-exports this module for code written
+against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.cluster import ClusterNode
+from redis.exceptions import NoScriptError
+
+from ..history import (
+    PUBLISH_SCRIPT,
+    READ_SCRIPT,
+    HistoryPage,
+    PublishCommands,
+    Published,
+    publish_args,
+    read_args,
+)
+from .cluster import Router, SlotMap, is_cluster_url, parse_cluster_url
+from .resp import pack_command, pack_publish
+from .wire import (
+    DEFAULT_PREFIX,
+    DISCONNECT_CODE,
+    Envelopes,
+    Names,
+    check_signing_key,
+    pack_disconnect,
+    pack_message,
+    seal,
+)
+
+__all__ = ["AsyncPublisher", "HistoryPage", "Published", "Publisher"]
+
+
+def _non_empty(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
+
+
+def _history_options(size: Any, ttl: Any, fields: Mapping[str, Any]) -> None:
+    """Check the history keywords: bad values fail at the caller, not inside Redis."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError("history_size must be a non-negative integer")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
+        raise ValueError("history_ttl must be a non-negative number of seconds")
+    if "offset" in fields or "epoch" in fields:
+        raise ValueError("offset and epoch are assigned by the history script")
+
+
+def _limit(since: int | None, limit: int | None) -> None:
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise ValueError("since must be a non-negative integer offset")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError("limit must be a non-negative integer")
+
+
+class Publisher:
+    """Blocking publisher for backends (web apps, workers, scripts).
+
+    Each method returns how many hub processes received the message (Redis counts subscribed
+    connections; a hub process has one), which is 0 when no process has a local subscriber.
+
+    A ``redis+cluster://host:port[,host:port...]`` URL (or ``cluster=True``, or a
+    ``redis.RedisCluster`` client) publishes with ``SPUBLISH`` to the shard owning each channel,
+    for hubs joined through a Redis Cluster.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        client: redis.Redis | redis.RedisCluster | None = None,
+        cluster: bool = False,
+        signing_key: bytes | str | None = None,
+        **redis_kwargs: Any,
+    ) -> None:
+        self.names = Names(prefix)
+        self._key = check_signing_key(signing_key)
+        self._envelopes = Envelopes(self._key)
+        if client is None:
+            if url is None:
+                raise ValueError("give a redis url or a client")
+            if cluster or is_cluster_url(url):
+                seeds, userinfo, _ = parse_cluster_url(url)
+                if userinfo:
+                    user, _, password = userinfo[:-1].partition(":")
+                    redis_kwargs.setdefault("username", urllib.parse.unquote(user) or None)
+                    redis_kwargs.setdefault("password", urllib.parse.unquote(password) or None)
+                nodes = [ClusterNode(host, port) for host, port in seeds]
+                client = redis.RedisCluster(startup_nodes=nodes, **redis_kwargs)
+            else:
+                client = redis.Redis.from_url(url, **redis_kwargs)
+            self._owned = True
+        else:
+            self._owned = False
+        self.client = client
+        # Sharded pub/sub on a cluster: a plain PUBLISH there is broadcast over the cluster bus
+        # and never reaches SSUBSCRIBE subscribers.
+        sharded = isinstance(client, redis.RedisCluster)
+        self._sharded = sharded
+        self._publish_raw: Callable[[str, bytes], Any] = (
+            client.spublish if sharded else client.publish
+        )
+        self._publish_script = client.register_script(PUBLISH_SCRIPT.text)
+        self._read_script = client.register_script(READ_SCRIPT.text)
+
+    def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+        **fields: Any,
+    ) -> Published:
+        """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields.
+
+        With ``history_size > 0`` (the channel's namespace keeps history: pass its
+        ``history_size`` and ``history_ttl``) the publication is stored and gets the channel's
+        next offset, in one script run (``hub/history.lua``); the result then carries
+        ``offset`` and ``epoch``.
+        """
+        name = self.names.channel(_non_empty("channel", channel))
+        _history_options(history_size, history_ttl, fields)
+        payload = seal(self._key, name.encode(), pack_message(data, fields))
+        if not history_size:
+            return Published(int(self._publish_raw(name, payload)))
+        args = publish_args(name, payload, history_size, history_ttl, self._sharded)
+        return Published.from_reply(self._publish_script(keys=args[1:3], args=args[3:]))
+
+    def history(
+        self,
+        channel: str,
+        *,
+        since: int | None = None,
+        limit: int | None = None,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+    ) -> HistoryPage:
+        """The channel's stored publications: after offset ``since`` (at most ``limit``), or
+        the newest ``limit`` (all when None), oldest first, with the current offset and epoch.
+        Give the namespace's ``history_size``: the stream is trimmed approximately, and
+        offsets older than the newest ``history_size`` are left out (0: no bound).
+        ``history_ttl`` is checked but not needed (a read writes nothing). A channel with no
+        history answers offset 0 and an epoch that is not kept."""
+        name = self.names.channel(_non_empty("channel", channel))
+        _limit(since, limit)
+        _history_options(history_size, history_ttl, {})
+        args = read_args(name, since, limit, history_size)
+        entry = functools.partial(self._envelopes.entry, name.encode())
+        return HistoryPage.from_reply(self._read_script(keys=args[1:3], args=args[3:]), entry)
+
+    def send_to_user(self, user: str, data: Any) -> int:
+        name = self.names.user(_non_empty("user", user))
+        return int(self._send(name, pack_message(data)))
+
+    def send_to_users(self, messages: Iterable[tuple[str, Any]]) -> list[int]:
+        """Send each ``(user, data)`` pair, in order, in one round trip; returns, per message,
+        how many hub processes received it (0: the user is connected nowhere).
+
+        For notifying many users at once: per message it costs a fraction of
+        :meth:`send_to_user`, which waits for Redis each time.
+        """
+        payloads = []
+        for user, data in messages:
+            name = self.names.user(_non_empty("user", user))
+            payloads.append((name, seal(self._key, name.encode(), pack_message(data))))
+        if isinstance(self.client, redis.RedisCluster):  # each user channel has its own shard
+            return [int(self._publish_raw(name, payload)) for name, payload in payloads]
+        pipe = self.client.pipeline(transaction=False)
+        for name, payload in payloads:
+            pipe.publish(name, payload)
+        return [int(n) for n in pipe.execute()]
+
+    def broadcast(self, data: Any) -> int:
+        return int(self._send(self.names.all, pack_message(data)))
+
+    def disconnect(self, user: str, code: int = DISCONNECT_CODE, reason: str = "") -> int:
+        return int(self._send(self.names.ctl, pack_disconnect(user, code, reason)))
+
+    def _send(self, name: str, payload: bytes) -> Any:
+        return self._publish_raw(name, seal(self._key, name.encode(), payload))
+
+    def close(self) -> None:
+        if self._owned:
+            self.client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncPublisher:
+    """Publisher for asyncio backends, on one pipelined connection of its own.
+
+    Publishes made concurrently share round trips; publishes from one task arrive in order. A
+    publish that meets a broken connection raises ``redis.exceptions.ConnectionError`` (or
+    ``TimeoutError``) and is not retried; the next one reconnects.
+
+    With a ``redis+cluster://`` URL (or ``cluster=True``) it publishes with ``SPUBLISH`` on one
+    pipelined connection per shard, routed by hash slot: a channel always maps to one shard, so
+    publishes from one task still arrive in order per channel. A ``MOVED`` answer (the slot has
+    moved; Redis did not deliver) refreshes the slot map and is retried.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        client: redis.asyncio.Redis | None = None,
+        timeout: float = 5.0,
+        cluster: bool = False,
+        signing_key: bytes | str | None = None,
+        **redis_kwargs: Any,
+    ) -> None:
+        self.names = Names(prefix)
+        self._key = check_signing_key(signing_key)
+        self._envelopes = Envelopes(self._key)
+        if isinstance(client, redis.asyncio.RedisCluster):
+            raise ValueError("for a cluster, give a redis+cluster:// url (one pipeline per shard)")
+        if client is not None:
+            # A dedicated connection made with the client's settings (address, auth, TLS).
+            self._router = Router(client.connection_pool.make_connection)
+        elif url is not None:
+            redis_kwargs.setdefault("socket_timeout", timeout)
+            redis_kwargs.setdefault("socket_connect_timeout", timeout)
+            if cluster or is_cluster_url(url):
+                self._router = Router(slot_map=SlotMap(url, **redis_kwargs))
+            else:
+                self._router = Router.from_url(url, **redis_kwargs)
+        else:
+            raise ValueError("give a redis url or a client")
+        self._commands = PublishCommands()
+
+    async def _publish(self, name: str, payload: bytes) -> int:
+        """PUBLISH (SPUBLISH) ``payload``, signed first when there is a key."""
+        if self._key is not None:
+            payload = seal(self._key, name.encode(), payload)
+        command = b"SPUBLISH" if self._router.sharded else b"PUBLISH"
+        return int(await self._router.execute_packed(name, pack_publish(command, name, payload)))
+
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+        **fields: Any,
+    ) -> Published:
+        """Publish ``data`` to ``channel``; ``fields`` are optional envelope fields. With
+        ``history_size > 0`` it is stored in the channel's history and the result carries
+        ``offset`` and ``epoch`` (see :meth:`Publisher.publish`)."""
+        name = self.names.channel(_non_empty("channel", channel))
+        _history_options(history_size, history_ttl, fields)
+        payload = pack_message(data, fields)
+        if not history_size:
+            return Published(await self._publish(name, payload))
+        payload = seal(self._key, name.encode(), payload)
+        sharded = self._router.sharded
+        command, epoch = self._commands.packed(name, payload, history_size, history_ttl, sharded)
+        try:
+            reply = await self._router.execute_packed(name, command)
+        except NoScriptError:
+            args = publish_args(name, payload, history_size, history_ttl, sharded, epoch)
+            command = pack_command(b"EVAL", PUBLISH_SCRIPT.text_bytes, *args)
+            reply = await self._router.execute_packed(name, command)
+        return Published.from_reply(reply)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: int | None = None,
+        limit: int | None = None,
+        history_size: int = 0,
+        history_ttl: float = 0.0,
+        keep_epoch: bool = False,
+    ) -> HistoryPage:
+        """See :meth:`Publisher.history`. ``keep_epoch``: what a hub's subscribe does, keep
+        the epoch answered for a channel with no history yet (``hub.history.EMPTY_TTL``), so
+        the first publication gets it."""
+        name = self.names.channel(_non_empty("channel", channel))
+        _limit(since, limit)
+        _history_options(history_size, history_ttl, {})
+        args = read_args(name, since, limit, history_size, keep_epoch)
+        entry = functools.partial(self._envelopes.entry, name.encode())
+        return HistoryPage.from_reply(await self._router.script(name, READ_SCRIPT, args), entry)
+
+    async def send_to_user(self, user: str, data: Any) -> int:
+        return await self._publish(self.names.user(_non_empty("user", user)), pack_message(data))
+
+    async def send_to_users(self, messages: Iterable[tuple[str, Any]]) -> list[int]:
+        """Send each ``(user, data)`` pair, in order, pipelined in one write; returns, per
+        message, how many hub processes received it. See :meth:`Publisher.send_to_users`."""
+        user = self.names.user
+        if self._router.sharded:  # routed one by one, each to its shard's pipeline
+            payloads = [(user(_non_empty("user", u)), pack_message(d)) for u, d in messages]
+            return list(await asyncio.gather(*(self._publish(n, p) for n, p in payloads)))
+        key = self._key
+        if key is None:
+            commands = [
+                pack_publish(b"PUBLISH", user(_non_empty("user", u)), pack_message(d))
+                for u, d in messages
+            ]
+        else:
+            commands = []
+            for u, d in messages:
+                name = user(_non_empty("user", u))
+                payload = seal(key, name.encode(), pack_message(d))
+                commands.append(pack_publish(b"PUBLISH", name, payload))
+        replies = await self._router.execute_many(commands)
+        return [int(n) for n in replies]
+
+    async def broadcast(self, data: Any) -> int:
+        return await self._publish(self.names.all, pack_message(data))
+
+    async def disconnect(self, user: str, code: int = DISCONNECT_CODE, reason: str = "") -> int:
+        return await self._publish(self.names.ctl, pack_disconnect(user, code, reason))
+
+    async def aclose(self) -> None:
+        await self._router.close()
+
+    async def __aenter__(self) -> AsyncPublisher:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
