@@ -6,7 +6,6 @@ shared by every recipient that speaks it.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Callable
@@ -28,13 +27,15 @@ __all__ = [
     "unpack_msgpack",
 ]
 
-#: msgpack as the hub reads it, from a client's binary frame and from Redis alike (envelopes,
-#: history entries, presence entries): str stays str, bin stays bytes, extension types stay
-#: themselves, map keys are strings (or bin). One definition, so data crosses Redis exactly as
-#: it crosses one process; nesting past msgpack's own limit raises, as bad input.
-unpack_msgpack: Callable[[bytes], Any] = functools.partial(
-    msgpack.unpackb, raw=False, strict_map_key=True
-)
+
+def unpack_msgpack(payload: bytes, _unpackb: Callable[..., Any] = msgpack.unpackb) -> Any:
+    """msgpack as the hub reads it, from a client's binary frame and from Redis alike
+    (envelopes, history and presence entries, inbox envelopes): str stays str, bin stays bytes,
+    extension types stay themselves, map keys are strings (or bin). One definition, so data
+    crosses Redis exactly as it crosses one process; nesting past msgpack's own limit raises,
+    as bad input."""
+    return _unpackb(payload, raw=False, strict_map_key=True)
+
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 

@@ -70,7 +70,33 @@ def _limit(since: int | None, limit: int | None) -> None:
         raise ValueError("limit must be a non-negative integer")
 
 
-class Publisher:
+class _Publishing:
+    """What both publishers share: the names, the signing key, and the checked arguments of a
+    history read (the blocking and the asyncio one differ only in how they reach Redis)."""
+
+    def __init__(self, prefix: str, signing_key: bytes | str | None) -> None:
+        self.names = Names(prefix)
+        self._key = check_signing_key(signing_key)
+        self._envelopes = Envelopes(self._key)
+
+    def _history_read(
+        self,
+        channel: str,
+        since: int | None,
+        limit: int | None,
+        history_size: int,
+        history_ttl: float,
+        keep_epoch: bool = False,
+    ) -> tuple[str, list[bytes], Callable[[bytes], dict[str, Any]]]:
+        """The Redis name, the read script's arguments and the opener of its entries."""
+        name = self.names.channel(_non_empty("channel", channel))
+        _limit(since, limit)
+        _history_options(history_size, history_ttl, {})
+        args = read_args(name, since, limit, history_size, keep_epoch)
+        return name, args, functools.partial(self._envelopes.entry, name.encode())
+
+
+class Publisher(_Publishing):
     """Blocking publisher for backends (web apps, workers, scripts).
 
     Each method returns how many hub processes received the message (Redis counts subscribed
@@ -91,9 +117,7 @@ class Publisher:
         signing_key: bytes | str | None = None,
         **redis_kwargs: Any,
     ) -> None:
-        self.names = Names(prefix)
-        self._key = check_signing_key(signing_key)
-        self._envelopes = Envelopes(self._key)
+        super().__init__(prefix, signing_key)
         if client is None:
             if url is None:
                 raise ValueError("give a redis url or a client")
@@ -160,11 +184,7 @@ class Publisher:
         offsets older than the newest ``history_size`` are left out (0: no bound).
         ``history_ttl`` is checked but not needed (a read writes nothing). A channel with no
         history answers offset 0 and an epoch that is not kept."""
-        name = self.names.channel(_non_empty("channel", channel))
-        _limit(since, limit)
-        _history_options(history_size, history_ttl, {})
-        args = read_args(name, since, limit, history_size)
-        entry = functools.partial(self._envelopes.entry, name.encode())
+        _, args, entry = self._history_read(channel, since, limit, history_size, history_ttl)
         return HistoryPage.from_reply(self._read_script(keys=args[1:3], args=args[3:]), entry)
 
     def send_to_user(self, user: str, data: Any) -> int:
@@ -214,7 +234,7 @@ class Publisher:
         self.close()
 
 
-class AsyncPublisher:
+class AsyncPublisher(_Publishing):
     """Publisher for asyncio backends, on one pipelined connection of its own.
 
     Publishes made concurrently share round trips; publishes from one task arrive in order. A
@@ -238,9 +258,7 @@ class AsyncPublisher:
         signing_key: bytes | str | None = None,
         **redis_kwargs: Any,
     ) -> None:
-        self.names = Names(prefix)
-        self._key = check_signing_key(signing_key)
-        self._envelopes = Envelopes(self._key)
+        super().__init__(prefix, signing_key)
         if isinstance(client, redis.asyncio.RedisCluster):
             raise ValueError("for a cluster, give a redis+cluster:// url (one pipeline per shard)")
         if client is not None:
@@ -305,11 +323,9 @@ class AsyncPublisher:
         """See :meth:`Publisher.history`. ``keep_epoch``: what a hub's subscribe does, keep
         the epoch answered for a channel with no history yet (``hub.history.EMPTY_TTL``), so
         the first publication gets it."""
-        name = self.names.channel(_non_empty("channel", channel))
-        _limit(since, limit)
-        _history_options(history_size, history_ttl, {})
-        args = read_args(name, since, limit, history_size, keep_epoch)
-        entry = functools.partial(self._envelopes.entry, name.encode())
+        name, args, entry = self._history_read(
+            channel, since, limit, history_size, history_ttl, keep_epoch
+        )
         return HistoryPage.from_reply(await self._router.script(name, READ_SCRIPT, args), entry)
 
     async def send_to_user(self, user: str, data: Any) -> int:
