@@ -21,9 +21,11 @@ from .codec import BY_SUBPROTOCOL, JSON
 from .config import Settings, check_serving
 from .errors import CloseCode
 from .http_api import HttpApi
+from .inbox import Inbox, RedisInbox
 from .limits import AddressBudget, address_key
 from .node import Node
 from .presence import Presence, RedisPresence
+from .redis.cluster import Router
 from .session import Session
 from .tokens import Credentials, TokenError, TokenExpired, TokenVerifier
 
@@ -53,6 +55,7 @@ class Hub:
         check_serving(settings)
         self.settings = settings
         presence: Presence | None = None
+        inbox: Inbox | None = None
         if settings.redis_url:
             if broker is None:
                 from .redis.broker import RedisBroker
@@ -66,7 +69,16 @@ class Hub:
             presence = RedisPresence(
                 settings.redis_url, settings.redis_prefix, settings.presence_ttl
             )
-        self.node = Node(settings, broker, presence=presence)
+            router = Router.from_url(
+                settings.redis_url,
+                socket_timeout=5.0,
+                socket_connect_timeout=5.0,
+                client_name=f"{settings.redis_prefix}-inbox",
+            )
+            inbox = RedisInbox(
+                router, settings.redis_prefix, settings.inbox_size, settings.inbox_ttl
+            )
+        self.node = Node(settings, broker, presence=presence, inbox=inbox)
         self.admin: Admin | None = None
         if settings.admin:
             self.admin = self.node.admin = Admin(self.node)
@@ -322,6 +334,8 @@ class Hub:
             expiry = loop.call_later(delay, session.close_soon, CloseCode.TOKEN_EXPIRED, "expired")
         await self.node.add_session(session)
         try:
+            if "inbox=" in connection.request.path:  # the connect option (hub.notify)
+                await self.node.inbox.open_on_connect(session, connection.request.path)
             await session.run()
         finally:
             if expiry is not None:

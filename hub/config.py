@@ -93,6 +93,11 @@ class Settings:
     drain_seconds: float = 10.0
     presence_ttl: float = 60.0
     join_leave_interval: float = 0.5
+    inbox_size: int = 1000
+    inbox_ttl: float = 604800.0
+    fallback_url: str | None = None
+    fallback_secret: str | None = None
+    fallback_after: float = 0.0
     log_level: str = "info"
     namespaces: dict[str, Namespace] = field(default_factory=dict)
 
@@ -331,6 +336,17 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             f"join_leave_interval: expected 0 to 60 seconds, got {s.join_leave_interval}"
         )
+    if not 1 <= s.inbox_size <= 100_000:
+        raise ConfigError(f"inbox_size: expected 1 to 100000 entries, got {s.inbox_size}")
+    if not 1.0 <= s.inbox_ttl <= 90 * 86400:
+        raise ConfigError(f"inbox_ttl: expected 1 to 7776000 seconds, got {s.inbox_ttl}")
+    if not 0.0 <= s.fallback_after <= s.inbox_ttl:
+        raise ConfigError(f"fallback_after: expected 0 to inbox_ttl, got {s.fallback_after}")
+    if s.fallback_url is not None:
+        if not s.fallback_url.startswith(("http://", "https://")):
+            raise ConfigError(f"fallback_url: expected http:// or https://, got {s.fallback_url!r}")
+        if s.fallback_secret is None or len(s.fallback_secret.encode()) < 32:
+            raise ConfigError("fallback_secret: fallback_url needs a secret of at least 32 bytes")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {s.log_level!r}")
     if s.insecure and not s.loopback:

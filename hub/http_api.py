@@ -21,8 +21,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .codec import check_sender, loads_strict
-from .errors import BadRequest, CloseCode, HubUnavailable, ReplyError
+from .errors import BadRequest, CloseCode, ErrorCode, HubUnavailable, ReplyError
 from .metrics import CONTENT_TYPE_LATEST
+from .notify import inbox_read_args, notify_api
 from .presence import PresenceUnavailable
 from .session import check_channel, history_result, parse_history
 from .ws import Headers, MultipleValuesError, Request, Response
@@ -140,6 +141,8 @@ class HttpApi:
             "/api/history": self._history,
             "/api/presence": self._presence,
             "/api/presence_stats": self._presence_stats,
+            "/api/notify": self._notify,
+            "/api/inbox": self._inbox,
         }
         self.client_js = StaticFile("hub.js", "text/javascript; charset=utf-8")
         self.demo = StaticFile("index.html", "text/html; charset=utf-8") if insecure else None
@@ -376,6 +379,26 @@ class HttpApi:
 
     async def _presence_stats(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self.node.presence.stats(self._presence_channel(body))
+
+    async def _notify(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One notification, or ``{"notifications": [...]}`` (hub.notify holds the rules)."""
+        try:
+            return await notify_api(self.node.inbox, body)
+        except ReplyError as exc:
+            status = 413 if exc.code == ErrorCode.TOO_LARGE else 400
+            raise ApiError(status, exc.message) from None
+
+    async def _inbox(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            user, since, device, limit = inbox_read_args(body)
+        except ReplyError as exc:
+            raise ApiError(400, exc.message) from None
+        result = await self.node.inbox.read(user, since, device, limit)
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError):
+            raise ApiError(422, "the inbox holds data json cannot carry; read it over websocket")
+        return result
 
     async def _history(self, body: dict[str, Any]) -> dict[str, Any]:
         channel = self._channel(body)

@@ -145,6 +145,9 @@ class Inbox(abc.ABC):
         """Hand entry ``seq`` to :meth:`claim_due` at ``due`` (epoch seconds) if no device has
         acknowledged it by then."""
 
+    async def close(self) -> None:  # noqa: B027 (most stores hold nothing)
+        """Release what the store holds (connections)."""
+
     @abc.abstractmethod
     async def claim_due(self, now: float | None = None, limit: int = 100) -> list[Due]:
         """Take the fallbacks due by ``now``: each is returned to one caller only, and only if
@@ -502,6 +505,9 @@ class RedisInbox(Inbox):
         self._router = router
         self.names = Names(prefix)
         self.fallback_key = f"{prefix}:inbox:fallback"
+
+    async def close(self) -> None:
+        await self._router.close()
 
     def keys(self, user: str) -> list[str]:
         """stream, meta, ids, idt, collapse keys, acks: in that order."""

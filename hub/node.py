@@ -21,7 +21,9 @@ from .codec import CODECS, MSGPACK, check_data, json_bytes
 from .config import Namespace, Settings
 from .errors import CloseCode, HubUnavailable
 from .history import HistoryPage
+from .inbox import Inbox
 from .metrics import Metrics, PublishSource
+from .notify import Notifications
 from .presence import MemoryPresence, Presence
 from .recovery import Tracker
 from .registry import Registry
@@ -120,6 +122,7 @@ class Node:
         broker: Broker | None = None,
         metrics: Metrics | None = None,
         presence: Presence | None = None,
+        inbox: Inbox | None = None,
     ) -> None:
         self.settings = settings or Settings(insecure=True)
         self.broker = broker or MemoryBroker()
@@ -153,12 +156,15 @@ class Node:
         self._tracked: dict[str, dict[Session, Tracker]] = {}
         #: The admin page's view (``admin = true``), which takes the admin control messages.
         self.admin: Admin | None = None
+        #: Per-user inboxes (hub.notify): notify, the inbox/ack/read commands, the fallback.
+        self.inbox = Notifications(self, inbox)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.broker.start(self)
         await self.presence.start()
+        self.inbox.start()
         self._started = True
 
     async def close(self) -> None:
@@ -169,6 +175,7 @@ class Node:
         if self._join_leave_sends:
             await asyncio.gather(*self._join_leave_sends, return_exceptions=True)
         await self.presence.close()
+        await self.inbox.close()
         await self.broker.close()
 
     @property
@@ -233,6 +240,7 @@ class Node:
 
     async def remove_session(self, session: Session) -> None:
         channels = list(self.registry.channels_of(session))
+        self.inbox.forget(session)
         if self._tracked:
             for channel in channels:
                 self._untrack(channel, session)
@@ -474,6 +482,12 @@ class Node:
 
     def on_user_message(self, user: str, data: Any) -> None:
         self._enqueue(USER, user, {"data": data})
+
+    def on_inbox(self, user: str, mark: dict[str, Any], data: Any) -> None:
+        self.inbox.on_push(user, mark, data)
+
+    def on_user_gap(self, users: list[str]) -> None:
+        self.inbox.on_gap(users)
 
     def on_broadcast(self, data: Any) -> None:
         self._enqueue(EVERYONE, "", {"data": data})

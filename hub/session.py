@@ -320,6 +320,15 @@ class Session:
         except HubUnavailable:
             raise ReplyError("presence unavailable, try again", ErrorCode.UNAVAILABLE) from None
 
+    async def _inbox(self, command: dict[str, Any]) -> Any:
+        return await self.node.inbox.open(self, command)
+
+    async def _ack(self, command: dict[str, Any]) -> dict[str, Any]:
+        return await self.node.inbox.ack(self, command)
+
+    async def _read(self, command: dict[str, Any]) -> dict[str, Any]:
+        return await self.node.inbox.mark_read(self, command)
+
 
 def parse_since(command: dict[str, Any]) -> tuple[int, str] | None:
     """The ``since`` position of a command: ``{"offset": <int >= 0>, "epoch": <str>}``."""
@@ -362,4 +371,7 @@ _OPS = {
     "history": Session._history,
     "presence": Session._presence,
     "presence_stats": Session._presence_stats,
+    "inbox": Session._inbox,
+    "ack": Session._ack,
+    "read": Session._read,
 }

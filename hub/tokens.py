@@ -43,6 +43,8 @@ class Credentials:
     expires_at: float | None = None
     info: Any = None
     publish: tuple[str, ...] | None = None
+    #: The token's ``device`` claim: whose acknowledgements an inbox keeps (hub.notify).
+    device: str | None = None
 
     def may_subscribe(self, channel: str) -> bool:
         """True when the token's ``channels`` claim has a pattern matching ``channel``."""
@@ -165,12 +167,18 @@ def _credentials(claims: dict[str, Any]) -> Credentials:
         check_data(info)
     except ReplyError:
         raise TokenError("invalid token: info cannot be encoded") from None
+    device = claims.get("device")
+    if device is not None and (
+        not isinstance(device, str) or not 0 < len(device) <= 64 or not device.isprintable()
+    ):
+        raise TokenError("invalid token: device must be a string of 1 to 64 characters")
     return Credentials(
         user,
         _patterns(claims, "channels"),
         None if exp is None else float(exp),
         info,
         _patterns(claims, "publish"),
+        device,
     )
 
 

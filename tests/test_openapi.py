@@ -7,6 +7,7 @@ spec adds without a way to provoke it here, or one the server stops giving, fail
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import re
@@ -17,11 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
+import msgpack
 import yaml
 from hubfix import API_KEY, SECRET
 from hubproc import HubProcess
 from openapi_spec_validator import validate
 
+from hub.inbox import RedisInbox
+from hub.redis.cluster import Router
 from hub.redis.publisher import Publisher
 
 if TYPE_CHECKING:
@@ -52,6 +56,8 @@ VALID = {
     "/api/history": {"channel": "chat:spec", "limit": 5},
     "/api/presence": {"channel": "chat:spec"},
     "/api/presence_stats": {"channel": "chat:spec"},
+    "/api/notify": {"user": "alice", "data": {"unread": 3}, "id": "spec-1", "ttl": 60},
+    "/api/inbox": {"user": "alice", "limit": 10},
 }
 
 
@@ -142,6 +148,7 @@ def scenarios() -> dict[tuple[str, str, int], Callable[[Servers], Answer]]:
         )
         table[(path, "POST", 503)] = lambda s, p=path, b=body: post(s.prod, p, b, KEY)
     table[("/api/history", "POST", 422)] = history_json_cannot_carry
+    table[("/api/inbox", "POST", 422)] = inbox_json_cannot_carry
     table[("/api/stats", "GET", 200)] = lambda s: request(s.prod, "GET", "/api/stats", None, KEY)
     table[("/api/stats", "GET", 401)] = lambda s: request(s.prod, "GET", "/api/stats")
     table[("/api/stats", "GET", 405)] = lambda s: request(s.prod, "POST", "/api/stats", b"", KEY)
@@ -168,6 +175,16 @@ def history_json_cannot_carry(servers: Servers) -> Answer:
     with Publisher(servers.redis.url, prefix="hub") as publisher:
         publisher.publish("chat:bytes", b"\x00\x01", history_size=10, history_ttl=600)
     return post(servers.prod, "/api/history", {"channel": "chat:bytes"}, KEY)
+
+
+def inbox_json_cannot_carry(servers: Servers) -> Answer:
+    async def notify() -> None:
+        inbox = RedisInbox(Router.from_url(servers.redis.url))
+        await inbox.notify("bytes", msgpack.packb({"data": b"\x00"}, use_bin_type=True))
+        await inbox.close()
+
+    asyncio.run(notify())
+    return post(servers.prod, "/api/inbox", {"user": "bytes"}, KEY)
 
 
 def test_the_spec_is_valid_openapi_3_1() -> None:

@@ -41,6 +41,7 @@ from .wire import (
     DEFAULT_PREFIX,
     Envelopes,
     Names,
+    inbox_mark,
     open_control,
     open_join_leave,
     pack_control,
@@ -207,6 +208,13 @@ class RedisBroker(Broker):
         channels = [n[len(prefix) :].decode() for n in link.wanted if n.startswith(prefix)]
         if channels and self.handler is not None:
             self._call(self.handler.on_gap, channels)
+        self._user_gap(link.wanted)
+
+    def _user_gap(self, names: Iterable[bytes]) -> None:
+        """Users whose pushes may have been lost: their inboxes catch up (hub.notify)."""
+        users = [n[len(self._user) :].decode() for n in names if n.startswith(self._user)]
+        if users and self.handler is not None:
+            self._call(self.handler.on_user_gap, users)
 
     async def _retrying(self, link: Link) -> None:
         """Called before each reconnect attempt (a cluster refreshes its slot map here)."""
@@ -340,6 +348,10 @@ class RedisBroker(Broker):
                     self._on_admin(name, envelope)
                 else:
                     log.debug("ignoring control message %r", envelope["op"][:40])
+                return
+            if "inbox" in envelope and name.startswith(self._user):  # hub.inbox's notify
+                user = name[len(self._user) :].decode()
+                self._call(handler.on_inbox, user, inbox_mark(envelope), envelope.get("data"))
                 return
             if "data" not in envelope:
                 if name.startswith(self._ch) and ("join" in envelope or "leave" in envelope):

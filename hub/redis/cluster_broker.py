@@ -194,11 +194,11 @@ class RedisClusterBroker(RedisBroker):
         await asyncio.gather(*(self._subscribe_on(link, group) for link, group in groups.items()))
         for link, group in groups.items():
             if link.up:  # a link still connecting reports a gap once it is up
-                channels = [n for n in group if n.startswith(self._ch)]
-                self._gap_names(channels)
+                self._gap_names(group)
 
     def _gap_names(self, names: list[bytes]) -> None:
         prefix = self._ch
         channels = [n[len(prefix) :].decode() for n in names if n.startswith(prefix)]
         if channels and self.handler is not None:
             self._call(self.handler.on_gap, channels)
+        self._user_gap(names)

@@ -51,6 +51,7 @@ __all__ = [
     "Names",
     "check_signing_key",
     "disconnect_problem",
+    "inbox_mark",
     "open_control",
     "open_join_leave",
     "pack_control",
@@ -257,6 +258,34 @@ class Envelopes:
             raise BadEnvelope("a history entry needs data, offset and epoch")
         self.meta(envelope)
         return envelope
+
+
+def inbox_mark(envelope: dict[str, Any]) -> dict[str, Any]:
+    """The ``inbox`` map of a push from a user's inbox (hub.inbox, live or stored), checked:
+    ``{"seq", "epoch"[, "id"]}`` with ``data`` beside it, or a read cursor ``{"read", "epoch"}``.
+    Only those fields are passed on."""
+    mark = envelope.get("inbox")
+    if type(mark) is not dict:
+        raise BadEnvelope("inbox must be a map")
+    epoch = mark.get("epoch")
+    if type(epoch) is not str or not 0 < len(epoch) <= MAX_EPOCH_LENGTH:
+        raise BadEnvelope("inbox.epoch must be a string of 1 to 64 characters")
+    if "seq" in mark:
+        seq = mark["seq"]
+        if type(seq) is not int or not 0 < seq <= _MAX_OFFSET:
+            raise BadEnvelope("inbox.seq must be a positive integer")
+        if "data" not in envelope:
+            raise BadEnvelope("an inbox entry needs data")
+        out: dict[str, Any] = {"seq": seq, "epoch": epoch}
+        if "id" in mark:
+            if type(mark["id"]) is not str or len(mark["id"]) > 1000:
+                raise BadEnvelope("inbox.id must be a string")
+            out["id"] = mark["id"]
+        return out
+    read = mark.get("read")
+    if type(read) is not int or not 0 <= read <= _MAX_OFFSET:
+        raise BadEnvelope("inbox needs seq or read")
+    return {"read": read, "epoch": epoch}
 
 
 def _map(payload: bytes) -> dict[str, Any]:
