@@ -1,4 +1,4 @@
-"""The ``hub`` command line: ``serve``, ``token``, ``publish``, ``check-config``.
+"""The ``hub`` command line: ``serve``, ``token``, ``publish``, ``notify``, ``check-config``.
 
 ``hub`` alone is ``hub serve``: an in-memory hub on ws://127.0.0.1:8765/ws. It needs credentials
 (``HUB_TOKEN_SECRET``...) or dev mode chosen with ``--insecure``; it never guesses.
@@ -109,22 +109,42 @@ def cmd_publish(args: argparse.Namespace) -> int:
         path, body = "/api/broadcast", {"data": data}
     else:
         path, body = "/api/publish", {"channel": args.channel, "data": data}
+    return _post("publish", url, path, body, args.api_key or settings.api_key)
+
+
+def _post(command: str, url: str, path: str, body: Any, key: str | None) -> int:
+    """POST ``body`` to the HTTP API and print the answer (or the error, exit status 1)."""
     request = urllib.request.Request(
         url.rstrip("/") + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
-    key = args.api_key or settings.api_key
     if key:
         request.add_header("X-API-Key", key)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             print(response.read().decode())
     except urllib.error.HTTPError as exc:
-        print(f"hub: publish: http {exc.code}: {exc.read().decode().strip()}", file=sys.stderr)
+        print(f"hub: {command}: http {exc.code}: {exc.read().decode().strip()}", file=sys.stderr)
         return 1
     except urllib.error.URLError as exc:
-        print(f"hub: publish: cannot reach {url}: {exc.reason}", file=sys.stderr)
+        print(f"hub: {command}: cannot reach {url}: {exc.reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_notify(args: argparse.Namespace) -> int:
+    """``hub notify USER DATA``: store a notification in the user's inbox (``/api/notify``)."""
+    try:
+        data = json.loads(args.data)
+    except ValueError:
+        data = args.data  # not JSON: a string
+    settings = load_settings(args.config)
+    body: dict[str, Any] = {"user": args.user, "data": data}
+    for name in ("id", "collapse_key", "ttl", "fallback_after"):
+        value = getattr(args, name)
+        if value is not None:
+            body[name] = value
+    url = args.http or f"http://{settings.host}:{settings.port}"
+    return _post("notify", url, "/api/notify", body, args.api_key or settings.api_key)
 
 
 def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> int:
@@ -209,6 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--redis", metavar="URL", help="publish through Redis instead of HTTP")
     p.add_argument("--api-key")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("notify", help="store a notification in a user's inbox (HTTP API)")
+    with_config(p)
+    p.add_argument("user")
+    p.add_argument("data", help="JSON value (or plain text)")
+    p.add_argument("--id", help="the backend's id: a retry with it stores nothing")
+    p.add_argument("--collapse-key", help="replaces the user's older entry with this key")
+    p.add_argument("--ttl", type=float, help="seconds after which it is never delivered")
+    p.add_argument("--fallback-after", type=float, help="seconds before the offline fallback")
+    p.add_argument("--http", metavar="URL", help="hub base url (default from settings)")
+    p.add_argument("--api-key")
+    p.set_defaults(func=cmd_notify)
 
     p = sub.add_parser("check-config", help="validate settings and exit")
     with_config(p)

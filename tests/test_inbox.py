@@ -5,6 +5,7 @@ broker and across hubs joined by a private Redis. Abuse of every new surface inc
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -433,3 +434,32 @@ def test_the_tokens_device_claim_names_the_device_and_a_bad_one_is_refused() -> 
                     assert code == 4500, bad
 
     run(main)
+
+
+def test_hub_notify_on_the_command_line() -> None:
+    import subprocess
+    import sys
+
+    async def main() -> None:
+        async with running(make_settings()) as hub:
+            async with client(hub, user="cli") as c:
+                await open_inbox(c)
+                argv = [sys.executable, "-m", "hub.cli", "notify", "cli", '{"n": 1}']
+                argv += ["--id", "cli-1", "--ttl", "60", "--http", f"http://127.0.0.1:{hub.port}"]
+                done = await asyncio.to_thread(
+                    subprocess.run, argv, capture_output=True, text=True, timeout=30
+                )
+                assert done.returncode == 0, done.stderr
+                answer = json.loads(done.stdout)
+                assert answer["result"]["seq"] == 1 and answer["result"]["duplicate"] is False
+                assert await c.push() == {
+                    "inbox": {"seq": 1, "epoch": answer["result"]["epoch"], "id": "cli-1"},
+                    "data": {"n": 1},
+                }
+                argv[-3:] = ["0", "--http", f"http://127.0.0.1:{hub.port}"]  # ttl 0: refused
+                done = await asyncio.to_thread(
+                    subprocess.run, argv, capture_output=True, text=True, timeout=30
+                )
+                assert done.returncode == 1 and "http 400" in done.stderr, done.stderr
+
+    run(main, timeout=60)

@@ -35,6 +35,10 @@ export interface HubOptions {
   timeout?: number;
   /** The WebSocket implementation (default: the global one), e.g. `WebSocket` from "ws". */
   WebSocket?: WebSocketConstructor | null;
+  /** Ask for the user's inbox on every (re)connect: "notification" events (default false). */
+  inbox?: boolean;
+  /** The device whose acknowledgements the inbox keeps (default: the token's, or "default"). */
+  device?: string | null;
 }
 
 export type HubState = "disconnected" | "connecting" | "connected" | "closed";
@@ -99,12 +103,44 @@ export interface ErrorEvent {
   retrying: boolean;
 }
 
+/** An inbox entry, once each; acknowledged after the listeners (and waitUntil's promises). */
+export interface NotificationEvent {
+  seq: number;
+  /** The backend's id, when it gave one. */
+  id?: string;
+  data: unknown;
+  epoch: string;
+  push: Push;
+  /** Delay the acknowledgement until `promise` settles. */
+  waitUntil: (promise: Promise<unknown>) => void;
+}
+
+export interface ReadEvent {
+  read: number;
+  epoch: string;
+}
+
+export interface ResetEvent {
+  /** The new epoch: seq counts from 0 again. */
+  epoch: string;
+}
+
+/** What this client has of its user's inbox. */
+export interface InboxPosition {
+  seq: number;
+  epoch: string | null;
+  read: number;
+}
+
 export interface HubEventMap {
   state: StateEvent;
   message: MessageEvent;
   gap: GapEvent;
   reload: ReloadEvent;
   error: ErrorEvent;
+  notification: NotificationEvent;
+  read: ReadEvent;
+  reset: ResetEvent;
 }
 
 /** A subscription kept across reconnects. */
@@ -131,9 +167,14 @@ export class Hub extends EventTarget {
   /** The last close code. */
   readonly closeCode: number | null;
   readonly subs: ReadonlyMap<string, Subscription>;
+  /** The last inbox seq handed to the app, its epoch, and the read cursor. */
+  readonly inbox: InboxPosition;
 
   /** `fn(detail)` for each event; returns a function that removes it. */
-  on<K extends keyof HubEventMap>(name: K, fn: (detail: HubEventMap[K]) => void): () => void;
+  on<K extends keyof HubEventMap>(
+    name: K,
+    fn: (detail: HubEventMap[K]) => void | Promise<unknown>,
+  ): () => void;
   /** Start connecting (and keep reconnecting). */
   connect(): this;
   /** Close for good: no reconnect until connect() is called again. */
@@ -148,4 +189,6 @@ export class Hub extends EventTarget {
   unsubscribe(channel: string): Promise<Record<string, unknown>>;
   /** `{offset, epoch}` of the last publication seen on a history channel, or null. */
   position(channel: string): Position | null;
+  /** Move the user's read cursor to `seq` (never back); every connection gets "read". */
+  markRead(seq: number): Promise<{ read: number }>;
 }

@@ -31,6 +31,8 @@ const DEFAULTS = {
   stableAfter: 5000, // ms a connection must stay open before the backoff starts over
   timeout: 10000, // ms a command waits for its reply
   WebSocket: null, // a WebSocket constructor (default: the global one), e.g. the ws package's
+  inbox: false, // ask for the user's inbox on every (re)connect: "notification" events
+  device: null, // the device whose acknowledgements the inbox keeps (default: the token's)
 };
 
 const OPEN = 1; // WebSocket.OPEN, the same in every implementation
@@ -82,6 +84,11 @@ function reportListenerError(err) {
  *   reload   {channel, reason}  history could not fill a hole: reload the channel's state
  *   error    {channel, error, retrying}  a subscribe was refused (retrying: error 111, tried
  *            again with backoff; else the subscription is dropped), or a frame did not decode
+ *   notification {seq, id, data, epoch, push, waitUntil}  an inbox entry (option inbox), once
+ *            each: duplicates are dropped by seq, and it is acknowledged after the listeners
+ *            ran (and the promises given to waitUntil, or returned by on()'s fn, settled)
+ *   read     {read, epoch}  the user's read cursor moved (on any of its connections)
+ *   reset    {epoch}  the inbox started over (the hub lost it): seq counts from 0 again
  */
 export class Hub extends EventTarget {
   constructor(urls, options = {}) {
@@ -107,12 +114,18 @@ export class Hub extends EventTarget {
     this._timer = null;
     this._stable = null;
     this._stopped = true;
+    /** The inbox as this client has it: the last seq handed to the app, epoch, read cursor. */
+    this.inbox = { seq: 0, epoch: null, read: 0 };
+    this._acks = Promise.resolve();
   }
 
   on(name, fn) {
     const listener = (event) => {
       try {
-        fn(event.detail);
+        const result = fn(event.detail);
+        if (result && typeof result.then === "function" && event.detail?.waitUntil) {
+          event.detail.waitUntil(result);
+        }
       } catch (err) {
         reportListenerError(err);
       }
@@ -195,6 +208,7 @@ export class Hub extends EventTarget {
     this._stable = setTimeout(() => (this.attempts = 0), this.options.stableAfter);
     this._setState("connected");
     for (const channel of this.subs.keys()) this._sendSubscribe(channel);
+    if (this.options.inbox) this._openInbox(ws);
   }
 
   _onClose(ws, code, reason) {
@@ -378,6 +392,10 @@ export class Hub extends EventTarget {
       return;
     }
     const channel = msg.channel;
+    if (channel === undefined && msg.inbox && typeof msg.inbox === "object") {
+      this._onInbox(msg);
+      return;
+    }
     if (channel === undefined) {
       this._emit("message", { channel: null, data: msg.data, push: msg });
       return;
@@ -405,6 +423,70 @@ export class Hub extends EventTarget {
       epoch: msg.epoch,
       push: msg,
     });
+  }
+
+  // -- inbox (docs/inbox.md) -----------------------------------------------------------------
+
+  /** Move the user's read cursor (never back); every connection of the user gets "read". */
+  markRead(seq) {
+    return this.call("read", { seq });
+  }
+
+  async _openInbox(ws) {
+    const fields = {};
+    if (this.inbox.epoch !== null) {
+      Object.assign(fields, { since: this.inbox.seq, epoch: this.inbox.epoch });
+    }
+    if (this.options.device) fields.device = this.options.device;
+    try {
+      const result = await this.call("inbox", fields);
+      if (result.reset || (this.inbox.epoch !== null && result.epoch !== this.inbox.epoch)) {
+        this._resetInbox(result.epoch);
+      }
+      this.inbox.epoch = result.epoch || this.inbox.epoch;
+      this.inbox.read = result.read;
+    } catch (err) {
+      if (err.code === 111 && ws === this.ws) {
+        setTimeout(() => ws === this.ws && this._openInbox(ws), this.options.minDelay);
+      } else if (err.code !== "disconnected") {
+        this._emit("error", { channel: null, error: err, retrying: false });
+      }
+    }
+  }
+
+  _resetInbox(epoch) {
+    this.inbox.seq = 0;
+    this.inbox.epoch = epoch;
+    this._emit("reset", { epoch });
+  }
+
+  _onInbox(msg) {
+    const mark = msg.inbox;
+    if (mark.reset) {
+      this._resetInbox(mark.epoch);
+      return;
+    }
+    if (typeof mark.read === "number") {
+      this.inbox.read = mark.read;
+      this._emit("read", { read: mark.read, epoch: mark.epoch });
+      return;
+    }
+    if (typeof mark.seq !== "number") return;
+    if (this.inbox.epoch !== null && mark.epoch !== this.inbox.epoch) this._resetInbox(mark.epoch);
+    if (mark.seq <= this.inbox.seq) return; // delivered already (at least once: a duplicate)
+    this.inbox.seq = mark.seq;
+    this.inbox.epoch = mark.epoch;
+    const pending = [];
+    const waitUntil = (promise) => pending.push(promise);
+    const seq = mark.seq;
+    const epoch = mark.epoch;
+    this._emit("notification", { seq, id: mark.id, data: msg.data, epoch, push: msg, waitUntil });
+    // Acknowledged in order, each once its listeners are done (cumulative: a later ack covers
+    // an earlier one lost with a connection).
+    this._acks = this._acks
+      .then(() => Promise.allSettled(pending))
+      .then(() => this.call("ack", { seq }))
+      .catch(() => {});
   }
 
   async _onGap(channel, sub) {

@@ -59,7 +59,16 @@ test("every option is declared", () => {
 test("every event and its detail fields are declared", () => {
   const events = [...source.matchAll(/this\._emit\("(\w+)", \{([^}]*)\}/g)];
   const names = [...new Set(events.map((m) => m[1]))].sort();
-  assert.deepEqual(names, ["error", "gap", "message", "reload", "state"]);
+  assert.deepEqual(names, [
+    "error",
+    "gap",
+    "message",
+    "notification",
+    "read",
+    "reload",
+    "reset",
+    "state",
+  ]);
   const map = interfaceBody("HubEventMap");
   for (const name of names) assert.match(map, new RegExp(`\\n\\s+${name}:`), name);
   const detailType = {
@@ -68,6 +77,9 @@ test("every event and its detail fields are declared", () => {
     message: "MessageEvent",
     reload: "ReloadEvent",
     state: "StateEvent",
+    notification: "NotificationEvent",
+    read: "ReadEvent",
+    reset: "ResetEvent",
   };
   for (const [, name, fields] of events) {
     const body = interfaceBody(detailType[name]);

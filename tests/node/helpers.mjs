@@ -35,7 +35,7 @@ export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 /** Every event of a hub.js client, in order. */
 export function record(hub) {
   const events = [];
-  for (const name of ["state", "message", "gap", "reload", "error"]) {
+  for (const name of ["state", "message", "gap", "reload", "error", "notification", "read", "reset"]) {
     hub.on(name, (detail) => events.push([name, detail]));
   }
   return {

@@ -18,6 +18,13 @@ hub.on("gap", ({ channel, recovering }) => console.log(channel.length, recoverin
 hub.on("reload", ({ channel, reason }) => console.log(channel, reason));
 hub.on("error", ({ error, retrying }) => console.log(error instanceof HubError, retrying));
 off();
+const inboxed = new Hub("wss://a.example/ws", { WebSocket, inbox: true, device: "phone" });
+inboxed.on("notification", async ({ seq, id, data, waitUntil }) => {
+  waitUntil(Promise.resolve(seq + 1));
+  console.log(id?.length, data, inboxed.inbox.seq, inboxed.inbox.epoch?.length);
+});
+inboxed.on("read", ({ read }) => console.log(read + 1));
+inboxed.on("reset", ({ epoch }) => console.log(epoch.length));
 
 async function main(): Promise<void> {
   hub.connect().connect();
@@ -31,9 +38,11 @@ async function main(): Promise<void> {
   } catch (err) {
     if (err instanceof HubError && err.code === "timeout") console.log(mayReconnect(4000));
   }
+  const { read } = await inboxed.markRead(3);
+  console.log(read + 1);
   hub.close();
 }
 
 type Events = keyof HubEventMap;
-const names: Events[] = ["state", "message", "gap", "reload", "error"];
+const names: Events[] = ["state", "message", "gap", "reload", "error", "notification", "reset"];
 console.log(names, main);

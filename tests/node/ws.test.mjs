@@ -134,3 +134,45 @@ test("bad arguments fail at construction", () => {
   assert.equal(mayReconnect(4000), true);
   assert.equal(mayReconnect(4500), false);
 });
+
+test("inbox: what came while offline, then live, once each, acknowledged after the handler", async () => {
+  const user = "inboxed";
+  for (let n = 0; n < 30; n++) await api("/api/notify", { user, data: { n } });
+  const hub = client(user, { inbox: true, device: "laptop", minDelay: 100, maxDelay: 200 });
+  const got = [];
+  let slow = 0;
+  hub.on("notification", async ({ seq, data }) => {
+    got.push([seq, data.n]);
+    if (seq === 31) {
+      await sleep(200); // its ack waits for this
+      slow = seq;
+    }
+  });
+  const reads = record(hub);
+  hub.connect();
+  await until(() => got.length === 30, "the 30 stored");
+  await api("/api/notify", { user, data: { n: 30 } });
+  await until(() => got.length === 31, "a live one");
+  // A forced reconnect: the client asks for what came after its last seq, and gets no repeat.
+  await api("/api/disconnect", { user, code: 4000, reason: "again" });
+  await until(() => hub.state === "disconnected", "the drop");
+  for (let n = 31; n < 40; n++) await api("/api/notify", { user, data: { n } });
+  await until(() => got.length === 40, "the ones sent while away");
+  assert.deepEqual(
+    got.map(([seq]) => seq),
+    Array.from({ length: 40 }, (_, i) => i + 1),
+  );
+  assert.deepEqual(
+    got.map(([, n]) => n),
+    Array.from({ length: 40 }, (_, i) => i),
+  );
+  for (let i = 0; (await api("/api/inbox", { user, device: "laptop" })).acked !== 40; i++) {
+    assert.ok(i < 500, "every notification acknowledged");
+    await sleep(20);
+  }
+  assert.equal(slow, 31);
+  assert.deepEqual(await hub.markRead(40), { read: 40 });
+  await until(() => reads.of("read").length === 1, "the read push");
+  assert.equal(hub.inbox.read, 40);
+  hub.close();
+});
