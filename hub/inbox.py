@@ -515,7 +515,10 @@ class RedisInbox(Inbox):
         return [base, *(f"{base}:{part}" for part in ("meta", "ids", "idt", "keys", "acks"))]
 
     async def _run(self, user: str, script: Script, keys: list[str], args: list[Any]) -> Any:
-        return await self._router.script(keys[0], script, [len(keys), *keys, *args])
+        reply = await self._router.script(keys[0], script, [len(keys), *keys, *args])
+        if isinstance(reply, Exception):  # an error the pipeline hands back (LOADING, say)
+            raise reply
+        return reply
 
     async def notify(
         self,
@@ -566,13 +569,19 @@ class RedisInbox(Inbox):
 
     async def schedule_fallback(self, user: str, seq: int, due: float) -> None:
         key = self.fallback_key
-        await self._router.execute(key, "ZADD", key, _ms(due), f"{seq}:{user}")
-        await self._router.execute(key, "PEXPIRE", key, _ms(self.ttl))
+        for reply in (
+            await self._router.execute(key, "ZADD", key, _ms(due), f"{seq}:{user}"),
+            await self._router.execute(key, "PEXPIRE", key, _ms(self.ttl)),
+        ):
+            if isinstance(reply, Exception):
+                raise reply
 
     async def claim_due(self, now: float | None = None, limit: int = 100) -> list[Due]:
         now = time.time() if now is None else now
         key = self.fallback_key
         members = await self._router.script(key, CLAIM_SCRIPT, [1, key, _ms(now), limit])
+        if isinstance(members, Exception):
+            raise members
         claimed: list[Due] = []
         for member in members:
             seq_text, _, user = _text(member).partition(":")

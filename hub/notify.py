@@ -513,7 +513,9 @@ class Notifications:
                 f.again = False
                 try:
                     page = await self.store.read(user, f.last if f.epoch else 0, limit=PAGE)
-                except (RedisError, OSError, HubUnavailable):
+                except Exception as exc:  # Redis away or loading: again, for as long as it is open
+                    if not isinstance(exc, (RedisError, OSError, HubUnavailable)):
+                        log.exception("inbox read of %r failed", user[:100])
                     await asyncio.sleep(delay * (1 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue

@@ -56,6 +56,8 @@ class Recorder:
         self.disconnects: list[tuple[str, int, str]] = []
         self.gaps: list[list[str]] = []
         self.ready_at_gap: list[bool] = []
+        self.user_gaps: list[list[str]] = []
+        self.inbox: list[tuple[str, dict[str, Any], Any]] = []
         self.broker: RedisBroker | None = None
 
     def on_publication(self, publication: Publication) -> None:
@@ -73,6 +75,12 @@ class Recorder:
     def on_gap(self, channels: Iterable[str]) -> None:
         self.gaps.append(sorted(channels))
         self.ready_at_gap.append(self.broker is not None and self.broker.ready)
+
+    def on_user_gap(self, users: list[str]) -> None:
+        self.user_gaps.append(sorted(users))
+
+    def on_inbox(self, user: str, mark: dict[str, Any], data: Any) -> None:
+        self.inbox.append((user, mark, data))
 
     def data(self, channel: str | None = None) -> list[Any]:
         return [p.data for p in self.publications if channel is None or p.channel == channel]
@@ -311,6 +319,7 @@ def test_redis_restart_gap_readiness_and_resumed_delivery(redis_server: RedisSer
             redis_server.kill()
             await eventually(lambda: ra.gaps and rb.gaps, 3)
             assert ra.gaps == [["news", "sport"]] and rb.gaps == [["news"]]
+            assert ra.user_gaps == [["alice"]] and rb.user_gaps == []  # inboxes catch up
             assert ra.ready_at_gap == [False]
             assert not a.ready and not b.ready
             with pytest.raises(RedisUnavailable):
@@ -324,6 +333,7 @@ def test_redis_restart_gap_readiness_and_resumed_delivery(redis_server: RedisSer
             await eventually(lambda: a.ready and b.ready, 5)
             assert a.reconnects == 1 and b.reconnects == 1
             assert ra.gaps == [["news", "sport"], ["late", "news", "sport"]]
+            assert ra.user_gaps == [["alice"], ["alice"]]
             assert ra.ready_at_gap == [False, True]
             assert redis_server.numsub("hub:user:alice") == 1
             assert redis_server.channels("hub:*") >= {"hub:all", "hub:ctl", "hub:ch:late"}
