@@ -182,7 +182,7 @@ class Bench:
 
     def inbox(self) -> Any:
         from hub.inbox import RedisInbox
-        from hub.publisher import Router
+        from hub.redis.cluster import Router
 
         return RedisInbox(Router.from_url(self.redis_url))
 
@@ -190,7 +190,7 @@ class Bench:
         """Closed loop for ``--seconds`` with ``--window`` in flight; calls/s."""
         import msgpack
 
-        from hub.publisher import AsyncPublisher
+        from hub.redis.publisher import AsyncPublisher
 
         script = Path(__file__).resolve()
         argv = [sys.executable, str(script), "_client", "--port", str(self.port), "--user", user]
