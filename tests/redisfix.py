@@ -203,17 +203,21 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 class LocalCluster:
-    """A private Redis Cluster of ``size`` masters (no replicas) on free ports, in one temp dir.
+    """A private Redis Cluster of ``size`` masters, each with ``replicas`` replicas (none by
+    default), on free ports, in one temp dir.
 
     Nodes keep their ``nodes-<port>.conf``, so a killed node restarted on its port rejoins with
     its slots. ``cluster-node-timeout`` is short so the cluster notices a dead node quickly, and
     ``cluster-require-full-coverage no`` keeps the other shards serving meanwhile.
     """
 
-    def __init__(self, directory: Path, size: int = 3) -> None:
+    def __init__(self, directory: Path, size: int = 3, replicas: int = 0) -> None:
         self.directory = directory
+        self.replicas = replicas
         self.nodes: list[RedisServer] = []
-        for _ in range(size):
+        # Each master's replicas as the cluster was created (by port).
+        self._replicas: dict[int, list[int]] = {}
+        for _ in range(size * (1 + replicas)):
             node = RedisServer(directory, cluster_port())
             node.extra = {
                 "cluster-enabled": "yes",
@@ -231,7 +235,7 @@ class LocalCluster:
         for node in self.nodes:
             node.start()
         create = ["--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
-        create += ["--cluster-replicas", "0", "--cluster-yes"]
+        create += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
         first = self.nodes[0].process
         if isinstance(first, dockerfix.ContainerRedis):
             # The image's redis-cli, from inside the first node (host network: same addresses).
@@ -245,6 +249,42 @@ class LocalCluster:
         if code != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {output[-500:]}")
         self.wait_ok(timeout)
+        if self.replicas:
+            self._wait_replicas(timeout)
+
+    def _wait_replicas(self, timeout: float) -> None:
+        """Until every replica has synced with its master (else it cannot take over)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            node = self.nodes[0]
+            with redis.Redis(port=node.port, socket_timeout=5) as client:
+                slots = client.execute_command("CLUSTER", "SLOTS")
+            self._replicas = {int(e[2][1]): sorted(int(r[1]) for r in e[3:]) for e in slots}
+            ports = [p for replicas in self._replicas.values() for p in replicas]
+            if len(ports) == len(self.nodes) - len(self._replicas) and all(
+                self._synced(p) for p in ports
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster replicas did not sync")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _synced(port: int) -> bool:
+        with redis.Redis(port=port, socket_timeout=1) as client:
+            info = client.info("replication")
+        return info.get("master_link_status") == "up"
+
+    @property
+    def masters(self) -> list[RedisServer]:
+        """The nodes the cluster was created with as masters (each owns slots)."""
+        if not self.replicas:
+            return list(self.nodes)
+        return [n for n in self.nodes if n.port in self._replicas]
+
+    def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        """``master``'s replicas as the cluster was created."""
+        return [n for n in self.nodes if n.port in self._replicas.get(master.port, ())]
 
     def wait_ok(self, timeout: float = 15.0) -> None:
         """Until every running node reports ``cluster_state:ok`` and knows every slot."""

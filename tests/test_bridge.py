@@ -503,6 +503,16 @@ def test_send_to_users_sends_every_message_in_order_in_one_round_trip(
     run(main)
 
 
+def test_hub_publisher_is_the_sdk_under_its_first_name() -> None:
+    """Code written against ``hub.publisher`` gets the SDK of ``hub.redis.publisher``."""
+    import hub.publisher
+    import hub.redis.publisher
+
+    assert hub.publisher.Publisher is hub.redis.publisher.Publisher
+    assert hub.publisher.AsyncPublisher is hub.redis.publisher.AsyncPublisher
+    assert all(hasattr(hub.publisher, name) for name in hub.publisher.__all__)
+
+
 def test_async_publisher_reconnects_after_a_redis_restart(redis_server: RedisServer) -> None:
     async def main() -> None:
         async with AsyncPublisher(redis_server.url, timeout=1) as pub:

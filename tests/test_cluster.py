@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import redis
 from hubfix import ANY_CLIENT, api, client, eventually, make_settings, running
-from test_bridge import brokers
+from test_bridge import Recorder, brokers
 from wshelp import run, within
 
 from hub.errors import RedisUnavailable
@@ -36,7 +37,7 @@ publish = true
 
 def by_shard(cluster: LocalCluster, per_shard: int, stem: str = "c") -> dict[int, list[str]]:
     """``per_shard`` channel names owned by each node (by port), for the default prefix."""
-    found: dict[int, list[str]] = {node.port: [] for node in cluster.nodes}
+    found: dict[int, list[str]] = {node.port: [] for node in cluster.masters}
     for i in itertools.count():
         name = f"{stem}{i}"
         owned = found[cluster.owner(f"hub:ch:{name}").port]
@@ -173,15 +174,31 @@ def test_two_hubs_on_the_cluster_end_to_end(redis_cluster: LocalCluster) -> None
     run(main)
 
 
+def pick_victim(cluster: LocalCluster) -> tuple[RedisServer, list[str], list[str], list[str]]:
+    """A master that owns neither hub:all nor hub:ctl (so broadcasts go on while it is down),
+    two channels per shard, those of the victim (sorted) and the others."""
+    shards = by_shard(cluster, 2)
+    channels = [c for names in shards.values() for c in names]
+    special = {cluster.owner("hub:all").port, cluster.owner("hub:ctl").port}
+    victim = next(n for n in cluster.masters if n.port not in special)
+    lost = sorted(shards[victim.port])
+    return victim, channels, lost, [c for c in channels if c not in lost]
+
+
+async def delivered_again(broker: RedisBroker, recorder: Recorder, channel: str) -> bool:
+    """Publish "back" on ``channel`` and say whether it arrived: False while its shard is
+    still unavailable to the publisher or to the subscriber."""
+    try:
+        await broker.publish(channel, "back")
+    except RedisUnavailable:
+        return False
+    await asyncio.sleep(0.05)
+    return "back" in recorder.data(channel)
+
+
 def test_a_killed_shard_gaps_its_channels_and_recovers(redis_cluster: LocalCluster) -> None:
     async def main() -> None:
-        shards = by_shard(redis_cluster, 2)
-        channels = [c for names in shards.values() for c in names]
-        # A shard that owns neither hub:all nor hub:ctl, so broadcasts go on meanwhile.
-        special = {redis_cluster.owner("hub:all").port, redis_cluster.owner("hub:ctl").port}
-        victim = next(n for n in redis_cluster.nodes if n.port not in special)
-        lost = sorted(shards[victim.port])
-        kept = [c for c in channels if c not in lost]
+        victim, channels, lost, kept = pick_victim(redis_cluster)
         async with brokers(redis_cluster) as [(a, ra), (b, _)]:
             await a.subscribe(channels)
             assert ra.gaps == []
@@ -202,15 +219,7 @@ def test_a_killed_shard_gaps_its_channels_and_recovers(redis_cluster: LocalClust
             assert ra.gaps[1] == lost and ra.ready_at_gap[1] is True
             assert a.reconnects >= 1
 
-            async def delivered() -> bool:
-                try:
-                    await b.publish(lost[0], "back")
-                except RedisUnavailable:
-                    return False
-                await asyncio.sleep(0.05)
-                return "back" in ra.data(lost[0])
-
-            await eventually(delivered, 10, 0.1)
+            await eventually(lambda: delivered_again(b, ra, lost[0]), 10, 0.1)
             await b.publish(lost[1], "back too")
             await eventually(lambda: ra.data(lost[1]) == ["back too"])
 
@@ -269,3 +278,101 @@ def test_a_moved_slot_moves_its_subscription(redis_cluster: LocalCluster) -> Non
                 await eventually(lambda c=c: ra.data(c) == ["before", "after"])
 
     run(main)
+
+
+def start_migration(cluster: LocalCluster, name: str, target: RedisServer) -> None:
+    """Begin moving the slot of ``name`` to ``target`` as a resharding does: ``IMPORTING`` on
+    the target, ``MIGRATING`` on the source, then the slot's keys migrated."""
+    from redis.crc import key_slot
+
+    slot = key_slot(name.encode())
+    source = cluster.owner(name)
+    with redis.Redis(port=source.port, socket_timeout=5) as r:
+        source_id = r.execute_command("CLUSTER", "MYID").decode()
+    with redis.Redis(port=target.port, socket_timeout=5) as r:
+        target_id = r.execute_command("CLUSTER", "MYID").decode()
+        r.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    with redis.Redis(port=source.port, socket_timeout=5) as r:
+        r.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        keys = r.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+        assert keys, "the slot holds the channel's history"
+        r.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+
+
+def test_a_slot_migration_moves_only_its_channels_and_history_follows_ask(
+    redis_cluster: LocalCluster,
+) -> None:
+    """During a migration a history publish whose keys have moved is answered ``ASK``: the
+    publisher sends it to the importing node after ``ASKING`` and offsets go on. When the
+    migration ends Redis drops the slot's shard channels on the source: the channel gets a gap
+    notice and is subscribed on the new owner, and the source's other channels, on the same
+    link, carry on without a gap."""
+
+    async def main() -> None:
+        shards = by_shard(redis_cluster, 3)
+        channels = [c for names in shards.values() for c in names]
+        moving = channels[0]
+        source = redis_cluster.owner(f"hub:ch:{moving}")
+        target = next(n for n in redis_cluster.nodes if n is not source)
+        neighbours = [c for c in shards[source.port] if c != moving]
+        async with brokers(redis_cluster) as [(a, ra), (b, _)]:
+            await a.subscribe(channels)
+            offset, epoch = await b.publish(moving, "one", history_size=10)  # type: ignore[misc]
+            assert offset == 1
+            start_migration(redis_cluster, f"hub:ch:{moving}", target)
+            assert await b.publish(moving, "two", history_size=10) == (2, epoch)
+            move_slot(redis_cluster, f"hub:ch:{moving}", target)
+            await eventually(lambda: shard_numsub(target, f"hub:ch:{moving}") == 1, 10)
+            await eventually(lambda: len(ra.gaps) == 2, 5)
+            assert ra.gaps == [[moving], [moving]]
+            assert a.ready and a.reconnects == 0
+            for c in neighbours:
+                assert shard_numsub(source, f"hub:ch:{c}") == 1
+            page = await a.history(moving, since=0, limit=None, history_size=10, history_ttl=0)
+            assert [e["data"] for e in page.entries] == ["one", "two"] and page.epoch == epoch
+            assert await b.publish(moving, "three", history_size=10) == (3, epoch)
+            await eventually(lambda: ra.data(moving) == ["one", "three"])
+            for c in channels[1:]:
+                await b.publish(c, "after")
+                await eventually(lambda c=c: ra.data(c) == ["after"])
+            assert ra.gaps == [[moving], [moving]]
+
+    run(main)
+
+
+def test_a_replica_takes_over_a_killed_master(tmp_path: Path) -> None:
+    """Three masters with a replica each: a master is killed, its replica is promoted (a new
+    address for those slots). The link to the dead master reports a gap for its channels, the
+    slot map names the replica, the channels are subscribed there and get their second gap
+    notice, and publishes reach them again; the other shards' channels never miss a beat."""
+    from redisfix import LocalCluster
+
+    cluster = LocalCluster(tmp_path, replicas=1)
+    try:
+        cluster.start()
+
+        async def main() -> None:
+            victim, channels, lost, kept = pick_victim(cluster)
+            async with brokers(cluster) as [(a, ra), (b, _)]:
+                await a.subscribe(channels)
+                victim.kill()
+                await eventually(lambda: ra.gaps, 5)
+                assert ra.gaps == [lost]
+                await eventually(lambda: cluster.owner(f"hub:ch:{lost[0]}") is not victim, 20)
+                promoted = cluster.owner(f"hub:ch:{lost[0]}")
+                assert promoted in cluster.replicas_of(victim)
+                await eventually(lambda: a.ready, 20)
+                await eventually(lambda: len(ra.gaps) == 2, 5)
+                assert ra.gaps[1] == lost and ra.ready_at_gap[1] is True
+                for c in lost:
+                    assert shard_numsub(promoted, f"hub:ch:{c}") == 1
+
+                await eventually(lambda: delivered_again(b, ra, lost[0]), 10, 0.1)
+                for c in [*lost[1:], *kept]:
+                    await b.publish(c, "after")
+                    await eventually(lambda c=c: ra.data(c) == ["after"])
+                assert len(ra.gaps) == 2  # the kept channels never got one
+
+        run(main)
+    finally:
+        cluster.close()

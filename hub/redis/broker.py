@@ -222,6 +222,12 @@ class RedisBroker(Broker):
     def _swept(self, link: Link, names: list[bytes]) -> None:
         """Called when the link unsubscribed ``names`` (a cluster may close an idle link)."""
 
+    def _slot_left(self, link: Link, name: bytes) -> None:
+        """Redis dropped ``name`` because its slot left the shard: only on a cluster, where the
+        broker moves it to the new owner; a single Redis never does, so here the link
+        reconnects as for any failure."""
+        raise RedisUnavailable(f"slot of {name!r} moved")
+
     # -- publishing ----------------------------------------------------------------------------
 
     def _pub(self) -> AsyncPublisher:

@@ -151,9 +151,11 @@ class Router:
     """Pipelined commands for Redis: on one connection, or on a Redis Cluster on one connection
     per shard, each command sent to the shard owning the slot of the name it is for.
 
-    On a cluster a ``MOVED``/``ASK``/``TRYAGAIN`` answer (Redis did not run the command)
-    refreshes the slot map and is retried; a failed connection is not retried (the command may
-    have run), but the next command looks the owner up again, in case the shard failed over.
+    On a cluster a ``MOVED``/``TRYAGAIN`` answer (Redis did not run the command) refreshes the
+    slot map and is retried; an ``ASK`` answer (the slot is migrating and this key has left
+    already) sends that one command to the importing node after ``ASKING``, map unchanged; a
+    failed connection is not retried (the command may have run), but the next command looks
+    the owner up again, in case the shard failed over.
     """
 
     def __init__(
@@ -204,11 +206,28 @@ class Router:
             except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
                 self._stale = True
                 raise
-            except (MovedError, AskError, TryAgainError):
+            except AskError as ask:
+                try:
+                    return await self._asking(ask.node_addr, command)
+                except (MovedError, AskError, TryAgainError):  # the migration moved on
+                    if attempt == 2:
+                        raise
+                    await slots.refresh()
+            except (MovedError, TryAgainError):
                 if attempt == 2:
                     raise
                 await slots.refresh()  # not executed by Redis: safe to send again
         raise AssertionError("unreachable")
+
+    async def _asking(self, addr: Addr, command: tuple[Any, ...] | bytes) -> Any:
+        """``ASKING`` then ``command`` on the node importing the slot, written together on its
+        pipeline (``ASKING`` holds for the next command of the connection only)."""
+        assert self.slot_map is not None
+        shard = self._shards.get(addr)
+        if shard is None:
+            shard = self._shards[addr] = Pipeline(self.slot_map.pool(addr).make_connection)
+        replies = await shard.execute_many([(b"ASKING",), command])
+        return replies[1]
 
     async def execute_many(self, commands: list[tuple[Any, ...] | bytes]) -> list[Any]:
         """Several commands written together (one connection only: on a cluster, route them

@@ -32,11 +32,13 @@ class RedisClusterBroker(RedisBroker):
     ``SPUBLISH`` on the owning shard (``AsyncPublisher`` in cluster mode).
 
     The slot map comes from ``CLUSTER SLOTS`` of any reachable node (the seeds of the URL
-    first). A link that fails (the shard went away, answered ``MOVED``, or dropped a
-    subscription because its slot moved) reports a gap for its channels like the single-node
-    link does, and before each reconnect attempt the map is refreshed and channels whose slot
-    now belongs to another shard move to that shard's link (and get a gap notice once
-    subscribed there). ``ready`` means every link is up.
+    first). A link that fails (the shard went away, or answered ``MOVED``) reports a gap for
+    its channels like the single-node link does, and before each reconnect attempt the map is
+    refreshed and channels whose slot now belongs to another shard (a failover) move to that
+    shard's link (and get a gap notice once subscribed there). When Redis drops the
+    subscriptions of a slot that left a shard (the end of a migration), only that slot's
+    channels move, the same way (:meth:`_slot_left`); the link goes on. ``ready`` means every
+    link is up.
     """
 
     def _setup(self) -> None:
@@ -46,6 +48,10 @@ class RedisClusterBroker(RedisBroker):
         self._wanted: set[bytes] = {self._all, self._ctl}
         self._route_of: dict[bytes, Link] = {}
         self._booting: asyncio.Task[None] | None = None
+        # Names Redis dropped from a link because their slot left its shard, and that link;
+        # _rehome subscribes them on the new owner.
+        self._orphans: dict[bytes, Link] = {}
+        self._rehoming: asyncio.Task[None] | None = None
         self._retired: set[asyncio.Task[None]] = set()
         self._log_map = RateLimitedLog()
 
@@ -76,10 +82,12 @@ class RedisClusterBroker(RedisBroker):
         self._gap_names([n for n in self._wanted if n in routes and routes[n].up])
 
     async def _stop_links(self) -> None:
-        booting, self._booting = self._booting, None
-        if booting is not None:
-            booting.cancel()
-            await asyncio.gather(booting, return_exceptions=True)
+        for task in (self._booting, self._rehoming):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._booting = self._rehoming = None
+        self._orphans.clear()
         links, self._links = list(self._links.values()), {}
         self._route_of.clear()
         await asyncio.gather(*(link.close() for link in links))
@@ -179,19 +187,74 @@ class RedisClusterBroker(RedisBroker):
             return
         await self._reroute()
 
+    def _slot_left(self, link: Link, name: bytes) -> None:
+        """Redis dropped ``name`` from ``link``: its slot has left that shard (the end of a
+        migration, or a failover). Only the channels of that slot are affected: a gap notice
+        now, and again once subscribed on the new owner; the link's other channels carry on."""
+        if self._route_of.get(name) is not link:
+            return
+        if name not in self._wanted:  # unsubscribed, lingering: nothing to move, nor to sweep
+            del self._route_of[name]
+            if link.idle:
+                self._retire(link)
+            return
+        link.forget([name])
+        self._orphans[name] = link
+        self._gap_names([name])
+        if self._rehoming is None:
+            loop = asyncio.get_running_loop()
+            self._rehoming = loop.create_task(self._rehome(), name="hub-redis-rehome")
+
+    async def _rehome(self) -> None:
+        """Subscribe the orphaned names on their new owners, refreshing the slot map (with
+        backoff) until it shows them moved. A node that dropped a slot may be asked before the
+        others know, so a map still naming the old owner is retried; after three such answers
+        the name is subscribed where the map says (a slot that went away and came back)."""
+        attempt = 0
+        try:
+            while self._orphans:
+                try:
+                    await self._map.refresh()
+                except (RedisError, OSError, TimeoutError) as exc:
+                    self._log_map(log.warning, "redis cluster slot map refresh failed: %s", exc)
+                else:
+                    ready = []
+                    for name, link in list(self._orphans.items()):
+                        owner = self._map.owner(name)
+                        if name not in self._wanted or self._route_of.get(name) is not link:
+                            del self._orphans[name]  # unsubscribed, or moved by a reroute
+                        elif owner is not None and (owner != link.addr or attempt >= 3):
+                            del self._orphans[name]
+                            ready.append(name)
+                    if ready:
+                        await self._move(ready)
+                if not self._orphans:
+                    break
+                delay = min(self.backoff_max, self.backoff_min * 2**attempt)
+                attempt = min(attempt + 1, 30)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        finally:
+            self._rehoming = None
+
     async def _reroute(self) -> None:
         moved = []
         for name in self._wanted:
             old = self._route_of.get(name)
             if old is None or old.addr != self._map.owner(name):
                 moved.append(name)
-        if not moved:
-            return
-        groups = self._route(moved)
+        if moved:
+            await self._move(moved)
+
+    async def _move(self, names: list[bytes]) -> None:
+        """Route ``names`` afresh, subscribe them there, close the links left with nothing to
+        carry and report a gap for the names. Closing comes after the subscribes since the
+        caller may be such a link (a dead shard's, retrying), which closing cancels once this
+        returns."""
+        groups = self._route(names)
+        await asyncio.gather(*(self._subscribe_on(link, group) for link, group in groups.items()))
         for other in list(self._links.values()):
             if other.idle:
-                self._retire(other)
-        await asyncio.gather(*(self._subscribe_on(link, group) for link, group in groups.items()))
+                self._retire(other)  # before the gap: subscribers learn the broker is ready
         for link, group in groups.items():
             if link.up:  # a link still connecting reports a gap once it is up
                 self._gap_names(group)

@@ -8,7 +8,8 @@ speaking ``SSUBSCRIBE`` there. The link knows nothing of envelopes or of the nod
 goes to its owner's ``_on_message`` as ``(Redis channel name, payload)``, and it tells its owner
 when to report a gap (``_link_gap``: the link went down, or came back and what was published
 in between is lost), before each reconnect attempt (``_retrying``, where a cluster refreshes
-its slot map) and what it unsubscribed (``_swept``).
+its slot map), what it unsubscribed (``_swept``) and what Redis unsubscribed because the
+slot left the shard (``_slot_left``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class LinkOwner(Protocol):
     async def _retrying(self, link: Link) -> None: ...
 
     def _swept(self, link: Link, names: list[bytes]) -> None: ...
+
+    def _slot_left(self, link: Link, name: bytes) -> None: ...
 
 
 class RateLimitedLog:
@@ -478,8 +481,12 @@ class Link:
         elif count == 1:
             del self._unsubscribing[name]
         elif name in self._sent:
-            # Redis dropped the subscription itself: the slot now belongs to another shard.
-            raise RedisUnavailable(f"slot of {name!r} moved")
+            # Redis dropped the subscription itself: the slot now belongs to another shard (a
+            # migration ended, or a failover). Only that name moves; the link carries on.
+            self._sent.discard(name)
+            for batch in self._pending.pop(name, ()):
+                batch.confirm()
+            self.broker._slot_left(self, name)
 
     def _drop(self) -> bool:
         """Forget the connection's state at once (no await, so nothing runs in between). Returns
