@@ -891,10 +891,15 @@ class ServerConnection(asyncio.Protocol):
         self.abort()
 
     def _open_timed_out(self) -> None:
+        """Close (a FIN), not reset as :meth:`abort` does: nothing was written to the peer yet
+        (the response cancels this timer), so no unsent data can keep the orphaned socket alive;
+        the kernel forgets it within ``tcp_fin_timeout`` whatever the peer does. The peer reads
+        EOF, as from websockets, and the descriptor is freed at once either way."""
         self._timer = None
         if self.protocol.state is CONNECTING:
             self.logger.debug("opening handshake timed out")
-            self.abort()
+            self._wbuf = None
+            self.transport.abort()
 
     # -- keepalive -----------------------------------------------------------------------------
 
