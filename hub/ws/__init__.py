@@ -40,8 +40,9 @@ from .exceptions import (
 from .frames import Close, CloseCode, Frame, Opcode
 from .headers import Headers, HeadersLike, MultipleValuesError
 from .http11 import Limits, Request, Response
+from .legacy import WebSocketServerProtocol
 from .protocol import ServerProtocol, State
-from .server import Server, serve, unix_serve
+from .server import Server, WebSocketServer, serve, unix_serve
 
 __all__ = [
     "BasicAuth",
@@ -86,6 +87,8 @@ __all__ = [
     "ServerProtocol",
     "State",
     "WebSocketException",
+    "WebSocketServer",
+    "WebSocketServerProtocol",
     "basic_auth",
     "broadcast",
     "serve",

@@ -10,16 +10,17 @@ import logging
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from .connection import ConnectionOptions, ServerConnection, WriteCoalescer
 from .deflate import ServerPerMessageDeflateFactory
 from .exceptions import ConnectionClosed
 from .headers import Headers, HeadersLike
 from .http11 import Limits, Request, Response
+from .legacy import WebSocketServerProtocol, overrides_select
 from .protocol import CONNECTING, OPEN, ServerProtocol
 
-__all__ = ["Server", "serve", "unix_serve"]
+__all__ = ["Server", "WebSocketServer", "WebSocketServerProtocol", "serve", "unix_serve"]
 
 VERSION = "0.1"
 USER_AGENT = f"Python/{sys.version_info.major}.{sys.version_info.minor} hub.ws/{VERSION}"
@@ -162,6 +163,14 @@ class Server:
                 max_queue=opts.max_queue,
                 write_limit=(opts.write_limit_high, opts.write_limit_low),
             )
+            if overrides_select(connection):
+                legacy = cast(WebSocketServerProtocol, connection)
+                available = list(self.subprotocols or ())
+
+                def select(protocol: ServerProtocol, subprotocols: Sequence[str]) -> str | None:
+                    return legacy.select_subprotocol(subprotocols, available)
+
+                protocol._select = select
         return connection
 
     def _register(self, connection: ServerConnection) -> None:
@@ -194,14 +203,18 @@ class Server:
         protocol = connection.protocol
         if self._closing:
             return protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down.\n")
+        result = None
+        if isinstance(connection, WebSocketServerProtocol):  # the older API's overridable hook
+            result = await _maybe_await(connection.process_request(request.path, request.headers))
         for hook, legacy in self.process_requests:
+            if result is not None:
+                break
             if legacy:
                 result = await _maybe_await(hook(request.path, request.headers))
             else:
                 result = await _maybe_await(hook(connection, request))
-            if result is not None:
-                response = result if isinstance(result, Response) else Response.build(*result)
-                break
+        if result is not None:
+            response = result if isinstance(result, Response) else Response.build(*result)
         else:
             response = protocol.accept(request)
         if self._closing and response.status_code == 101:
@@ -376,6 +389,9 @@ class Server:
         await self.wait_closed()
 
 
+WebSocketServer = Server  # the older API's name for it
+
+
 class serve:
     """Start a WebSocket server; await it for a :class:`Server`, or use it with ``async with``.
 
@@ -409,6 +425,7 @@ class serve:
         limits: Limits | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         create_connection: type[ServerConnection] | Callable[..., ServerConnection] | None = None,
+        create_protocol: type[ServerConnection] | Callable[..., ServerConnection] | None = None,
         unix: bool = False,
         path: str | None = None,
         **kwargs: Any,
@@ -423,6 +440,10 @@ class serve:
             raise ValueError(f"unsupported compression: {compression}")
         if subprotocols is not None:
             _check_subprotocols(subprotocols)
+        if create_protocol is not None:  # the older API's name for the same factory
+            if create_connection is not None:
+                raise TypeError("create_protocol and create_connection are the same; pass one")
+            create_connection = create_protocol
         if kwargs.get("ssl") is not None:
             # The TLS handshake is part of opening, the TLS shutdown part of closing: bound
             # them like the rest (asyncio would wait 60 s / 30 s).
