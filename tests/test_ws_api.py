@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from types import ModuleType
 from typing import Any
 
@@ -312,6 +314,38 @@ def test_after_write_eof_sending_raises_connection_closed(websockets: ModuleType
     assert outcome["pong"] == ("RuntimeError", "Cannot call write() after write_eof()")
     assert outcome["broadcast"] in (["ConnectionClosedError"], ["RuntimeError"])
     assert outcome["closed"] == "CLOSED"
+
+
+def test_after_the_peer_reset_calls_raise_connection_closed(websockets: ModuleType) -> None:
+    """A transport lost to a reset: ``recv()``, ``pong()``, ``ping()`` and ``send()`` raise
+    ConnectionClosedError caused by the reset, ``broadcast()`` skips the connection without a
+    word, and ``close()`` returns."""
+    outcome: dict[str, Any] = {}
+    done = asyncio.Event()
+
+    async def handler(ws: Any) -> None:
+        calls = {"recv": ws.recv, "pong": ws.pong, "ping": ws.ping, "send": lambda: ws.send("x")}
+        for name, call in calls.items():
+            try:
+                await call()
+            except websockets.ConnectionClosedError as exc:
+                outcome[name] = type(exc.__cause__).__name__
+        websockets.broadcast([ws], "skipped")
+        await ws.close()
+        outcome["state"] = ws.state.name
+        done.set()
+
+    async def main() -> None:
+        async with _serve_one(websockets, handler) as server:
+            client = await connect(uri(server))
+            sock = client.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.transport.abort()  # a RST, as from a peer that crashed
+            await within(done.wait())
+
+    run(main)
+    reset = "ConnectionResetError"
+    assert outcome == dict(recv=reset, pong=reset, ping=reset, send=reset, state="CLOSED")
 
 
 @pytest.mark.hub_only("websockets leaves the connection open after the failed write")

@@ -430,7 +430,10 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         protocol = self.protocol
+        cause = protocol.close_exc_override
         protocol.receive_eof()
+        if exc is not None and cause is None:  # a reset, say: the cause callers see, as there
+            protocol.close_exc_override = exc
         protocol.state = CLOSED
         self._wbuf = None
         for timer in (self._timer, self._close_timer):
