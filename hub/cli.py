@@ -143,6 +143,28 @@ def cmd_notify(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             body[name] = value
+    if args.redis:
+        from .redis.publisher import Publisher
+
+        try:
+            with Publisher(args.redis, prefix=settings.redis_prefix) as publisher:
+                fields = {k: v for k, v in body.items() if k not in ("user", "data")}
+                done = publisher.notify(
+                    args.user,
+                    data,
+                    inbox_size=settings.inbox_size,
+                    inbox_ttl=settings.inbox_ttl,
+                    **fields,
+                )
+        except ValueError as exc:
+            print(f"hub: notify: {exc}", file=sys.stderr)
+            return 1
+        except Exception as exc:  # redis-py raises several families for an unreachable server
+            print(f"hub: notify: redis {args.redis}: {exc}", file=sys.stderr)
+            return 1
+        result = {"seq": done.seq, "epoch": done.epoch, "duplicate": done.duplicate}
+        print(json.dumps({"result": result}, separators=(",", ":")))  # the HTTP API's shape
+        return 0
     url = args.http or f"http://{settings.host}:{settings.port}"
     return _post("notify", url, "/api/notify", body, args.api_key or settings.api_key)
 
@@ -238,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collapse-key", help="replaces the user's older entry with this key")
     p.add_argument("--ttl", type=float, help="seconds after which it is never delivered")
     p.add_argument("--fallback-after", type=float, help="seconds before the offline fallback")
-    p.add_argument("--http", metavar="URL", help="hub base url (default from settings)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--http", metavar="URL", help="hub base url (default from settings)")
+    target.add_argument("--redis", metavar="URL", help="notify through Redis instead of HTTP")
     p.add_argument("--api-key")
     p.set_defaults(func=cmd_notify)
 

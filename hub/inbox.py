@@ -22,6 +22,7 @@ all processes, so a webhook is sent at most once per entry.
 from __future__ import annotations
 
 import abc
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from .codec import unpack_msgpack
 from .history import new_epoch
 from .redis.cluster import Router
 from .redis.script import Script
-from .redis.wire import DEFAULT_PREFIX, Names
+from .redis.wire import DEFAULT_PREFIX, Names, pack_message
 
 __all__ = [
     "NOTIFY_SCRIPT",
@@ -44,6 +45,7 @@ __all__ = [
     "MemoryInbox",
     "Notified",
     "RedisInbox",
+    "notify_problem",
 ]
 
 NOTIFY_SCRIPT = Script.shipped("inbox.lua")
@@ -94,6 +96,35 @@ class Due:
     user: str
     seq: int
     push: bytes | None
+
+
+#: Longest backend ``id`` and ``collapse_key``.
+MAX_KEY = 200
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def notify_problem(
+    user: Any,
+    id: Any = None,
+    collapse_key: Any = None,
+    ttl: Any = None,
+    fallback_after: Any = None,
+) -> str | None:
+    """What is wrong with a notification's fields, or None: the one rule for the HTTP API, the
+    CLI and the publishers."""
+    if not isinstance(user, str) or not user:
+        return "user must be a non-empty string"
+    for name, value in (("id", id), ("collapse_key", collapse_key)):
+        if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_KEY):
+            return f"{name} must be a string of 1 to {MAX_KEY} characters"
+    if ttl is not None and (not _number(ttl) or ttl <= 0):
+        return "ttl must be a positive number of seconds"
+    if fallback_after is not None and (not _number(fallback_after) or fallback_after < 0):
+        return "fallback_after must be a non-negative number of seconds"
+    return None
 
 
 def _mark(push: bytes) -> dict[str, Any]:
@@ -481,6 +512,91 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+def inbox_keys(names: Names, user: str) -> list[str]:
+    """A user's inbox keys: stream, meta, ids, idt, collapse keys, acks (docs/inbox.md)."""
+    base = "{" + names.user(user) + "}:inbox"
+    return [base, *(f"{base}:{part}" for part in ("meta", "ids", "idt", "keys", "acks"))]
+
+
+def notify_args(
+    names: Names,
+    user: str,
+    envelope: bytes,
+    *,
+    id: str | None = None,
+    collapse_key: str | None = None,
+    ttl: float | None = None,
+    size: int = 1000,
+    inbox_ttl: float = 7 * 86400.0,
+    sharded: bool = False,
+) -> list[Any]:
+    """What follows the sha in ``EVALSHA`` of ``inbox.lua`` for one notify: the key count,
+    KEYS and ARGV (docs/inbox.md, "Redis wire format")."""
+    keys = inbox_keys(names, user)[:5]
+    return [
+        len(keys),
+        *keys,
+        names.user(user),
+        envelope,
+        id or "",
+        collapse_key or "",
+        _ms(ttl) if ttl else 0,
+        size,
+        _ms(inbox_ttl),
+        new_epoch(),
+        1 if sharded else 0,
+    ]
+
+
+def publisher_notify_args(
+    names: Names,
+    user: str,
+    data: Any,
+    *,
+    id: str | None,
+    collapse_key: str | None,
+    ttl: float | None,
+    fallback_after: float | None,
+    inbox_size: int,
+    inbox_ttl: float,
+    sharded: bool,
+) -> list[Any]:
+    """A publisher's notify, its fields checked (``ValueError`` saying what is wrong): the
+    arguments of :func:`notify_args`."""
+    problem = notify_problem(user, id, collapse_key, ttl, fallback_after)
+    if problem is not None:
+        raise ValueError(problem)
+    if not isinstance(inbox_size, int) or inbox_size < 1:
+        raise ValueError("inbox_size must be a positive integer")
+    if not _number(inbox_ttl) or inbox_ttl <= 0:
+        raise ValueError("inbox_ttl must be a positive number of seconds")
+    envelope = pack_message(data)
+    return notify_args(
+        names,
+        user,
+        envelope,
+        id=id,
+        collapse_key=collapse_key,
+        ttl=ttl,
+        size=inbox_size,
+        inbox_ttl=inbox_ttl,
+        sharded=sharded,
+    )
+
+
+def fallback_entry(names: Names, user: str, seq: int, due: float) -> tuple[str, str, int]:
+    """The deployment's fallback set, the member for entry ``seq`` and its score (ms)."""
+    return f"{names.prefix}:inbox:fallback", f"{seq}:{user}", _ms(due)
+
+
+def notified(reply: Any) -> Notified:
+    """A notify script's reply ``[seq, epoch, receivers, duplicate]``."""
+    if isinstance(reply, Exception):
+        raise reply
+    seq, epoch, receivers, duplicate = reply
+    return Notified(int(seq), _text(epoch), int(receivers), bool(duplicate))
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -511,8 +627,7 @@ class RedisInbox(Inbox):
 
     def keys(self, user: str) -> list[str]:
         """stream, meta, ids, idt, collapse keys, acks: in that order."""
-        base = "{" + self.names.user(user) + "}:inbox"
-        return [base, *(f"{base}:{part}" for part in ("meta", "ids", "idt", "keys", "acks"))]
+        return inbox_keys(self.names, user)
 
     async def _run(self, user: str, script: Script, keys: list[str], args: list[Any]) -> Any:
         reply = await self._router.script(keys[0], script, [len(keys), *keys, *args])
@@ -529,20 +644,18 @@ class RedisInbox(Inbox):
         collapse_key: str | None = None,
         ttl: float | None = None,
     ) -> Notified:
-        keys = self.keys(user)[:5]
-        args = [
-            self.names.user(user),
+        args = notify_args(
+            self.names,
+            user,
             envelope,
-            id or "",
-            collapse_key or "",
-            _ms(ttl) if ttl else 0,
-            self.size,
-            _ms(self.ttl),
-            new_epoch(),
-            1 if self._router.sharded else 0,
-        ]
-        seq, epoch, receivers, duplicate = await self._run(user, NOTIFY_SCRIPT, keys, args)
-        return Notified(int(seq), _text(epoch), int(receivers), bool(duplicate))
+            id=id,
+            collapse_key=collapse_key,
+            ttl=ttl,
+            size=self.size,
+            inbox_ttl=self.ttl,
+            sharded=self._router.sharded,
+        )
+        return notified(await self._router.script(str(args[1]), NOTIFY_SCRIPT, args))
 
     async def read(
         self, user: str, since: int | None = None, *, device: str | None = None, limit: int = 100
@@ -568,9 +681,9 @@ class RedisInbox(Inbox):
         return int(await self._run(user, MARK_READ_SCRIPT, self.keys(user), args))
 
     async def schedule_fallback(self, user: str, seq: int, due: float) -> None:
-        key = self.fallback_key
+        key, member, score = fallback_entry(self.names, user, seq, due)
         for reply in (
-            await self._router.execute(key, "ZADD", key, _ms(due), f"{seq}:{user}"),
+            await self._router.execute(key, "ZADD", key, score, member),
             await self._router.execute(key, "PEXPIRE", key, _ms(self.ttl)),
         ):
             if isinstance(reply, Exception):

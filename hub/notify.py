@@ -30,7 +30,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import math
 import random
 import re
 import time
@@ -47,7 +46,7 @@ from redis.exceptions import RedisError
 
 from .codec import check_data, json_bytes
 from .errors import BadEnvelope, BadRequest, ErrorCode, HubUnavailable, ReplyError
-from .inbox import Due, Inbox, InboxPage, MemoryInbox, Notified
+from .inbox import Due, Inbox, InboxPage, MemoryInbox, Notified, notify_problem
 from .redis.wire import inbox_mark, unpack
 from .ws.connection import WriteCoalescer
 from .ws.protocol import OPEN
@@ -69,8 +68,6 @@ log = logging.getLogger("hub.notify")
 
 #: Largest ``seq`` a command may name (Redis integers are 64-bit).
 MAX_SEQ = (1 << 63) - 1
-#: Longest backend ``id`` and ``collapse_key``.
-MAX_KEY = 200
 #: Most notifications in one batch (``POST /api/notify`` with ``notifications``).
 MAX_BATCH = 1000
 #: The device of a connection that names none and whose token names none.
@@ -87,31 +84,6 @@ FALLBACK_POLL = 1.0
 FALLBACK_ATTEMPTS = 5
 FALLBACK_BACKOFF = 0.5
 FALLBACK_TIMEOUT = 10.0
-
-
-def _number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
-
-
-def notify_problem(
-    user: Any,
-    id: Any = None,
-    collapse_key: Any = None,
-    ttl: Any = None,
-    fallback_after: Any = None,
-) -> str | None:
-    """What is wrong with a notification's fields, or None: the one rule for the HTTP API, the
-    CLI and the publishers."""
-    if not isinstance(user, str) or not user:
-        return "user must be a non-empty string"
-    for name, value in (("id", id), ("collapse_key", collapse_key)):
-        if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_KEY):
-            return f"{name} must be a string of 1 to {MAX_KEY} characters"
-    if ttl is not None and (not _number(ttl) or ttl <= 0):
-        return "ttl must be a positive number of seconds"
-    if fallback_after is not None and (not _number(fallback_after) or fallback_after < 0):
-        return "fallback_after must be a non-negative number of seconds"
-    return None
 
 
 def check_device(device: Any) -> str:

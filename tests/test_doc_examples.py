@@ -127,6 +127,7 @@ RUN = {
     "docs/publish-api.md > Channels with history #2": "test_history_publish_ioredis",
     "docs/publish-api.md > Python #0": "test_publisher_python",
     "docs/publish-api.md > Python #1": "test_async_publisher_python",
+    "docs/publish-api.md > Notifications (inboxes) #0": "test_notify_python",
     "docs/publish-api.md > Node.js #0": "test_node_redis_example_delivers_and_exits",
     "docs/publish-api.md > redis-cli #0": "test_redis_cli_payload_bin",
     "docs/publish-api.md > redis-cli #1": REDIS_CLI_PRINTF,
@@ -818,6 +819,24 @@ def test_async_publisher_python(redis_server: RedisServer, tmp_path: Path) -> No
     with serving("--redis", redis_server.url) as hub, ws(hub.port, "user=a", "news") as a:
         run_file([sys.executable], code, "a.py", tmp_path)
         assert [recv(a)["data"] for _ in range(1000)] == list(range(1000))
+
+
+def test_notify_python(redis_server: RedisServer, tmp_path: Path) -> None:
+    """The notify block: its printed answers, and the push to a connection that asked for its
+    inbox (the connect option)."""
+    code = localize(
+        block("docs/publish-api.md", "Notifications (inboxes)").text, redis=redis_server
+    )
+    with serving("--redis", redis_server.url) as hub, ws(hub.port, "user=alice&inbox=1") as a:
+        opened = recv(a)["inbox"]["opened"]
+        assert opened == {"seq": 0, "epoch": "", "read": 0, "acked": 0}
+        out = run_file([sys.executable], code, "n.py", tmp_path)
+        push = recv(a)
+    assert out.split() == ["1", "False", "1", "True"]
+    assert push == {
+        "inbox": {"seq": 1, "epoch": push["inbox"]["epoch"], "id": "msg-17"},
+        "data": {"title": "New message"},
+    }
 
 
 def test_node_redis_example_delivers_and_exits(

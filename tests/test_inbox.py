@@ -463,3 +463,62 @@ def test_hub_notify_on_the_command_line() -> None:
                 assert done.returncode == 1 and "http 400" in done.stderr, done.stderr
 
     run(main, timeout=60)
+
+
+def test_publisher_notify_sync_async_and_the_cli_through_redis(redis_server: RedisServer) -> None:
+    import subprocess
+    import sys
+
+    from hub.redis.publisher import AsyncPublisher, Publisher
+
+    async def main() -> None:
+        async with running(make_settings(redis_url=redis_server.url)) as hub:
+            async with client(hub, user="p") as c:
+                await open_inbox(c)
+                with Publisher(redis_server.url) as publisher:
+                    done = await asyncio.to_thread(
+                        publisher.notify, "p", {"n": 1}, id="a", collapse_key="k", ttl=60
+                    )
+                    assert (done.seq, done.duplicate, done.receivers) == (1, False, 1)
+                    again = await asyncio.to_thread(publisher.notify, "p", {"n": 1}, id="a")
+                    assert (again.seq, again.duplicate) == (1, True)
+                    for bad in ({"id": ""}, {"ttl": -1}, {"fallback_after": "x"}):
+                        with pytest.raises(ValueError):
+                            publisher.notify("p", 1, **bad)  # type: ignore[arg-type]
+                    with pytest.raises(ValueError):
+                        publisher.notify("", 1)
+                assert await c.push() == {
+                    "inbox": {"seq": 1, "epoch": done.epoch, "id": "a"},
+                    "data": {"n": 1},
+                }
+                async with AsyncPublisher(redis_server.url) as publisher:
+                    sent = await asyncio.gather(
+                        *(publisher.notify("p", {"n": n}, fallback_after=600) for n in (2, 3, 4))
+                    )
+                    assert [d.seq for d in sent] == [2, 3, 4]
+                    with pytest.raises(ValueError):
+                        await publisher.notify("p", 1, collapse_key="x" * 201)
+                assert [p["data"]["n"] for p in await pushes(c, 3)] == [2, 3, 4]
+                fallbacks = redis_server.client().zrange("hub:inbox:fallback", 0, -1)
+                assert sorted(fallbacks) == [b"2:p", b"3:p", b"4:p"]
+                argv = [sys.executable, "-m", "hub.cli", "notify", "p", "5", "--redis"]
+                done_cli = await asyncio.to_thread(
+                    subprocess.run,
+                    [*argv, redis_server.url],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                assert done_cli.returncode == 0, done_cli.stderr
+                assert json.loads(done_cli.stdout)["result"]["seq"] == 5
+                assert (await c.push())["data"] == 5
+                bad = await asyncio.to_thread(
+                    subprocess.run,
+                    [*argv, "redis://127.0.0.1:1"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                assert bad.returncode == 1 and "hub: notify: redis" in bad.stderr
+
+    run(main, timeout=60)

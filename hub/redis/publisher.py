@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio
@@ -32,6 +33,9 @@ from ..history import (
     read_args,
 )
 from .cluster import Router, SlotMap, is_cluster_url, parse_cluster_url
+
+if TYPE_CHECKING:
+    from ..inbox import Notified
 from .resp import pack_command, pack_publish
 from .wire import (
     DEFAULT_PREFIX,
@@ -209,6 +213,51 @@ class Publisher(_Publishing):
             pipe.publish(name, payload)
         return [int(n) for n in pipe.execute()]
 
+    def notify(
+        self,
+        user: str,
+        data: Any,
+        *,
+        id: str | None = None,
+        collapse_key: str | None = None,
+        ttl: float | None = None,
+        fallback_after: float | None = None,
+        inbox_size: int = 1000,
+        inbox_ttl: float = 7 * 86400.0,
+    ) -> Notified:
+        """Store ``data`` in ``user``'s inbox and push it to the user's connections that asked
+        for their inbox, in one script run (``hub/inbox.lua``, docs/inbox.md); pass the hubs'
+        ``inbox_size`` and ``inbox_ttl``. A second notify with the same ``id`` stores and
+        pushes nothing and answers the first one's ``seq`` (``duplicate``), so a retry is
+        safe. ``collapse_key``: replaces the user's older entry with that key; ``ttl``:
+        seconds after which it is never delivered; ``fallback_after``: seconds after which an
+        entry no device acknowledged goes to the hubs' ``fallback_url``."""
+        from ..inbox import NOTIFY_SCRIPT, fallback_entry, notified, publisher_notify_args
+
+        args = publisher_notify_args(
+            self.names,
+            user,
+            data,
+            id=id,
+            collapse_key=collapse_key,
+            ttl=ttl,
+            fallback_after=fallback_after,
+            inbox_size=inbox_size,
+            inbox_ttl=inbox_ttl,
+            sharded=self._sharded,
+        )
+        try:
+            done = notified(self.client.evalsha(NOTIFY_SCRIPT.sha, *args))
+        except NoScriptError:
+            done = notified(self.client.eval(NOTIFY_SCRIPT.text, *args))
+        if fallback_after and not done.duplicate:
+            key, member, score = fallback_entry(
+                self.names, user, done.seq, time.time() + fallback_after
+            )
+            self.client.zadd(key, {member: score})
+            self.client.pexpire(key, max(1, round(inbox_ttl * 1000)))
+        return done
+
     def broadcast(self, data: Any) -> int:
         return int(self._send(self.names.all, pack_message(data)))
 
@@ -352,6 +401,48 @@ class AsyncPublisher(_Publishing):
                 commands.append(pack_publish(b"PUBLISH", name, payload))
         replies = await self._router.execute_many(commands)
         return [int(n) for n in replies]
+
+    async def notify(
+        self,
+        user: str,
+        data: Any,
+        *,
+        id: str | None = None,
+        collapse_key: str | None = None,
+        ttl: float | None = None,
+        fallback_after: float | None = None,
+        inbox_size: int = 1000,
+        inbox_ttl: float = 7 * 86400.0,
+    ) -> Notified:
+        """See :meth:`Publisher.notify`; notifies made concurrently share round trips, and
+        those of one task to one user arrive in order."""
+        from ..inbox import NOTIFY_SCRIPT, fallback_entry, notified, publisher_notify_args
+
+        args = publisher_notify_args(
+            self.names,
+            user,
+            data,
+            id=id,
+            collapse_key=collapse_key,
+            ttl=ttl,
+            fallback_after=fallback_after,
+            inbox_size=inbox_size,
+            inbox_ttl=inbox_ttl,
+            sharded=self._router.sharded,
+        )
+        done = notified(await self._router.script(str(args[1]), NOTIFY_SCRIPT, args))
+        if fallback_after and not done.duplicate:
+            key, member, score = fallback_entry(
+                self.names, user, done.seq, time.time() + fallback_after
+            )
+            ms = max(1, round(inbox_ttl * 1000))
+            for reply in (
+                await self._router.execute(key, "ZADD", key, score, member),
+                await self._router.execute(key, "PEXPIRE", key, ms),
+            ):
+                if isinstance(reply, Exception):
+                    raise reply
+        return done
 
     async def broadcast(self, data: Any) -> int:
         return await self._publish(self.names.all, pack_message(data))
