@@ -191,7 +191,7 @@ class Admin:
             "subscriptions": registry.subscription_count,
             "channels": registry.channel_count,
             "users": registry.user_count,
-            "delivered": sum(node.delivered),
+            "delivered": sum(node.fanout.delivered),
             "published": published,
             "fanout_count": fanout_count,
             "fanout_sum": fanout_sum,

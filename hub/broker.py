@@ -121,7 +121,7 @@ class Broker(abc.ABC):
         self, channel: str, join: list[dict[str, Any]], leave: list[dict[str, Any]]
     ) -> None:
         """Coalesced join/leave notices of one channel, to every process with subscribers
-        (the node batches them, see ``Node._note_join_leave``). Here: this process only, which
+        (the node batches them, see ``hub.membership``). Here: this process only, which
         is right for a broker that links no other process."""
         if self.handler is None:
             raise RuntimeError("broker not started")

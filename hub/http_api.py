@@ -21,11 +21,18 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .codec import check_sender, loads_strict
-from .errors import BadRequest, CloseCode, ErrorCode, HubUnavailable, ReplyError
+from .errors import BadRequest, ErrorCode, HubUnavailable, ReplyError
 from .metrics import CONTENT_TYPE_LATEST
 from .notify import inbox_read_args, notify_api
 from .presence import PresenceUnavailable
-from .session import check_channel, history_result, parse_history
+from .rules import (
+    DISCONNECT_CODE,
+    check_channel,
+    disconnect_problem,
+    history_limit,
+    history_result,
+    parse_history,
+)
 from .ws import Headers, MultipleValuesError, Request, Response
 
 if TYPE_CHECKING:
@@ -323,7 +330,7 @@ class HttpApi:
 
     def _channel(self, body: dict[str, Any]) -> str:
         """The body's ``channel``, checked by the rule client commands follow
-        (``session.check_channel``), so neither surface takes a name the other refuses."""
+        (``rules.check_channel``), so neither surface takes a name the other refuses."""
         channel = self._field(body, "channel")
         try:
             return check_channel(channel, self.node.settings.max_channel_length)
@@ -358,13 +365,12 @@ class HttpApi:
         return {}
 
     async def _disconnect(self, body: dict[str, Any]) -> dict[str, Any]:
-        user = self._field(body, "user", str)
-        code = body.get("code", int(CloseCode.DISCONNECTED))
-        if not isinstance(code, int) or not 4000 <= code <= 4999:
-            raise ApiError(400, "invalid field: code (expected 4000-4999)")
+        user = self._field(body, "user")
+        code = body.get("code", DISCONNECT_CODE)
         reason = body.get("reason", "")
-        if not isinstance(reason, str) or len(reason.encode()) > 120:
-            raise ApiError(400, "invalid field: reason (a string of at most 120 bytes)")
+        problem = disconnect_problem(user, code, reason)
+        if problem is not None:  # "code must be ...": the field is the problem's first word
+            raise ApiError(400, f"invalid field: {problem.partition(' ')[0]} ({problem})")
         await self.node.disconnect(user, code, reason)
         return {}
 
@@ -409,10 +415,8 @@ class HttpApi:
             since, limit = parse_history(body)
         except ReplyError as exc:
             raise ApiError(400, f"invalid field: {exc.message}") from None
-        limit = ns.history_size if limit is None else min(limit, ns.history_size)
-        page = await self.node.history(
-            channel, ns, since=None if since is None else since[0], limit=limit
-        )
+        offset = None if since is None else since[0]
+        page = await self.node.history(channel, ns, since=offset, limit=history_limit(limit, ns))
         result = history_result(page, since)
         try:
             json.dumps(result)

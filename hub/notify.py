@@ -4,10 +4,10 @@ offline fallback.
 A client asks for its inbox (``{"op": "inbox", "since": N}``) and gets, after the reply, every
 unexpired entry after ``N`` (or after its device's acknowledgement), in order, then the live
 stream, with no gap and no duplicate between the two. The same care as a history subscribe
-(``hub.recovery``): the session is made a follower, whose live pushes are held back, before the
-store is read; after the reply and the stored entries are written, the held pushes it does not
-have yet (by ``seq``) are written and it goes live. A follower keeps the highest ``seq`` it was
-sent, so a push arriving twice (from the store and from pub/sub) is written once.
+(``hub.fanout.Tracker``): the session is made a follower, whose live pushes are held back,
+before the store is read; after the reply and the stored entries are written, the held pushes
+it does not have yet (by ``seq``) are written and it goes live. A follower keeps the highest
+``seq`` it was sent, so a push arriving twice (from the store and from pub/sub) is written once.
 
 When the pub/sub link of this process was cut (a gap) or a push comes with another epoch, its
 followers catch up the same way from the store, so a notification stored while this process did
@@ -46,13 +46,13 @@ from redis.exceptions import RedisError
 
 from .codec import check_data, json_bytes
 from .errors import BadEnvelope, BadRequest, ErrorCode, HubUnavailable, ReplyError
+from .fanout import Push
 from .inbox import Due, Inbox, InboxPage, MemoryInbox, Notified, notify_problem
 from .redis.wire import inbox_mark, unpack
 from .ws.connection import WriteCoalescer
-from .ws.protocol import OPEN
 
 if TYPE_CHECKING:
-    from .node import Node, Push
+    from .node import Node
     from .session import Session
 
 __all__ = [
@@ -190,10 +190,10 @@ class Notifications:
     notify for backends, and the fallback sender."""
 
     def __init__(self, node: Node, store: Inbox | None = None) -> None:
-        from .node import Push  # node imports this module
-
         self._push_type = Push
         self.node = node
+        #: Pushes go out through the node's fan-out, under its outbound budget.
+        self._deliver = node.fanout.deliver
         s = node.settings
         self.store = store or MemoryInbox(s.inbox_size, s.inbox_ttl, publish=self._published)
         self.metrics = InboxMetrics(node)
@@ -245,7 +245,7 @@ class Notifications:
         if "read" in mark:
             push = self._push_type({"inbox": mark})
             for session in sessions:
-                session.push(push)
+                self._deliver(session, push)
             return
         obj = {"inbox": mark, "data": data}
         push = self._push_type(obj)
@@ -276,7 +276,7 @@ class Notifications:
             self.metrics.dropped.inc()
             return 0
         f.last = mark["seq"]
-        return 1 if session.push(push) else 0
+        return 1 if self._deliver(session, push) else 0
 
     def on_gap(self, users: list[str]) -> None:
         """This process may have missed pushes to these users (its Redis link was cut): their
@@ -372,9 +372,9 @@ class Notifications:
         except ReplyError as exc:
             self.node.metrics.command_errors.labels(str(int(exc.code))).inc()
             error = {"code": int(exc.code), "message": exc.message}
-            session.push(self._push_type({"inbox": {"error": error}}))
+            self._deliver(session, self._push_type({"inbox": {"error": error}}))
             return
-        session.push(self._push_type({"inbox": {"opened": result}}))
+        self._deliver(session, self._push_type({"inbox": {"opened": result}}))
         go_live()
 
     async def ack(self, session: Session, command: dict[str, Any]) -> dict[str, Any]:
@@ -441,7 +441,7 @@ class Notifications:
                     continue
                 if sent >= budget:
                     return False
-                n = session.push(make(obj))
+                n = self._deliver(session, make(obj))
                 if not n:
                     return False  # closed
                 sent += n
@@ -476,10 +476,9 @@ class Notifications:
         try:
             while self._followers.get(session) is f:
                 connection = session.connection
-                if connection.protocol.state is not OPEN:
+                if not connection.open:
                     return
-                transport = connection.transport
-                if transport.get_write_buffer_size() > self.node.settings.outbound_buffer // 4:
+                if connection.pending_bytes > self.node.settings.outbound_buffer // 4:
                     await asyncio.sleep(0.01)  # let it drain first
                     continue
                 f.again = False
@@ -497,7 +496,7 @@ class Notifications:
                     if f.epoch:
                         self.metrics.resets.inc()
                         reset = {"inbox": {"reset": True, "epoch": page.epoch}}
-                        session.push(self._push_type(reset))
+                        self._deliver(session, self._push_type(reset))
                     f.epoch, f.last = page.epoch, 0
                     continue
                 if not self._write(session, f, page):

@@ -1,12 +1,11 @@
 """A client session: one per WebSocket connection. It parses commands, enforces permissions and
-limits, and owns the connection's outbound buffer (slow consumers are closed, never waited for).
+limits, and replies; pushes reach it through ``hub.fanout`` (it is a ``Recipient`` there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -14,33 +13,19 @@ from .codec import Codec
 from .config import Namespace
 from .errors import BadRequest, CloseCode, ErrorCode, HubUnavailable, ReplyError
 from .limits import TokenBucket
+from .rules import check_channel, history_limit, history_result, parse_history, parse_since
 from .tokens import Credentials
 from .ws import ConnectionClosed, ServerConnection
-from .ws.protocol import OPEN
 
 if TYPE_CHECKING:
-    from .history import HistoryPage
-    from .node import Node, Push, PushRun
+    from .node import Node
 
-__all__ = ["Session", "check_channel"]
+__all__ = ["Session"]
 
 log = logging.getLogger("hub.session")
 
-_CHANNEL = re.compile(r"[A-Za-z0-9_\-.:@/=,+]+")
 MAX_ABUSE = 10  # bad commands tolerated before the connection is closed
 MAX_LIMITED = 20  # rate-limited commands in a row tolerated before the connection is closed
-SLOW_CONSUMER_GRACE = 1.0  # seconds a closed slow consumer gets to drain before it is dropped
-
-
-def check_channel(channel: Any, max_length: int) -> str:
-    """``channel`` if it is a valid channel name, else :class:`BadRequest` saying why."""
-    if not isinstance(channel, str) or not channel:
-        raise BadRequest("channel must be a non-empty string")
-    if len(channel) > max_length:
-        raise BadRequest("channel name too long")
-    if _CHANNEL.fullmatch(channel) is None:
-        raise BadRequest("channel name has invalid characters")
-    return channel
 
 
 def bucket(rate: float, burst: int) -> TokenBucket | None:
@@ -95,25 +80,6 @@ class Session:
 
     # -- outbound ------------------------------------------------------------------------------
 
-    def push(self, push: Push | PushRun) -> int:
-        """Queue a push; returns the bytes queued (0 when skipped). Never waits."""
-        connection = self.connection
-        if connection.protocol.state is not OPEN:
-            return 0
-        frame = push.frame_for(self)
-        transport = connection.transport
-        buffered = transport.get_write_buffer_size() + connection._wsize + len(frame)
-        if buffered > self.node.settings.outbound_buffer:
-            self.node.metrics.slow_consumers.inc()
-            log.info("closing slow consumer %r (%d bytes pending)", self, buffered)
-            connection._fail(CloseCode.SLOW_CONSUMER, "slow consumer")
-            # The close frame waits behind the full buffer; a client that does not read it
-            # within the grace is reset, which frees the kernel's send queue too.
-            asyncio.get_running_loop().call_later(SLOW_CONSUMER_GRACE, connection.abort)
-            return 0
-        connection._write(frame)
-        return len(frame)
-
     async def _reply(self, obj: dict[str, Any]) -> None:
         payload = self.codec.encode(obj)
         try:
@@ -123,7 +89,7 @@ class Session:
 
     def close_soon(self, code: int, reason: str = "") -> None:
         """Close from a synchronous context (a broker callback)."""
-        if self.connection.protocol.state is OPEN:
+        if self.connection.open:
             asyncio.get_running_loop().create_task(self.connection.close(code, reason))
 
     # -- inbound -------------------------------------------------------------------------------
@@ -265,11 +231,9 @@ class Session:
         ns = self._readable(channel)
         if not ns.history_size:
             raise ReplyError("history is not enabled on this channel", ErrorCode.NOT_ENABLED)
-        limit = ns.history_size if limit is None else min(limit, ns.history_size)
+        offset, limit = None if since is None else since[0], history_limit(limit, ns)
         try:
-            page = await self.node.history(
-                channel, ns, since=None if since is None else since[0], limit=limit
-            )
+            page = await self.node.history(channel, ns, since=offset, limit=limit)
         except HubUnavailable:
             raise ReplyError("broker unavailable, try again", ErrorCode.UNAVAILABLE) from None
         return history_result(page, since)
@@ -328,40 +292,6 @@ class Session:
 
     async def _read(self, command: dict[str, Any]) -> dict[str, Any]:
         return await self.node.inbox.mark_read(self, command)
-
-
-def parse_since(command: dict[str, Any]) -> tuple[int, str] | None:
-    """The ``since`` position of a command: ``{"offset": <int >= 0>, "epoch": <str>}``."""
-    since = command.get("since")
-    if since is None:
-        return None
-    if type(since) is not dict:
-        raise BadRequest("since must be an object with offset and epoch")
-    offset, epoch = since.get("offset"), since.get("epoch")
-    if type(offset) is not int or offset < 0:
-        raise BadRequest("since.offset must be a non-negative integer")
-    if type(epoch) is not str or not 0 < len(epoch) <= 64:
-        raise BadRequest("since.epoch must be a string of 1 to 64 characters")
-    return offset, epoch
-
-
-def parse_history(command: dict[str, Any]) -> tuple[tuple[int, str] | None, int | None]:
-    """The ``since`` and ``limit`` of a history request (the command, or the HTTP body)."""
-    since = parse_since(command)
-    limit = command.get("limit")
-    if limit is not None and (type(limit) is not int or limit < 0):
-        raise BadRequest("limit must be a non-negative integer")
-    return since, limit
-
-
-def history_result(page: HistoryPage, since: tuple[int, str] | None) -> dict[str, Any]:
-    """The answer to a history request (command or HTTP). With a ``since`` of another epoch
-    nothing is listed: those offsets name other publications."""
-    entries = page.entries
-    if since is not None and since[1] != page.epoch:
-        entries = []
-    publications = [{k: v for k, v in e.items() if k != "epoch"} for e in entries]
-    return {"publications": publications, "offset": page.offset, "epoch": page.epoch}
 
 
 _OPS = {

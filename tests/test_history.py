@@ -232,7 +232,7 @@ def test_memory_broker_recovery_under_non_stop_publishing() -> None:
                 assert seen == list(range(total))
             # Every joining session's bookkeeping went away with it.
             await eventually(lambda: len(hub.node.registry) == 0)
-            assert not hub.node._tracked
+            assert not hub.node.fanout.joining
 
     run(main, timeout=120)
 
@@ -564,7 +564,7 @@ def test_a_publication_still_in_the_end_of_turn_queue_is_not_sent_twice() -> Non
                 # a had offset 1 in its reply: only "next"; b recovered "queued", then "next".
                 assert [(await a.push())["data"]] == ["next"]
                 assert [(await b.push())["data"] for _ in range(2)] == ["queued", "next"]
-                assert not node._tracked  # both trackers saw a newer push and went away
+                assert not node.fanout.joining  # both trackers saw a newer push and went away
                 await a.ok("unsubscribe", channel="feed:q")
                 await b.ok("unsubscribe", channel="feed:q")
 

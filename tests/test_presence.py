@@ -40,7 +40,8 @@ from wshelp import run, within
 
 from hub.broker import MemoryBroker
 from hub.config import ConfigError
-from hub.node import JOIN_LEAVE_CHUNK, Node
+from hub.membership import JOIN_LEAVE_CHUNK
+from hub.node import Node
 from hub.presence import MemoryPresence, RedisPresence
 from hub.tokens import mint_token
 
@@ -296,14 +297,14 @@ def test_join_then_leave_within_one_interval_cancels_out_and_big_batches_are_spl
         node = Node(make_settings(NAMESPACES, join_leave_interval=60), broker)
         await node.start()
         try:
-            note = node._note_join_leave
+            note = node.membership._note
             note("chat:1", entry("a"), joined=True)
             note("chat:1", entry("b"), joined=True)
             note("chat:1", entry("a"), joined=False)  # came and went: nobody hears of it
             note("chat:1", entry("old"), joined=False)
             note("chat:1", entry("old"), joined=True)  # left and came back: nothing either
             note("chat:2", entry("c"), joined=False)
-            node._flush_join_leave()
+            node.membership._flush()
             await eventually(lambda: len(broker.sent) == 2)
             assert sorted(broker.sent) == [
                 ("chat:1", [entry("b")], []),
@@ -314,7 +315,7 @@ def test_join_then_leave_within_one_interval_cancels_out_and_big_batches_are_spl
             for i in range(many):
                 note("chat:3", entry(f"j{i}"), joined=True)
                 note("chat:3", entry(f"l{i}"), joined=False)
-            node._flush_join_leave()
+            node.membership._flush()
             await eventually(lambda: sum(len(j) + len(x) for _, j, x in broker.sent) == 2 * many)
             assert all(len(j) + len(x) <= JOIN_LEAVE_CHUNK for _, j, x in broker.sent)
             assert len(broker.sent) == 3

@@ -117,7 +117,7 @@ def test_a_burst_of_per_user_pushes_costs_one_send_per_connection() -> None:
                     hub.node.on_user_message(user, {"user": user, "round": rnd})
             before = write_syscalls()
             # What the loop runs at the end of this turn: the fan-out, then the write flush.
-            hub.node._flush()
+            hub.node.fanout._flush()
             WriteCoalescer.of(asyncio.get_running_loop()).flush()
             assert write_syscalls() - before == len(users)
             for user, c in zip(users, (c0, c1, c2, c3), strict=True):

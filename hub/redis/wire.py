@@ -38,7 +38,8 @@ from typing import Any
 import msgpack
 
 from ..codec import check_sender, unpack_msgpack
-from ..errors import BadEnvelope, BadRequest, BadSignature, CloseCode
+from ..errors import BadEnvelope, BadRequest, BadSignature
+from ..rules import DISCONNECT_CODE, MAX_EPOCH_LENGTH, MAX_REASON_BYTES, disconnect_problem
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -63,12 +64,6 @@ __all__ = [
 ]
 
 DEFAULT_PREFIX = "hub"
-#: Close code of a server-side disconnect when none is given: "disconnected, do not reconnect".
-DISCONNECT_CODE = int(CloseCode.DISCONNECTED)
-#: A WebSocket close reason must fit a 125-byte control frame with its 2-byte code.
-MAX_REASON_BYTES = 120
-#: Epochs the hub makes have 8 characters; ``since.epoch`` from clients may have up to 64.
-MAX_EPOCH_LENGTH = 64
 #: Envelope fields of a publication on a channel with history, assigned by the history script.
 HISTORY_FIELDS = ("offset", "epoch")
 #: Bytes of a signing key, at least (the size of the HMAC-SHA256 output).
@@ -299,23 +294,6 @@ def _map(payload: bytes) -> dict[str, Any]:
 
 
 # -- control messages (on <prefix>:ctl) -----------------------------------------------------------
-
-
-def disconnect_problem(user: Any, code: Any, reason: Any) -> str | None:
-    """What is wrong with a disconnect's fields, or None: the one rule for the publishers (which
-    raise ``ValueError``) and the hub (which drops the control message)."""
-    if not isinstance(user, str) or not user:
-        return "user must be a non-empty string"
-    if isinstance(code, bool) or not isinstance(code, int) or not 4000 <= code <= 4999:
-        return "code must be an integer from 4000 to 4999"
-    problem = f"reason must be a string of at most {MAX_REASON_BYTES} bytes"
-    if not isinstance(reason, str):
-        return problem
-    try:
-        size = len(reason.encode())
-    except UnicodeEncodeError:  # an unpaired surrogate: no close frame can carry it
-        return problem
-    return problem if size > MAX_REASON_BYTES else None
 
 
 def pack_disconnect(user: str, code: int = DISCONNECT_CODE, reason: str = "") -> bytes:

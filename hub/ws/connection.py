@@ -14,7 +14,8 @@ import struct
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 from .exceptions import ConcurrencyError, ConnectionClosedOK, InvalidState
@@ -26,7 +27,7 @@ from .protocol import CLOSED, CONNECTING, OPEN, ServerProtocol, State
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["ConnectionOptions", "Data", "ServerConnection", "WriteCoalescer"]
+__all__ = ["ConnectionOptions", "Data", "ServerConnection", "WriteCoalescer", "hold_writes"]
 
 Data = str | bytes
 OP_TEXT, OP_BINARY, OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
@@ -49,7 +50,7 @@ class WriteCoalescer:
     There is one coalescer per event loop, shared by every server on it.
     """
 
-    __slots__ = ("held", "pending", "scheduled", "turn")
+    __slots__ = ("held", "holds", "pending", "scheduled", "turn")
 
     _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WriteCoalescer] = (
         weakref.WeakKeyDictionary()
@@ -59,6 +60,7 @@ class WriteCoalescer:
         self.pending: list[ServerConnection] = []
         self.scheduled = False
         self.held = False
+        self.holds = 0  # nested hold_writes() blocks still open
         self.turn = 0
 
     @classmethod
@@ -99,6 +101,26 @@ class WriteCoalescer:
         pending, self.pending = self.pending, []
         for connection in pending:
             connection._flush()
+
+
+@contextmanager
+def hold_writes(loop: asyncio.AbstractEventLoop | None = None) -> Iterator[None]:
+    """Buffer every frame written to any connection of ``loop`` (the running one by default)
+    inside the block; at its end each connection's frames leave in one ``send``.
+
+    For a caller about to write many frames at once (a fan-out of several messages): a
+    connection that gets several of them costs one syscall, not one per frame. Blocks nest; the
+    outermost one writes.
+    """
+    coalescer = WriteCoalescer.of(loop or asyncio.get_running_loop())
+    coalescer.holds += 1
+    coalescer.hold()
+    try:
+        yield
+    finally:
+        coalescer.holds -= 1
+        if not coalescer.holds:
+            coalescer.release()
 
 
 class ConnectionOptions:
@@ -384,6 +406,51 @@ class ServerConnection(asyncio.Protocol):
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         """Close with 1000, or 1011 when the block raised."""
         await self.close(1000 if exc_type is None else 1011)
+
+    # -- the sink: pre-encoded frames, for fan-out ---------------------------------------------
+    #
+    # A fan-out encodes a message once and writes the same bytes to many connections; these are
+    # the calls it needs, so nothing outside hub.ws reads a connection's or a protocol's state.
+
+    @property
+    def frame_key(self) -> tuple[int, ...] | None:
+        """What this connection's data frames can be shared by: connections with equal keys take
+        the same bytes for the same message (``()`` uncompressed, else the deflate parameters
+        of a ``no_context_takeover`` agreement). None when it keeps compression context: its
+        frames are its own (``encode_once.for_connection`` builds them)."""
+        deflate = self.protocol.deflate
+        return () if deflate is None else deflate.wire_key
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes written to this connection and not yet handed to the kernel: those buffered in
+        this turn, and those the transport still holds."""
+        transport = self.transport
+        return self._wsize + (0 if transport is None else transport.get_write_buffer_size())
+
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`write_frame` may be called: open, and not in the middle of sending a
+        fragmented message."""
+        return self.protocol.state is OPEN and self._fragmented is None
+
+    def fail(self, code: int, reason: str = "") -> None:
+        """Fail the connection: send a close frame with ``code`` and half-close, without
+        waiting for the closing handshake (the close timeout resets a peer that never answers).
+        For a peer given up on, from synchronous code. A no-op unless open."""
+        if self.protocol.state is OPEN:
+            self._fail(code, reason)
+
+    @property
+    def closing_code(self) -> int:
+        """The close code of whichever side closed first; 1006 when neither sent one."""
+        protocol = self.protocol
+        rcvd, sent = protocol.close_rcvd, protocol.close_sent
+        if rcvd is not None and (sent is None or protocol.close_rcvd_then_sent):
+            return rcvd.code
+        if sent is not None:
+            return sent.code
+        return 1006
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -973,6 +1040,14 @@ class ServerConnection(asyncio.Protocol):
             self._wsize += len(data)
             if self._wsize >= self._opts.write_limit_high:
                 self._flush()
+
+    #: ``write_frame(frame)``: queue complete frame bytes (``encode_once.for_connection``), never
+    #: waiting; the first frame of a turn goes to the kernel at once, later ones leave together
+    #: at the turn's end (or the end of a :func:`hold_writes` block). Only while
+    #: :attr:`writable`; the caller keeps its own limit on :attr:`pending_bytes`, since a slow
+    #: reader's buffer grows otherwise. The same function as the core's own writes, so a
+    #: fan-out pays no extra call per recipient.
+    write_frame = _write
 
     def _flush(self) -> None:
         buf = self._wbuf
