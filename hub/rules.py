@@ -1,6 +1,6 @@
 """The input rules every surface shares: client commands (``hub.session``), the HTTP API
-(``hub.http_api``) and the Redis control messages and publishers (``hub.envelope``,
-``hub.publisher``).
+(``hub.http_api``) and the Redis control messages and publishers (``hub.redis.wire``,
+``hub.redis.publisher``).
 
 Each rule lives here once, so the same input gets the same answer wherever it comes in: a
 channel name the HTTP API takes is one a client may subscribe to, and a disconnect the
