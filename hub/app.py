@@ -9,23 +9,24 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 import urllib.parse
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import ws
+from . import backend, ws
 from .admin import Admin
 from .broker import Broker
 from .codec import BY_SUBPROTOCOL, JSON
-from .config import Settings, check_serving
-from .errors import CloseCode
+from .config import Settings, check_serving, proxy_urls
+from .errors import CloseCode, ProxyDisconnect, ProxyFailed, ProxyRefused
 from .http_api import HttpApi
 from .inbox import Inbox, RedisInbox
 from .limits import AddressBudget, address_key
 from .node import Node
 from .presence import Presence, RedisPresence
 from .redis.cluster import Router
+from .proxy import ProxyClient
 from .session import Session
 from .tokens import Credentials, TokenError, TokenExpired, TokenVerifier
 
@@ -101,6 +102,9 @@ class Hub:
                 issuer=settings.token_issuer,
                 audience=settings.token_audience,
             )
+        self.node.verifier = self.verifier
+        if proxy_urls(settings):
+            self.node.proxy = ProxyClient(settings, self.node.metrics)
         self.auth_failures = AddressBudget(settings.auth_failures, settings.auth_failure_window)
         self.proxies = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
         self.server: ws.Server | None = None
@@ -177,6 +181,8 @@ class Hub:
         if self.admin is not None:
             await self.admin.close()
         await self.node.close()
+        if self.node.proxy is not None:
+            await self.node.proxy.close()
 
     async def drain(self, seconds: float | None = None) -> None:
         """Shut down gently (SIGTERM, or the old worker in a rolling restart), then :meth:`close`.
@@ -291,7 +297,8 @@ class Hub:
         if response.status_code >= 400 and request.path.partition("?")[0] == "/ws":
             self.node.metrics.handshake_failures.labels(str(response.status_code)).inc()
 
-    def _authenticate(self, request: ws.Request) -> Credentials:
+    def _authenticate(self, request: ws.Request) -> Credentials | None:
+        """The request's credentials; None: the connect proxy decides (no token was sent)."""
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
         token = (query.get("token") or [None])[0]
         if token is None:
@@ -303,6 +310,8 @@ class Hub:
                 token = auth[7:].strip()
         if token is not None and self.verifier is not None:
             return self.verifier.verify(token)
+        if token is None and self.settings.connect_proxy:
+            return None
         if self.settings.insecure:
             user = (query.get("user") or [None])[0] or f"anonymous-{uuid.uuid4().hex[:12]}"
             return Credentials(user[:200])
@@ -310,9 +319,22 @@ class Hub:
 
     async def _handler(self, connection: ws.ServerConnection) -> None:
         assert connection.request is not None
+        client_id = uuid.uuid4().hex
+        channels: list[str] = []
+        renew: Callable[[], Awaitable[float | None]] | None = None
         try:
             credentials = self._authenticate(connection.request)
-        except TokenError as exc:
+            if credentials is None:
+                credentials, channels, renew = await self._ask_backend(connection, client_id)
+        except ProxyDisconnect as exc:
+            connection.close_now(exc.code, exc.reason)
+            return
+        except ProxyFailed as exc:
+            # The backend is down or broken, not the client: 1011 says reconnect (with backoff).
+            self.node.metrics.handshake_failures.labels("connect_proxy").inc()
+            connection.close_now(CloseCode.INTERNAL, exc.message[:100])
+            return
+        except (TokenError, ProxyRefused) as exc:
             # Closed at once (no closing handshake to wait for), and the address's budget of
             # failures pays for it: a guesser soon gets 429 before any token is looked at.
             expired = isinstance(exc, TokenExpired)
@@ -326,21 +348,39 @@ class Hub:
             connection.close_now(code, "token expired" if expired else str(exc)[:100])
             return
         codec = BY_SUBPROTOCOL.get(connection.subprotocol or "", JSON)
-        session = Session(self.node, connection, credentials, codec)
-        expiry: asyncio.TimerHandle | None = None
-        if credentials.expires_at is not None:
-            loop = asyncio.get_running_loop()
-            delay = max(credentials.expires_at - time.time(), 0.0)
-            expiry = loop.call_later(delay, session.close_soon, CloseCode.TOKEN_EXPIRED, "expired")
+        session = Session(self.node, connection, credentials, codec, client_id)
+        session.expiry.renew = renew
+        session.expiry.set(None, credentials.expires_at)
         await self.node.add_session(session)
         try:
             if "inbox=" in connection.request.path:  # the connect option (hub.notify)
                 await self.node.inbox.open_on_connect(session, connection.request.path)
+            channels += backend.server_side_channels(self.settings, credentials)
+            await backend.server_side(session, channels)
             await session.run()
         finally:
-            if expiry is not None:
-                expiry.cancel()
+            session.expiry.close()
             await self.node.remove_session(session)
+
+    async def _ask_backend(
+        self, connection: ws.ServerConnection, client_id: str
+    ) -> tuple[Credentials, list[str], Callable[[], Awaitable[float | None]]]:
+        """A connection without a token, let in (or not) by the connect proxy; and how to ask
+        it again before the answer's ``expire_at`` (hub.expiry)."""
+        proxy = self.node.proxy
+        assert proxy is not None and connection.request is not None
+        address = connection.remote_address
+        host = str(address[0] if isinstance(address, tuple) else address)
+        body = backend.connect_body(connection, self.settings, client_id, host)
+        credentials, channels = await backend.connect(proxy, self.settings, body)
+
+        async def renew() -> float | None:
+            again, _ = await backend.connect(proxy, self.settings, body)
+            if again.user != credentials.user:
+                raise ProxyRefused("connect proxy answered another user")
+            return again.expires_at
+
+        return credentials, channels, renew
 
 
 def _own_origin(request: ws.Request) -> bool:

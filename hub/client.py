@@ -507,6 +507,9 @@ class Client:
         if "id" in msg and ("result" in msg or "error" in msg):
             self._on_reply(msg)
             return
+        if "channel" not in msg and "refresh" in msg:
+            self._spawn(self._refresh())  # the token runs out soon: send a fresh one
+            return
         if "channel" not in msg:
             detail = {"channel": None, "data": msg.get("data"), "offset": None, "epoch": None}
             detail["push"] = msg
@@ -532,6 +535,18 @@ class Client:
         detail = {"channel": channel, "data": msg.get("data"), "offset": offset, "epoch": epoch}
         detail["push"] = msg
         self._emit("message", detail)
+
+    async def _refresh(self) -> None:
+        """Answer the hub's refresh push with ``get_token``'s token (docs/protocol.md, Tokens);
+        without ``get_token``, or if it fails, the hub closes with 4002 and the reconnect asks."""
+        if self.get_token is None:
+            return
+        try:
+            token = await self._token()
+            if token:
+                await self.call("refresh", {"token": token})
+        except Exception as exc:
+            self._emit("error", {"channel": None, "error": exc, "retrying": False})
 
     def _on_reply(self, msg: dict[str, Any]) -> None:
         cid = msg["id"]

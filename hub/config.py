@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,15 @@ from typing import Any
 from .errors import HubError
 from .tokens import TokenVerifier
 
-__all__ = ["ConfigError", "Namespace", "Settings", "load_settings", "mask_url", "summary"]
+__all__ = [
+    "ConfigError",
+    "Namespace",
+    "Settings",
+    "load_settings",
+    "mask_url",
+    "proxy_urls",
+    "summary",
+]
 
 
 class ConfigError(HubError):
@@ -40,6 +49,11 @@ class Namespace:
     or ``"token"`` (who may subscribe, and whose token's ``publish`` claim matches the
     channel). ``publish_rate`` / ``publish_burst``: a per-connection token bucket for publishes
     in this namespace, on top of the connection's command rate (0: no extra limit).
+
+    ``subscribe_proxy`` / ``publish_proxy``: URLs of the backend that must also allow each
+    subscription / publication here, and may replace a publication's data (docs/proxy.md).
+    ``server_side``: a connection is subscribed at connect to the channels here its token's
+    ``channels`` claim names exactly (no ``*``), and to its personal channel when ``personal``.
     """
 
     name: str = ""
@@ -53,6 +67,9 @@ class Namespace:
     history_ttl: float = 0.0
     presence: bool = False
     join_leave: bool = False
+    subscribe_proxy: str | None = None
+    publish_proxy: str | None = None
+    server_side: bool = False
 
 
 @dataclass(slots=True)
@@ -99,6 +116,14 @@ class Settings:
     fallback_secret: str | None = None
     fallback_after: float = 0.0
     log_level: str = "info"
+    connect_proxy: str | None = None
+    rpc_proxy: str | None = None
+    proxy_timeout: float = 5.0
+    proxy_secret: str | None = None
+    proxy_concurrency: int = 64
+    proxy_headers: list[str] = field(
+        default_factory=lambda: ["Authorization", "Origin", "User-Agent", "X-Forwarded-For"]
+    )
     namespaces: dict[str, Namespace] = field(default_factory=dict)
 
     def namespace(self, channel: str) -> Namespace:
@@ -206,8 +231,28 @@ def _namespaces(raw: Any) -> dict[str, Namespace]:
             raise ConfigError(f"{where}.history_ttl: must be finite (0 keeps history untimed)")
         if ":" in values["name"]:
             raise ConfigError(f"{where}: a namespace name cannot contain ':'")
+        for key in ("subscribe_proxy", "publish_proxy"):
+            _check_proxy_url(f"{where}.{key}", values.get(key))
         result[values["name"]] = Namespace(**values)
     return result
+
+
+def _check_proxy_url(name: str, url: str | None) -> None:
+    if url is None:
+        return
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name}: expected an http:// or https:// url, got {url!r}")
+
+
+def proxy_urls(s: Settings) -> list[str]:
+    """The proxy settings that are set, by name (``connect_proxy``, ``namespaces.x...``)."""
+    names = [key for key in ("connect_proxy", "rpc_proxy") if getattr(s, key)]
+    for ns in s.namespaces.values():
+        where = f"namespaces.{ns.name or 'default'}"
+        keys = ("subscribe_proxy", "publish_proxy")
+        names += [f"{where}.{key}" for key in keys if getattr(ns, key)]
+    return names
 
 
 def load_settings(
@@ -267,7 +312,7 @@ def check_serving(s: Settings) -> None:
     """What ``hub serve`` (and every :class:`~hub.app.Hub`) needs on top of :func:`validate`:
     credentials, or dev mode chosen on purpose. Dev mode never turns itself on, since behind a
     reverse proxy on the same host a loopback address is no protection at all."""
-    if not s.insecure and not (s.token_secret or s.token_public_key):
+    if not s.insecure and not (s.token_secret or s.token_public_key or s.connect_proxy):
         raise ConfigError(
             "token_secret: no credentials configured; set HUB_TOKEN_SECRET (or token_secret / "
             "token_public_key), or pass --insecure (HUB_INSECURE=1) for dev mode on loopback"
@@ -349,10 +394,34 @@ def validate(s: Settings) -> None:
             raise ConfigError("fallback_secret: fallback_url needs a secret of at least 32 bytes")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {s.log_level!r}")
+    _validate_proxies(s)
     if s.insecure and not s.loopback:
         raise ConfigError(
             f"token_secret: required to listen on {s.host!r} (dev mode without auth is for "
             "loopback addresses only); set HUB_TOKEN_SECRET or token_public_key"
+        )
+
+
+def _validate_proxies(s: Settings) -> None:
+    """The proxies' settings (docs/proxy.md). Outside dev mode a proxy needs ``proxy_secret``:
+    a backend that cannot tell the hub's calls from anyone's would trust whoever calls it."""
+    for key in ("connect_proxy", "rpc_proxy"):
+        _check_proxy_url(key, getattr(s, key))
+    if not 0 < s.proxy_timeout <= 60:  # NaN too
+        raise ConfigError(f"proxy_timeout: expected 0 < seconds <= 60, got {s.proxy_timeout}")
+    if not 1 <= s.proxy_concurrency <= 10000:
+        raise ConfigError(f"proxy_concurrency: expected 1 to 10000, got {s.proxy_concurrency}")
+    for header in s.proxy_headers:
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", header):
+            raise ConfigError(f"proxy_headers: not a header name: {header!r}")
+    if s.proxy_secret is not None and len(s.proxy_secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"proxy_secret: must be at least {MIN_SECRET_BYTES} bytes; e.g. openssl rand -hex 32"
+        )
+    if not s.insecure and s.proxy_secret is None and proxy_urls(s):
+        raise ConfigError(
+            f"proxy_secret: {proxy_urls(s)[0]} is set; the backend needs proxy_secret to check "
+            "that calls come from the hub (docs/proxy.md)"
         )
 
 
@@ -370,6 +439,8 @@ def summary(s: Settings) -> str:
     if s.token_secret or s.token_public_key:
         verifier = TokenVerifier(s.token_secret, s.token_public_key, s.token_algorithms)
         modes.append("jwt " + ",".join(verifier.algorithms))
+    if s.connect_proxy:
+        modes.append("connect proxy")
     if s.insecure:
         modes.append("dev mode")
     return f"broker: {broker}  auth: {' + '.join(modes) or 'none'}"

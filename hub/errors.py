@@ -17,6 +17,9 @@ __all__ = [
     "ErrorCode",
     "HubError",
     "HubUnavailable",
+    "ProxyDisconnect",
+    "ProxyFailed",
+    "ProxyRefused",
     "RedisUnavailable",
     "ReplyError",
     "may_reconnect",
@@ -41,6 +44,7 @@ class ErrorCode(enum.IntEnum):
     TOO_LARGE = 110
     UNAVAILABLE = 111
     RATE_LIMITED = 112  # too many commands; slow down (the connection closes if it goes on)
+    BACKEND_FAILED = 113  # a proxy's backend did not answer properly (docs/proxy.md); not done
 
 
 class HubUnavailable(HubError):
@@ -55,9 +59,9 @@ class RedisUnavailable(HubUnavailable):
 class ReplyError(HubError):
     """A command failed; the client gets ``{"id": ..., "error": {"code", "message"}}``."""
 
-    code = ErrorCode.INTERNAL
+    code: ErrorCode | int = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+    def __init__(self, message: str, code: ErrorCode | int | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -66,6 +70,31 @@ class ReplyError(HubError):
 
 class BadRequest(ReplyError):
     code = ErrorCode.BAD_REQUEST
+
+
+class ProxyFailed(ReplyError):
+    """The backend of a proxy is down, slower than ``proxy_timeout``, or answered something
+    other than the contract (docs/proxy.md): the command is not carried out. ``reason`` is the
+    label of ``hub_proxy_errors_total``."""
+
+    code = ErrorCode.BACKEND_FAILED
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ProxyRefused(ReplyError):
+    """The backend answered ``{"error": {"code", "message"}}``: the client gets that error."""
+
+
+class ProxyDisconnect(HubError):
+    """The backend answered ``{"disconnect": {"code", "reason"}}``: close the connection so."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
 
 
 class CloseCode(enum.IntEnum):
@@ -77,11 +106,11 @@ class CloseCode(enum.IntEnum):
     PROTOCOL_ERROR = 1002  # a malformed frame: a broken client, reconnecting repeats it
     INVALID_DATA = 1007  # invalid UTF-8 in a text message
     MESSAGE_TOO_BIG = 1009  # a message over max_message_size
-    INTERNAL = 1011  # the hub failed, or no pong came within ping_timeout
+    INTERNAL = 1011  # the hub failed, the connect proxy's backend did, or no pong came in time
     SLOW_CONSUMER = 4000  # could not keep up; reconnect and recover
     TOKEN_EXPIRED = 4002  # reconnect with a fresh token
     DISCONNECT_RECONNECT = 4003  # the backend disconnected this user, reconnect allowed
-    UNAUTHORIZED = 4500  # no valid credentials
+    UNAUTHORIZED = 4500  # no valid credentials (or the connect proxy refused them)
     BAD_REQUEST = 4502  # repeated protocol abuse
     DISCONNECTED = 4503  # the backend disconnected this user for good
     RATE_LIMITED = 4504  # kept sending commands past the rate limit

@@ -133,6 +133,26 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.proxy_calls = Counter(
+            "hub_proxy_calls",
+            "Calls to a proxy's backend, by proxy (connect, subscribe, publish, rpc).",
+            ["proxy"],
+            registry=r,
+        )
+        self.proxy_errors = Counter(
+            "hub_proxy_errors",
+            "Proxy calls that failed, by proxy and reason (timeout, unavailable, status, "
+            "malformed).",
+            ["proxy", "reason"],
+            registry=r,
+        )
+        self.proxy_seconds = Histogram(
+            "hub_proxy_duration_seconds",
+            "Time of one proxy call, waiting for a free slot included, by proxy.",
+            ["proxy"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
         self.delivered_channel = self.delivered.labels("channel")
         self.delivered_user = self.delivered.labels("user")
         self.delivered_broadcast = self.delivered.labels("broadcast")

@@ -29,7 +29,9 @@ from .rules import DISCONNECT_CODE
 
 if TYPE_CHECKING:
     from .admin import Admin
+    from .proxy import ProxyClient
     from .session import Session
+    from .tokens import TokenVerifier
 
 __all__ = ["Node"]
 
@@ -62,6 +64,9 @@ class Node:
         self.admin: Admin | None = None
         #: Per-user inboxes (hub.notify): notify, the inbox/ack/read commands, the fallback.
         self.inbox = Notifications(self, inbox)
+        #: The backend's proxies (hub.proxy) and the token verifier, set by the Hub.
+        self.proxy: ProxyClient | None = None
+        self.verifier: TokenVerifier | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -9,9 +9,11 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from . import backend
 from .codec import Codec
 from .config import Namespace
-from .errors import BadRequest, CloseCode, ErrorCode, HubUnavailable, ReplyError
+from .errors import BadRequest, CloseCode, ErrorCode, HubUnavailable, ProxyDisconnect, ReplyError
+from .expiry import Expiry
 from .limits import TokenBucket
 from .rules import check_channel, history_limit, history_result, parse_history, parse_since
 from .tokens import Credentials
@@ -42,13 +44,19 @@ class Session:
         "codec",
         "connection",
         "credentials",
+        "expiry",
         "limited",
         "node",
         "user",
     )
 
     def __init__(
-        self, node: Node, connection: ServerConnection, credentials: Credentials, codec: Codec
+        self,
+        node: Node,
+        connection: ServerConnection,
+        credentials: Credentials,
+        codec: Codec,
+        client_id: str | None = None,
     ) -> None:
         self.node = node
         self.connection = connection
@@ -60,7 +68,8 @@ class Session:
         settings = node.settings
         self.bucket = bucket(settings.command_rate, settings.command_burst)
         self._publish_buckets: dict[str, TokenBucket | None] | None = None
-        self._client_id: str | None = None
+        self._client_id = client_id
+        self.expiry = Expiry(self)  # the credentials' deadlines (hub.expiry)
 
     def __repr__(self) -> str:
         return f"<Session user={self.user!r} {self.connection.remote_address}>"
@@ -139,6 +148,9 @@ class Session:
             self.node.metrics.command_errors.labels(str(int(exc.code))).inc()
             await self._reply({"id": cid, "error": {"code": int(exc.code), "message": exc.message}})
             return
+        except ProxyDisconnect as exc:  # the backend's answer (docs/proxy.md)
+            await self.connection.close(exc.code, exc.reason)
+            return
         except (ConnectionClosed, asyncio.CancelledError):
             raise
         except Exception:
@@ -173,9 +185,15 @@ class Session:
     def _channel(self, command: dict[str, Any]) -> str:
         return check_channel(command.get("channel"), self.node.settings.max_channel_length)
 
-    def _readable(self, channel: str) -> Namespace:
-        """The channel's namespace, if this session may read the channel (subscribe, history)."""
+    def _readable(self, channel: str, subscribing: bool = False) -> Namespace:
+        """The channel's namespace, if this session may read the channel (subscribe, history).
+        A subscribed session may: it got in by these rules, a subscription token, the
+        subscribe proxy or the server; where the subscribe proxy decides, only it may."""
         ns = self.node.settings.namespace(channel)
+        if not subscribing and self.node.registry.is_subscribed(self, channel):
+            return ns
+        if ns.subscribe_proxy and not subscribing:
+            raise ReplyError("subscribe first (the backend decides)", ErrorCode.PERMISSION_DENIED)
         if ns.personal:
             if channel.partition(":")[2] != self.user:
                 raise ReplyError("personal channel of another user", ErrorCode.PERMISSION_DENIED)
@@ -208,7 +226,13 @@ class Session:
     async def _subscribe(self, command: dict[str, Any]) -> Any:
         channel = self._channel(command)
         since = parse_since(command)
-        ns = self._readable(channel)
+        ns = self.node.settings.namespace(channel)
+        token = command.get("token")
+        if token is not None and ns.subscribe == "token" and not ns.personal:
+            granted = backend.subscription_token(self, channel, token)
+        else:
+            granted = None
+            ns = self._readable(channel, subscribing=True)
         if since is not None and not ns.history_size:
             raise ReplyError("history is not enabled on this channel", ErrorCode.NOT_ENABLED)
         registry = self.node.registry
@@ -217,13 +241,17 @@ class Session:
         limit = self.node.settings.max_subscriptions
         if limit and len(registry.channels_of(self)) >= limit:
             raise ReplyError(f"subscription limit of {limit} reached", ErrorCode.LIMIT_EXCEEDED)
+        extra = await backend.subscribe_allowed(self, channel, ns) if ns.subscribe_proxy else {}
+        if granted is not None:
+            self.expiry.set(channel, granted.expires_at)
         if not ns.history_size:
             await self.node.subscribe(self, channel)
-            return {}
+            return extra
         try:
-            return await self.node.subscribe_history(self, channel, ns, since)
+            result = await self.node.subscribe_history(self, channel, ns, since)
         except HubUnavailable:
             raise ReplyError("broker unavailable, try again", ErrorCode.UNAVAILABLE) from None
+        return backend.with_extra(result, extra)
 
     async def _history(self, command: dict[str, Any]) -> dict[str, Any]:
         channel = self._channel(command)
@@ -242,6 +270,7 @@ class Session:
         channel = self._channel(command)
         if not await self.node.unsubscribe(self, channel):
             raise ReplyError("not subscribed", ErrorCode.NOT_SUBSCRIBED)
+        self.expiry.clear(channel)
         return {}
 
     async def _publish(self, command: dict[str, Any]) -> dict[str, Any]:
@@ -253,10 +282,11 @@ class Session:
         size = len(encoded.encode() if isinstance(encoded, str) else encoded)
         if ns.max_message_size and size > ns.max_message_size:
             raise ReplyError(f"data exceeds {ns.max_message_size} bytes", ErrorCode.TOO_LARGE)
+        data = command["data"]
+        if ns.publish_proxy:
+            data = await backend.publish_data(self, channel, ns, data)
         try:
-            await self.node.publish(
-                channel, command["data"], source="client", **{"from": self.sender()}
-            )
+            await self.node.publish(channel, data, source="client", **{"from": self.sender()})
         except HubUnavailable:
             raise ReplyError("broker unavailable, try again", ErrorCode.UNAVAILABLE) from None
         return {}
@@ -304,4 +334,6 @@ _OPS = {
     "inbox": Session._inbox,
     "ack": Session._ack,
     "read": Session._read,
+    "rpc": backend.rpc,
+    "refresh": backend.refresh,
 }

@@ -5,7 +5,8 @@ Claims: ``sub`` is the user id (required), ``exp`` is enforced when present (and
 configured, ``channels`` is an optional list of channel patterns (``*`` matches any run of
 characters) the user may subscribe to in namespaces set to ``subscribe = "token"``, ``publish``
 the same for namespaces set to ``publish = "token"``, and ``info`` is free-form data shown in
-presence and in the ``from`` of the user's publications.
+presence and in the ``from`` of the user's publications. A subscription token (docs/proxy.md)
+also has ``channel``, the one channel it grants.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Credentials:
     publish: tuple[str, ...] | None = None
     #: The token's ``device`` claim: whose acknowledgements an inbox keeps (hub.notify).
     device: str | None = None
+    channel: str | None = None  # a subscription token's channel (docs/proxy.md)
 
     def may_subscribe(self, channel: str) -> bool:
         """True when the token's ``channels`` claim has a pattern matching ``channel``."""
@@ -172,6 +174,9 @@ def _credentials(claims: dict[str, Any]) -> Credentials:
         not isinstance(device, str) or not 0 < len(device) <= 64 or not device.isprintable()
     ):
         raise TokenError("invalid token: device must be a string of 1 to 64 characters")
+    channel = claims.get("channel")
+    if channel is not None and not isinstance(channel, str):
+        raise TokenError("invalid token: channel must be a string")
     return Credentials(
         user,
         _patterns(claims, "channels"),
@@ -179,6 +184,7 @@ def _credentials(claims: dict[str, Any]) -> Credentials:
         info,
         _patterns(claims, "publish"),
         device,
+        channel,
     )
 
 

@@ -268,12 +268,40 @@ def test_close_codes_decide_reconnection(hubs: Callable[..., HubProcess]) -> Non
     run(main, timeout=60)
 
 
-def test_an_expired_token_is_renewed(hubs: Callable[..., HubProcess]) -> None:
-    """4002 (token expired) reconnects with a fresh token from ``get_token``."""
+def test_a_token_is_refreshed_without_reconnecting(hubs: Callable[..., HubProcess]) -> None:
+    """The hub's refresh push before ``exp`` is answered with ``get_token``'s next token: the
+    same connection goes on past the first token's expiry, no 4002."""
     hub = hubs(SECURE)
     minted: list[str] = []
 
     async def get_token() -> str:
+        minted.append(mint_token("erin", SECRET, ttl=3 if not minted else 3600))
+        return minted[-1]
+
+    async def main() -> None:
+        async with Client(ws(hub), get_token=get_token, **FAST) as client:
+            record = Recorder(client)
+            await client.subscribe("news")
+            await until(lambda: len(minted) == 2, "the refresh", 10)
+            await asyncio.sleep(3)  # past the first token's exp
+            await asyncio.to_thread(hub.post, "/api/publish", {"channel": "news", "data": 3}, KEY)
+            await until(lambda: record.of("message"), "a publication on the same connection")
+            assert client.connections == 1 and record.of("error") == []
+            assert [d for d in record.of("state") if d["state"] == "disconnected"] == []
+
+    run(main, timeout=60)
+
+
+def test_an_expired_token_is_renewed(hubs: Callable[..., HubProcess]) -> None:
+    """A refresh that fails (``get_token`` raises on the refresh push) ends in 4002, and the
+    reconnect gets a fresh token from ``get_token``."""
+    hub = hubs(SECURE)
+    minted: list[str] = []
+
+    async def get_token() -> str:
+        if len(minted) == 1:
+            minted.append("refused")
+            raise RuntimeError("the token service is down for a moment")
         minted.append(mint_token("dave", SECRET, ttl=2 if not minted else 3600))
         return minted[-1]
 
@@ -283,7 +311,7 @@ def test_an_expired_token_is_renewed(hubs: Callable[..., HubProcess]) -> None:
             await client.subscribe("news")
             await until(lambda: client.connections == 2, "the reconnect after expiry", 10)
             await until(lambda: client.subs["news"].active, "the resubscription")
-            assert len(minted) == 2
+            assert len(minted) == 3
             assert [d["code"] for d in record.of("state") if d["state"] == "disconnected"] == [4002]
             await asyncio.to_thread(hub.post, "/api/publish", {"channel": "news", "data": 2}, KEY)
             await until(lambda: record.of("message"), "a publication on the new connection")

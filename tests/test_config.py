@@ -157,6 +157,23 @@ def test_defaults_are_not_dev_mode_and_cannot_serve() -> None:
         ("[namespaces.chat]\npublish = 'tokens'", {}, {}, "namespaces.chat.publish"),
         ("[namespaces.chat]\npublish_rate = -1", {}, {}, "namespaces.chat.publish_rate"),
         ("[namespaces.chat]\npublish_burst = -1", {}, {}, "namespaces.chat.publish_burst"),
+        ("connect_proxy = 'ftp://backend/x'", {}, {}, "connect_proxy"),
+        ("rpc_proxy = 'http://'", {}, {}, "rpc_proxy"),
+        (
+            "[namespaces.chat]\npublish_proxy = 'localhost:80'",
+            {},
+            {},
+            "namespaces.chat.publish_proxy",
+        ),
+        ("[namespaces.chat]\nsubscribe_proxy = 5", {}, {}, "namespaces.chat.subscribe_proxy"),
+        ("proxy_timeout = 0", {}, {}, "proxy_timeout"),
+        ("proxy_timeout = nan", {}, {}, "proxy_timeout"),
+        ("proxy_timeout = 3600", {}, {}, "proxy_timeout"),
+        ("proxy_concurrency = 0", {}, {}, "proxy_concurrency"),
+        ("proxy_headers = ['Bad Header']", {}, {}, "proxy_headers"),
+        ("proxy_secret = 'short'", {}, {}, "proxy_secret"),
+        # A proxy without a secret outside dev mode: the backend could not tell the hub's calls.
+        (f"token_secret = '{SECRET}'\nrpc_proxy = 'http://b/rpc'", {}, {}, "proxy_secret"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_field(
@@ -254,6 +271,16 @@ def test_the_ready_line_masks_redis_passwords(url: str, shown: str) -> None:
     s = load_settings(env={}, overrides={"redis_url": url, "insecure": True})
     assert summary(s) == f"broker: {shown}  auth: dev mode"
     assert "s3cret" not in summary(s) and "pw" not in summary(s).replace("password", "")
+
+
+def test_a_connect_proxy_counts_as_credentials() -> None:
+    settings = load_settings(
+        None,
+        env={},
+        overrides={"connect_proxy": "http://127.0.0.1:9/c", "proxy_secret": SECRET},
+    )
+    check_serving(settings)
+    assert "connect proxy" in summary(settings)
 
 
 def test_the_ready_line_names_the_auth_mode() -> None:

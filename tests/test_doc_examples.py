@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from procfix import clean_env, free_port, wait_until
+from procfix import clean_env, free_port, hub_serve, wait_until
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -122,6 +123,8 @@ RUN = {
     "docs/protocol.md > Tokens #0": "test_protocol_token_command",
     "docs/protocol.md > Publishing #0": "test_protocol_publication_carries_from",
     "docs/http-api.md > HTTP API #0": "test_http_api_curl_with_key",
+    "docs/proxy.md > Settings #0": "test_proxy_backend_example",
+    "docs/proxy.md > A backend in Python #0": "test_proxy_backend_example",
     "docs/publish-api.md > Channels with history #0": "test_history_publish_python",
     "docs/publish-api.md > Channels with history #1": "test_history_publish_plain_redis_py",
     "docs/publish-api.md > Channels with history #2": "test_history_publish_ioredis",
@@ -142,6 +145,9 @@ RUN = {
 # Block -> why no test here runs it.
 EXCLUDED = {
     "docs/architecture.md > Architecture #0": "a diagram",
+    "docs/proxy.md > The calls #0": (
+        "two answers, not one document; tests/test_proxy.py has a backend answer both"
+    ),
     "docs/ws-core.md > Layers #0": "a diagram of the modules",
     "docs/client-js.md > hub.js: the JavaScript client #0": (
         "a template for the reader's app (hub.example.com, fetchTokenFromMyBackend, render); "
@@ -594,6 +600,52 @@ def test_protocol_toml_blocks_load(tmp_path: Path) -> None:
             ns = settings.namespace(f"{name}:x")
             for option, value in options.items():
                 assert getattr(ns, option) == value, (name, option)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_proxy_backend_example(tmp_path: Path) -> None:
+    """proxy.md's backend and settings, as written but for the port: a cookie lets alice in with
+    no token, she is subscribed to her notes on the server, her publish is cleaned by the
+    backend, her rpc answered by it; no cookie is closed with 4500 and the backend's message."""
+    backend_port = free_port()
+    secret = {"HUB_PROXY_SECRET": "doc-proxy-secret-0123456789abcdef0123"}
+    code = block("docs/proxy.md", "A backend in Python").text.replace("9000", str(backend_port))
+    (tmp_path / "backend.py").write_text(code)
+    app = subprocess.Popen([sys.executable, "backend.py"], cwd=tmp_path, env=env(**secret))
+    try:
+        wait_until(lambda: _listening(backend_port), TIMEOUT, "the backend listening")
+        toml = block("docs/proxy.md", "Settings").text.replace("9000", str(backend_port))
+        with hub_serve(tmp_path, toml, env=secret) as hub:
+            assert "auth: connect proxy" in hub.log()
+            cookie = {"Cookie": "lang=en; session=s3cr3t-session"}
+            with connect(
+                f"ws://127.0.0.1:{hub.port}/ws", proxy=None, additional_headers=cookie
+            ) as conn:
+                assert recv(conn) == {"channel": "notes:alice", "subscribed": {"server": True}}
+                conn.send('{"op":"rpc","method":"time","id":1}')
+                assert abs(recv(conn)["result"]["data"] - time.time()) < 60
+                conn.send('{"op":"subscribe","channel":"room:lobby","id":2}')
+                assert recv(conn) == {"id": 2, "result": {}}
+                conn.send('{"op":"publish","channel":"room:lobby","data":{"text":" hi "},"id":3}')
+                got = [recv(conn), recv(conn)]
+                assert {"id": 3, "result": {}} in got
+                push = next(m for m in got if "channel" in m)
+                assert push["data"] == {"text": "hi", "by": "alice"}
+            with connect(f"ws://127.0.0.1:{hub.port}/ws", proxy=None) as conn:
+                with pytest.raises(ConnectionClosed) as closed:
+                    conn.recv(timeout=TIMEOUT)
+                assert closed.value.rcvd is not None
+                assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4500, "log in first")
+    finally:
+        app.terminate()
+        app.wait(TIMEOUT)
 
 
 def test_protocol_token_command() -> None:

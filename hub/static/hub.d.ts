@@ -21,7 +21,7 @@ export type WebSocketConstructor = new (url: string, protocols?: string | string
 export interface HubOptions {
   /** A JWT, sent as `?token=`. */
   token?: string | null;
-  /** Called before every (re)connect: a fresh token after 4002. */
+  /** Called before every (re)connect, and on the hub's refresh push (no 4002 then). */
   getToken?: (() => string | null | Promise<string | null>) | null;
   /** Dev mode only: `?user=` names the client when there is no token. */
   user?: string | null;
@@ -50,6 +50,12 @@ export interface Position {
 }
 
 /** The result of a subscribe: `{offset, epoch}` on history channels (and `recovered`). */
+export interface SubscribeOptions {
+  /** A subscription token for the channel (docs/protocol.md, Tokens): asked before every
+   * subscribe and on the hub's refresh push for the channel. */
+  getToken?: ((channel: string) => string | Promise<string>) | null;
+}
+
 export interface SubscribeResult {
   offset?: number;
   epoch?: string;
@@ -184,7 +190,7 @@ export class Hub extends EventTarget {
   /** Publish to a channel whose namespace allows client publishing. */
   publish(channel: string, data: unknown): Promise<Record<string, unknown>>;
   /** Subscribe now or once connected, and again after every reconnect. */
-  subscribe(channel: string): Promise<SubscribeResult>;
+  subscribe(channel: string, options?: SubscribeOptions): Promise<SubscribeResult>;
   /** Stop receiving a channel (and stop resubscribing it). */
   unsubscribe(channel: string): Promise<Record<string, unknown>>;
   /** `{offset, epoch}` of the last publication seen on a history channel, or null. */

@@ -24,7 +24,7 @@ export class HubError extends Error {
 
 const DEFAULTS = {
   token: null, // a JWT, sent as ?token=
-  getToken: null, // async () => token, called before every (re)connect (fresh tokens after 4002)
+  getToken: null, // async () => token, called before every (re)connect and on a refresh push
   user: null, // dev mode only: ?user=
   minDelay: 500, // ms, first reconnect delay
   maxDelay: 15000, // ms, cap of the exponential backoff
@@ -207,7 +207,7 @@ export class Hub extends EventTarget {
     this.connections += 1;
     this._stable = setTimeout(() => (this.attempts = 0), this.options.stableAfter);
     this._setState("connected");
-    for (const channel of this.subs.keys()) this._sendSubscribe(channel);
+    for (const [channel, sub] of this.subs) if (!sub.server) this._sendSubscribe(channel);
     if (this.options.inbox) this._openInbox(ws);
   }
 
@@ -275,13 +275,16 @@ export class Hub extends EventTarget {
    * Subscribe to a channel, now or as soon as connected, and again after every reconnect (with
    * `since` on history channels, so nothing is lost). Resolves with the first reply's result.
    */
-  subscribe(channel) {
+  subscribe(channel, options = {}) {
     let sub = this.subs.get(channel);
     if (sub && sub.active) return Promise.resolve({ offset: sub.offset, epoch: sub.epoch });
     if (!sub) {
-      sub = { offset: null, epoch: null, seen: null, waiters: [], pending: false, active: false };
+      sub = this._newSub();
       this.subs.set(channel, sub);
     }
+    // async (channel) => a subscription token (docs/protocol.md, Tokens), asked before every
+    // subscribe and on the hub's refresh push for the channel.
+    if (options.getToken) sub.getToken = options.getToken;
     const done = new Promise((resolve, reject) => sub.waiters.push({ resolve, reject }));
     if (this.state === "connected") this._sendSubscribe(channel);
     return done;
@@ -308,6 +311,10 @@ export class Hub extends EventTarget {
     return sub ? { offset: sub.offset, epoch: sub.epoch } : null;
   }
 
+  _newSub() {
+    return { offset: null, epoch: null, seen: null, waiters: [], pending: false, active: false };
+  }
+
   async _sendSubscribe(channel) {
     const sub = this.subs.get(channel);
     if (!sub || sub.pending || sub.active || this.state !== "connected") return;
@@ -317,6 +324,7 @@ export class Hub extends EventTarget {
     if (since) fields.since = { offset: sub.offset, epoch: sub.epoch };
     let result;
     try {
+      if (sub.getToken) fields.token = await sub.getToken(channel);
       result = await this.call("subscribe", fields);
     } catch (err) {
       if (this.subs.get(channel) !== sub) return;
@@ -397,11 +405,31 @@ export class Hub extends EventTarget {
       return;
     }
     if (channel === undefined) {
-      this._emit("message", { channel: null, data: msg.data, push: msg });
+      if (msg.refresh) this._refresh(null, this.options.getToken);
+      else this._emit("message", { channel: null, data: msg.data, push: msg });
+      return;
+    }
+    if (msg.subscribed && msg.subscribed.server) {
+      // Subscribed by the server (token claim or connect proxy): it does so again on every
+      // connect, so this client never sends a subscribe for it.
+      const sub = this.subs.get(channel) ?? this._newSub();
+      sub.server = sub.active = true;
+      this.subs.set(channel, sub);
       return;
     }
     const sub = this.subs.get(channel);
     if (!sub) return; // unsubscribed meanwhile
+    if (msg.refresh) {
+      this._refresh(channel, sub.getToken);
+      return;
+    }
+    if (msg.unsubscribed) {
+      // Its subscription token ran out unrenewed: the hub ended it.
+      this.subs.delete(channel);
+      const error = new HubError("unsubscribed", String(msg.unsubscribed.reason));
+      this._emit("error", { channel, error, retrying: false });
+      return;
+    }
     if (msg.gap) {
       this._onGap(channel, sub);
       return;
@@ -487,6 +515,18 @@ export class Hub extends EventTarget {
       .then(() => Promise.allSettled(pending))
       .then(() => this.call("ack", { seq }))
       .catch(() => {});
+  }
+
+  async _refresh(channel, getToken) {
+    // The token runs out soon: send a fresh one. Without getToken, or if it fails, the hub
+    // closes with 4002 (ends the subscription) at expiry, and the reconnect asks again.
+    if (!getToken) return;
+    try {
+      const token = await getToken(channel ?? undefined);
+      await this.call("refresh", channel === null ? { token } : { channel, token });
+    } catch (err) {
+      this._emit("error", { channel, error: err, retrying: false });
+    }
   }
 
   async _onGap(channel, sub) {
