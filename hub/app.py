@@ -25,8 +25,8 @@ from .inbox import Inbox, RedisInbox
 from .limits import AddressBudget, address_key
 from .node import Node
 from .presence import Presence, RedisPresence
-from .redis.cluster import Router
 from .proxy import ProxyClient
+from .redis.cluster import Router
 from .session import Session
 from .tokens import Credentials, TokenError, TokenExpired, TokenVerifier
 
