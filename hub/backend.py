@@ -15,6 +15,7 @@ import orjson
 from .codec import check_data
 from .config import Namespace, Settings
 from .errors import BadRequest, ErrorCode, HubUnavailable, ProxyFailed, ReplyError
+from .rules import check_channel
 from .tokens import MAX_EXP, Credentials, TokenError, TokenExpired
 
 if TYPE_CHECKING:
@@ -104,8 +105,6 @@ async def connect(
 
 
 def _channel(channel: Any, settings: Settings) -> str:
-    from .session import check_channel
-
     return check_channel(channel, settings.max_channel_length)
 
 
