@@ -621,13 +621,19 @@ class ServerConnection(asyncio.Protocol):
 
     # -- receiving -----------------------------------------------------------------------------
 
-    async def _wait_for_message(self) -> None:
-        """Wait until something new is queued (a message or a frame), or the connection ends."""
+    def _new_recv_waiter(self) -> asyncio.Future[None]:
+        """A future set when something new is queued (a message or a frame), or the connection
+        ends; the caller clears ``_recv_waiter`` once done with it. ``recv()`` awaits it itself
+        rather than through a coroutine, which would stay allocated per idle connection."""
         if self.protocol.state is CLOSED:
             raise self.protocol.close_exc
         waiter = self._recv_waiter = self.server.loop.create_future()
+        return waiter
+
+    async def _wait_for_message(self) -> None:
+        """Wait until something new is queued (a message or a frame), or the connection ends."""
         try:
-            await waiter
+            await self._new_recv_waiter()
         finally:
             self._recv_waiter = None
 
@@ -664,8 +670,9 @@ class ServerConnection(asyncio.Protocol):
         while not messages or (type(messages[0]) is _Fragments and not messages[0].complete):
             self._recv_busy = True
             try:
-                await self._wait_for_message()
+                await self._new_recv_waiter()
             finally:
+                self._recv_waiter = None
                 self._recv_busy = False
             messages = self._messages
         message = self._popleft()
