@@ -630,7 +630,8 @@ class Bench(Runner[Child]):
         self.series: dict[str, tuple[array.array[float], array.array[float]]] = {}
         self.wake = asyncio.Event()
         self.config = self.tmp / "hub.toml"
-        self.config.write_text(HUB_TOML)
+        delay = getattr(args, "write_delay", 0.0)
+        self.config.write_text((f"write_delay = {delay}\n" if delay else "") + HUB_TOML)
 
     def make_child(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> Child:
         return Child(name, proc, log, self.wake)
@@ -1197,6 +1198,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tp-seconds", type=float, help="measured closed-loop seconds (10; quick 3)")
     ap.add_argument("--plot", metavar="PNG", help="also draw latency over time (needs matplotlib)")
     ap.add_argument("--lat-seconds", type=float, help="timed fixed-rate seconds (15; quick 4)")
+    ap.add_argument(
+        "--write-delay",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="the hub's write_delay (ms, 0..1000): pushes held and sent together (default 0)",
+    )
     ap.add_argument("--client-procs", type=int, default=2, choices=range(1, 5), metavar="1..4")
     ap.add_argument(
         "--read-interval-ms",
@@ -1225,6 +1233,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.subscribers = args.subscribers or (1000 if args.quick else 2000)
     if not 1 <= args.subscribers <= 20_000:
         ap.error("--subscribers must be in 1..20000")
+    if not 0 <= args.write_delay <= 1000:
+        ap.error("--write-delay must be in 0..1000 ms")
     return phase_args(ap, args)
 
 

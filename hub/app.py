@@ -135,6 +135,9 @@ class Hub:
             max_size=s.max_message_size,
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_timeout,
+            # Pongs, close frames and replies count in the same budget as pushes.
+            max_pending=s.outbound_buffer,
+            on_max_pending=self.node.fanout.overflowed,
             server_header=None,
             **serve_kwargs,
         )

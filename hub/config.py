@@ -21,6 +21,7 @@ from .errors import HubError
 from .tokens import TokenVerifier
 
 __all__ = [
+    "SLOW_CONSUMER_POLICIES",
     "ConfigError",
     "Namespace",
     "Settings",
@@ -29,6 +30,11 @@ __all__ = [
     "proxy_urls",
     "summary",
 ]
+
+#: What a namespace's ``slow_consumer`` may say (hub.fanout carries them out).
+SLOW_CONSUMER_POLICIES = ("close", "drop", "latest")
+#: The longest ``write_delay``, in milliseconds: beyond it a push is late, not batched.
+MAX_WRITE_DELAY = 1000.0
 
 
 class ConfigError(HubError):
@@ -54,6 +60,11 @@ class Namespace:
     subscription / publication here, and may replace a publication's data (docs/proxy.md).
     ``server_side``: a connection is subscribed at connect to the channels here its token's
     ``channels`` claim names exactly (no ``*``), and to its personal channel when ``personal``.
+    ``slow_consumer``: what a subscriber past ``outbound_buffer`` gets on this namespace's
+    channels: ``"close"`` (4000), ``"drop"`` (pushes skipped, then a gap notice) or ``"latest"``
+    (the newest push per channel kept, after a gap notice). ``write_delay`` (ms): hold a
+    connection's pushes of these channels that long and write them in one send (unset: the
+    global ``write_delay``).
     """
 
     name: str = ""
@@ -70,6 +81,8 @@ class Namespace:
     subscribe_proxy: str | None = None
     publish_proxy: str | None = None
     server_side: bool = False
+    slow_consumer: str = "close"
+    write_delay: float | None = None
 
 
 @dataclass(slots=True)
@@ -105,6 +118,7 @@ class Settings:
     max_message_size: int = 65536
     max_channel_length: int = 255
     outbound_buffer: int = 1 << 20
+    write_delay: float = 0.0
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
     drain_seconds: float = 10.0
@@ -229,6 +243,14 @@ def _namespaces(raw: Any) -> dict[str, Namespace]:
             raise ConfigError(f"{where}.publish_rate: must be finite (0: no extra limit)")
         if values.get("history_ttl", 0) == float("inf"):
             raise ConfigError(f"{where}.history_ttl: must be finite (0 keeps history untimed)")
+        policy = values.get("slow_consumer", "close")
+        if policy not in SLOW_CONSUMER_POLICIES:
+            raise ConfigError(f"{where}.slow_consumer: expected 'close', 'drop' or 'latest'")
+        delay = values.get("write_delay")
+        if delay is not None and not 0 <= delay <= MAX_WRITE_DELAY:  # NaN too
+            raise ConfigError(
+                f"{where}.write_delay: expected 0 to {MAX_WRITE_DELAY:g} milliseconds, got {delay}"
+            )
         if ":" in values["name"]:
             raise ConfigError(f"{where}: a namespace name cannot contain ':'")
         for key in ("subscribe_proxy", "publish_proxy"):
@@ -367,6 +389,10 @@ def validate(s: Settings) -> None:
                 )
     if s.outbound_buffer < 1024:
         raise ConfigError("outbound_buffer: must be at least 1024 bytes")
+    if not 0 <= s.write_delay <= MAX_WRITE_DELAY:  # NaN too
+        raise ConfigError(
+            f"write_delay: expected 0 to {MAX_WRITE_DELAY:g} milliseconds, got {s.write_delay}"
+        )
     if s.redis_url is not None and not s.redis_url.startswith(
         ("redis://", "rediss://", "unix://", "redis+cluster://")
     ):

@@ -6,7 +6,12 @@ loop turn the queue is fanned out: consecutive pushes for the same recipients be
 format (``hub.ws.broadcast.encode_once``), and while a burst goes out every connection's writes
 are held (``hub.ws.hold_writes``), so each recipient costs one ``send``. :meth:`Fanout.deliver` is
 the outbound budget: a push that would take a connection's pending bytes past
-``outbound_buffer`` closes it with 4000 (slow consumer) instead of waiting for it.
+``outbound_buffer`` is a slow consumer's, and the channel namespace's ``slow_consumer`` policy
+says what happens: ``close`` (4000, the default), ``drop`` (pushes are skipped while it is over
+budget; once drained it gets a gap notice for every channel it missed something on) or ``latest``
+(only the newest push per channel is kept, written once drained, after a gap notice). One frame
+always goes through to an empty buffer, so a publication bigger than the budget reaches every
+idle subscriber. ``write_delay`` holds a connection's pushes that long and writes them together.
 
 Recipients joining a history channel are tracked here too (:class:`Tracker`): their live pushes
 are held back until their recovered publications are written, then duplicates are dropped by
@@ -26,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .codec import CODECS, MSGPACK, Codec, json_bytes
+from .config import SLOW_CONSUMER_POLICIES
 from .errors import CloseCode
 from .ws import ServerConnection
 from .ws.broadcast import encode_once
@@ -37,12 +43,27 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .registry import Registry
 
-__all__ = ["CHANNEL", "EVERYONE", "USER", "Fanout", "Push", "PushRun", "Recipient", "Tracker"]
+__all__ = [
+    "CHANNEL",
+    "EVERYONE",
+    "USER",
+    "Fanout",
+    "Push",
+    "PushRun",
+    "Recipient",
+    "Route",
+    "Tracker",
+]
 
 log = logging.getLogger("hub.fanout")
 
 #: Seconds a closed slow consumer gets to read its close frame before it is reset.
 SLOW_CONSUMER_GRACE = 1.0
+#: Seconds between checks whether a lagging connection (``drop``, ``latest``) has drained.
+DRAIN_CHECK = 0.05
+
+#: The ``slow_consumer`` policies (hub.config holds the names).
+CLOSE, DROP, LATEST = SLOW_CONSUMER_POLICIES
 
 #: The opcodes as plain module constants: reading an enum member off its class costs more than
 #: the rest of building a small frame.
@@ -163,6 +184,33 @@ class Tracker:
         return self.admit(held)
 
 
+class Route:
+    """How pushes of one kind reach their recipients: the slow-consumer policy, the channel a
+    gap notice would name (None for per-user messages and broadcasts, which always close a slow
+    consumer: there is no channel to report a gap on) and the write delay in seconds."""
+
+    __slots__ = ("channel", "delay", "policy")
+
+    def __init__(self, policy: str, channel: str | None, delay: float) -> None:
+        self.policy = policy
+        self.channel = channel
+        self.delay = delay
+
+
+#: The route of a push that is written at once and closes a slow consumer.
+DIRECT = Route(CLOSE, None, 0.0)
+
+
+class Lag:
+    """A connection over budget under ``drop`` or ``latest``: what it missed, until drained."""
+
+    __slots__ = ("latest", "missed")
+
+    def __init__(self) -> None:
+        self.missed: dict[str, None] = {}  # channels something was dropped on, in order
+        self.latest: dict[str, tuple[Push, bool]] = {}  # newest push, and whether one was replaced
+
+
 class Fanout:
     """The outbound path of one node: end-of-turn queue, encoding, budget, history joins."""
 
@@ -182,27 +230,166 @@ class Fanout:
         metrics.pull(metrics.bytes_sent, lambda: self.bytes_sent)
         # Recipients joining a history channel, by channel (see Tracker).
         self._tracked: dict[str, dict[Recipient, Tracker]] = {}
+        # Recipients over budget under drop / latest, and the timer that checks them.
+        self._lagging: dict[Recipient, Lag] = {}
+        self._drain_timer: asyncio.TimerHandle | None = None
+        # write_delay: frames held per delay (seconds), per recipient, with their flush timers.
+        self._delayed: dict[float, dict[Recipient, list[bytes]]] = {}
+        self._delayed_bytes: dict[Recipient, int] = {}
+        self._default_delay = settings.write_delay / 1000.0
 
     # -- one recipient -------------------------------------------------------------------------
 
-    def deliver(self, recipient: Recipient, push: Push | PushRun) -> int:
-        """Queue a push to one recipient; returns the bytes queued (0 when skipped). Never
-        waits: a push that would take the connection past ``outbound_buffer`` closes it."""
+    def route(self, kind: int, key: str) -> Route:
+        """The route of pushes to a channel (``CHANNEL``, its namespace's policy and delay) or to
+        users and everyone (close, the global ``write_delay``)."""
+        if kind != CHANNEL:
+            delay = self._default_delay
+            return DIRECT if not delay else Route(CLOSE, None, delay)
+        ns = self.settings.namespace(key)
+        delay = self._default_delay if ns.write_delay is None else ns.write_delay / 1000.0
+        if ns.slow_consumer == CLOSE and not delay:
+            return DIRECT
+        return Route(ns.slow_consumer, key, delay)
+
+    def deliver(self, recipient: Recipient, push: Push | PushRun, route: Route = DIRECT) -> int:
+        """Queue a push to one recipient; returns the bytes queued (0 when skipped). Never waits.
+
+        A push that would take the connection's pending bytes past ``outbound_buffer`` (unless
+        nothing is pending: one frame always goes through to an empty buffer) is the route's
+        policy's: closed, dropped or conflated (see the module docstring)."""
         connection = recipient.connection
         if not connection.writable:
             return 0
+        if route is not DIRECT:
+            return self._deliver_routed(recipient, push, route)
         frame = push.frame_for(recipient)
-        pending = connection.pending_bytes + len(frame)
-        if pending > self.settings.outbound_buffer:
-            self._close_slow(recipient, pending)
+        pending = connection.pending_bytes
+        if pending and pending + len(frame) > self.settings.outbound_buffer:
+            self._close_slow(connection, pending + len(frame))
             return 0
         connection.write_frame(frame)
         return len(frame)
 
-    def _close_slow(self, recipient: Recipient, pending: int) -> None:
-        self.metrics.slow_consumers.inc()
-        log.info("closing slow consumer %r (%d bytes pending)", recipient, pending)
+    def _deliver_routed(self, recipient: Recipient, push: Push | PushRun, route: Route) -> int:
+        channel = route.channel
+        lag = self._lagging.get(recipient) if self._lagging else None
+        if lag is not None and channel is not None and route.policy != CLOSE:
+            self._hold(lag, route.policy, channel, push)
+            return 0
         connection = recipient.connection
+        frame = push.frame_for(recipient)
+        pending = connection.pending_bytes
+        delayed = self._delayed_bytes.get(recipient, 0) if self._delayed_bytes else 0
+        pending += delayed
+        if pending and pending + len(frame) > self.settings.outbound_buffer:
+            if channel is None or route.policy == CLOSE:
+                self._close_slow(connection, pending + len(frame))
+                return 0
+            if lag is None:
+                lag = self._lagging[recipient] = Lag()
+                if self._drain_timer is None:
+                    loop = asyncio.get_running_loop()
+                    self._drain_timer = loop.call_later(DRAIN_CHECK, self._check_drained)
+            self._hold(lag, route.policy, channel, push)
+            return 0
+        if route.delay:
+            self._delay(recipient, frame, route.delay)
+        else:
+            connection.write_frame(frame)
+        return len(frame)
+
+    def _hold(self, lag: Lag, policy: str, channel: str, push: Push | PushRun) -> None:
+        """Drop or conflate a push for a lagging recipient (counted per policy)."""
+        pushes = push.pushes if isinstance(push, PushRun) else [push]
+        if policy == DROP:
+            lag.missed[channel] = None
+            self.metrics.slow_consumer_skipped.labels(DROP).inc(len(pushes))
+            return
+        replaced = len(pushes) - 1
+        previous = lag.latest.get(channel)
+        if previous is not None:
+            replaced += 1
+        lag.latest[channel] = (pushes[-1], replaced > 0 or (previous is not None and previous[1]))
+        if replaced:
+            self.metrics.slow_consumer_skipped.labels(LATEST).inc(replaced)
+
+    def _check_drained(self) -> None:
+        """Every ``DRAIN_CHECK`` while some recipient lags: those drained to half the budget get
+        their gap notices (and, under ``latest``, the newest push of each channel)."""
+        self._drain_timer = None
+        half = self.settings.outbound_buffer // 2
+        drained = []
+        for recipient, lag in list(self._lagging.items()):
+            connection = recipient.connection
+            if not connection.writable:
+                del self._lagging[recipient]
+            elif connection.pending_bytes + self._delayed_bytes.get(recipient, 0) <= half:
+                del self._lagging[recipient]
+                drained.append((recipient, lag))
+        if drained:
+            sent = 0
+            with hold_writes():
+                for recipient, lag in drained:
+                    sent += self._catch_up(recipient, lag)
+            self.bytes_sent += sent
+        if self._lagging:
+            loop = asyncio.get_running_loop()
+            self._drain_timer = loop.call_later(DRAIN_CHECK, self._check_drained)
+
+    def _catch_up(self, recipient: Recipient, lag: Lag) -> int:
+        gaps = self.metrics.slow_consumer_gaps
+        sent = 0
+        for channel in lag.missed:
+            sent += self.deliver(recipient, Push({"channel": channel, "gap": True}))
+            gaps.labels(DROP).inc()
+        for channel, (push, replaced) in lag.latest.items():
+            if replaced:
+                sent += self.deliver(recipient, Push({"channel": channel, "gap": True}))
+                gaps.labels(LATEST).inc()
+            n = self.deliver(recipient, push)
+            sent += n
+            self.delivered[CHANNEL] += 1 if n else 0
+        return sent
+
+    def _delay(self, recipient: Recipient, frame: bytes, delay: float) -> None:
+        """Hold ``frame`` for ``delay`` seconds, with the recipient's other held frames."""
+        batch = self._delayed.get(delay)
+        if batch is None:
+            batch = self._delayed[delay] = {}
+            asyncio.get_running_loop().call_later(delay, self._write_delayed, delay)
+        frames = batch.get(recipient)
+        if frames is None:
+            batch[recipient] = [frame]
+        else:
+            frames.append(frame)
+        self._delayed_bytes[recipient] = self._delayed_bytes.get(recipient, 0) + len(frame)
+
+    def _write_delayed(self, delay: float) -> None:
+        batch = self._delayed.pop(delay, {})
+        sizes = self._delayed_bytes
+        with hold_writes():  # every connection's frames leave in one send
+            for recipient, frames in batch.items():
+                sizes.pop(recipient, None)
+                connection = recipient.connection
+                if connection.writable:
+                    connection.write_frame(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def overflowed(self, connection: ServerConnection) -> None:
+        """hub.ws says a connection's own writes (pongs, close frames, replies) took it past the
+        budget: closed as a slow consumer, whatever the policy."""
+        self._close_slow(connection, connection.pending_bytes)
+
+    def forget(self, recipient: Recipient) -> None:
+        """The recipient is gone: drop what is held for it."""
+        self._lagging.pop(recipient, None)
+        self._delayed_bytes.pop(recipient, None)
+        for batch in self._delayed.values():
+            batch.pop(recipient, None)
+
+    def _close_slow(self, connection: ServerConnection, pending: int) -> None:
+        self.metrics.slow_consumers.inc()
+        log.info("closing slow consumer %r (%d bytes pending)", connection, pending)
         connection.fail(CloseCode.SLOW_CONSUMER, "slow consumer")
         # The close frame waits behind the full buffer; a client that does not read it within
         # the grace is reset, which frees the kernel's send queue too.
@@ -248,7 +435,8 @@ class Fanout:
             return  # unsubscribed or gone meanwhile
         pushes = [Push({"channel": channel, **entry}) for entry in recovered]
         pushes.extend(tracker.go_live(epoch, offset))
-        sent = sum(self.deliver(recipient, push) for push in pushes)
+        route = self.route(CHANNEL, channel)
+        sent = sum(self.deliver(recipient, push, route) for push in pushes)
         self.bytes_sent += sent
         self.delivered[CHANNEL] += len(pushes)
         if tracker.done:
@@ -303,6 +491,7 @@ class Fanout:
     def _fanout(self, kind: int, key: str, push: Push | PushRun, count: int) -> tuple[int, int]:
         """Write ``push`` to its recipients; returns (messages delivered, bytes written)."""
         registry = self.registry
+        route = self.route(kind, key)
         tracked = None
         if kind == CHANNEL:
             recipients: Iterable[Recipient] = registry.subscribers(key)
@@ -317,7 +506,7 @@ class Fanout:
         sent = 0
         if tracked is None:
             for recipient in recipients:
-                n = deliver(recipient, push)
+                n = deliver(recipient, push, route)
                 if n:
                     delivered += 1
                     sent += n
@@ -329,11 +518,11 @@ class Fanout:
             for recipient in recipients:
                 tracker = tracked.get(recipient)
                 if tracker is None:
-                    n = deliver(recipient, push)
+                    n = deliver(recipient, push, route)
                     delivered += count if n else 0
                 else:
                     admitted = tracker.admit(pushes)
-                    n = sum(deliver(recipient, one) for one in admitted)
+                    n = sum(deliver(recipient, one, route) for one in admitted)
                     delivered += len(admitted) if n else 0
                     if tracker.done:
                         self.untrack(key, recipient)

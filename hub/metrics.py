@@ -103,6 +103,19 @@ class Metrics:
         self.slow_consumers = Counter(
             "hub_slow_consumer_disconnects", "Connections closed for not keeping up.", registry=r
         )
+        self.slow_consumer_skipped = Counter(
+            "hub_slow_consumer_skipped",
+            "Pushes not written to a connection over its outbound budget, by slow_consumer "
+            "policy: dropped (drop) or replaced by a newer one (latest).",
+            ["policy"],
+            registry=r,
+        )
+        self.slow_consumer_gaps = Counter(
+            "hub_slow_consumer_gaps",
+            "Gap notices sent to a connection that drained after pushes were skipped, by policy.",
+            ["policy"],
+            registry=r,
+        )
         self.handshake_failures = Counter(
             "hub_handshake_failures",
             "Failed opening handshakes, by reason.",

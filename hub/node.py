@@ -145,6 +145,7 @@ class Node:
         channels = list(self.registry.channels_of(session))
         self.inbox.forget(session)
         self.fanout.untrack_all(session, channels)
+        self.fanout.forget(session)
         last_user, emptied = self.registry.remove(session, session.user)
         self.metrics.connections_closed.labels(str(session.connection.closing_code)).inc()
         if emptied:

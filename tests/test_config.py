@@ -58,6 +58,16 @@ def test_toml_file_values_and_namespaces(tmp_path: Path) -> None:
     assert s.namespace("chat").max_message_size == 65536
 
 
+def test_outbound_policies_load_per_namespace(tmp_path: Path) -> None:
+    text = 'write_delay = 2.5\n[namespaces.tick]\nslow_consumer = "latest"\nwrite_delay = 0\n'
+    s = load_settings(write(tmp_path, text), env={})
+    assert s.write_delay == 2.5
+    assert s.namespace("tick:x").slow_consumer == "latest"
+    assert s.namespace("tick:x").write_delay == 0  # its own: no delay, whatever the global one
+    assert s.namespace("other:x").slow_consumer == "close"
+    assert s.namespace("other:x").write_delay is None  # the global one
+
+
 def test_the_default_namespace_has_one_spelling(tmp_path: Path) -> None:
     path = write(tmp_path, '[namespaces.""]\npublish = true\n')
     with pytest.raises(ConfigError, match=r"\[namespaces.default\]"):
@@ -174,6 +184,18 @@ def test_defaults_are_not_dev_mode_and_cannot_serve() -> None:
         ("proxy_secret = 'short'", {}, {}, "proxy_secret"),
         # A proxy without a secret outside dev mode: the backend could not tell the hub's calls.
         (f"token_secret = '{SECRET}'\nrpc_proxy = 'http://b/rpc'", {}, {}, "proxy_secret"),
+        ("[namespaces.chat]\nslow_consumer = 'sometimes'", {}, {}, "namespaces.chat.slow_consumer"),
+        ("[namespaces.chat]\nslow_consumer = 1", {}, {}, "namespaces.chat.slow_consumer"),
+        ("[namespaces.chat]\nslow_consumer = ['drop']", {}, {}, "namespaces.chat.slow_consumer"),
+        ("[namespaces.chat]\nwrite_delay = -1", {}, {}, "namespaces.chat.write_delay"),
+        ("[namespaces.chat]\nwrite_delay = nan", {}, {}, "namespaces.chat.write_delay"),
+        ("[namespaces.chat]\nwrite_delay = 1e9", {}, {}, "namespaces.chat.write_delay"),
+        ("[namespaces.chat]\nwrite_delay = 'soon'", {}, {}, "namespaces.chat.write_delay"),
+        ("write_delay = -0.5", {}, {}, "write_delay"),
+        ("write_delay = inf", {}, {}, "write_delay"),
+        ("", {"HUB_WRITE_DELAY": "nan"}, {}, "write_delay"),
+        ("", {"HUB_WRITE_DELAY": "soon"}, {}, "HUB_WRITE_DELAY"),
+        ("", {}, {"write_delay": 1001}, "write_delay"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_field(

@@ -137,6 +137,7 @@ RUN = {
     "docs/client-python.md > hub.client: the Python client #1": "test_python_client_example",
     f"{WORKERS} #0": "test_workers_command_and_log",
     f"{WORKERS} #1": "test_workers_command_and_log",
+    "docs/operations.md > Slow and stalled clients #0": "test_operations_outbound_toml_loads",
     "docs/operations.md > Redis access control #0": (
         "tests/test_redis_acl.py::test_the_documented_acl_users_run_everything"
     ),
@@ -646,6 +647,20 @@ def test_proxy_backend_example(tmp_path: Path) -> None:
     finally:
         app.terminate()
         app.wait(TIMEOUT)
+
+
+def test_operations_outbound_toml_loads(tmp_path: Path) -> None:
+    """The slow-consumer and write-delay example loads, with the values it says."""
+    text = block("docs/operations.md", "Slow and stalled clients", 0).text
+    path = tmp_path / "hub.toml"
+    path.write_text(text)
+    settings = load_settings(str(path), env={})
+    table = tomllib.loads(text)
+    assert settings.write_delay == table["write_delay"]
+    for name, options in table["namespaces"].items():
+        ns = settings.namespace(f"{name}:x")
+        for option, value in options.items():
+            assert getattr(ns, option) == value, (name, option)
 
 
 def test_protocol_token_command() -> None:

@@ -134,6 +134,7 @@ class ConnectionOptions:
 
     __slots__ = (
         "close_timeout",
+        "max_pending",
         "max_queue_high",
         "max_queue_low",
         "ping_interval",
@@ -152,6 +153,7 @@ class ConnectionOptions:
         max_queue: int | tuple[int | None, int | None] | None = 16,
         write_limit: int | tuple[int, int | None] = 2**15,
         read_limit: int | None = None,
+        max_pending: int | None = None,
     ) -> None:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -165,6 +167,7 @@ class ConnectionOptions:
         self.write_limit_high = high
         self.write_limit_low = low
         self.read_limit = read_limit
+        self.max_pending = max_pending
 
     def _key(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -272,6 +275,7 @@ class ServerConnection(asyncio.Protocol):
                 max_queue=given.get("max_queue", base.max_queue),
                 write_limit=given.get("write_limit", (base.write_limit_high, base.write_limit_low)),
                 read_limit=base.read_limit,
+                max_pending=base.max_pending,
             )
             self._opts = base if opts == base else opts
         else:
@@ -426,7 +430,9 @@ class ServerConnection(asyncio.Protocol):
         """Bytes written to this connection and not yet handed to the kernel: those buffered in
         this turn, and those the transport still holds."""
         transport = self.transport
-        return self._wsize + (0 if transport is None else transport.get_write_buffer_size())
+        # _wsize counts this turn's buffer only while there is one (it is not reset on flush).
+        buffered = self._wsize if self._wbuf is not None else 0
+        return buffered + (0 if transport is None else transport.get_write_buffer_size())
 
     @property
     def writable(self) -> bool:
@@ -452,6 +458,21 @@ class ServerConnection(asyncio.Protocol):
             return sent.code
         return 1006
 
+    def _check_pending(self) -> None:
+        """``max_pending``: what the core itself writes (pongs, close frames, ``send()``) counts
+        against the same budget as the frames a fan-out writes. Past it, the server's
+        ``on_max_pending(connection)`` decides, or the connection fails with 1008. Reading
+        pauses long before, at ``write_limit``, so a peer that sends pings and never reads
+        cannot make it grow by more than one read's worth of pongs."""
+        limit = self._opts.max_pending
+        if limit is None or self.protocol.state is not OPEN or self.pending_bytes <= limit:
+            return
+        hook = None if self.server is None else self.server.on_max_pending
+        if hook is None:
+            self.fail(1008, "outbound buffer full")
+        else:
+            hook(self)
+
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -474,6 +495,8 @@ class ServerConnection(asyncio.Protocol):
                 self._process_events()
             if protocol.writes:
                 self._send_protocol_data()
+                if self._opts.max_pending is not None:
+                    self._check_pending()
         except Exception as exc:
             # A bug of ours: drop this connection (its handler sees ConnectionClosedError with
             # the bug as the cause), never the others, and say so in the log.
@@ -760,6 +783,8 @@ class ServerConnection(asyncio.Protocol):
         """
         while self._fragmented is not None:
             await asyncio.shield(self._fragmented)
+        # max_pending: one message always goes through to an empty buffer (a big reply).
+        before = 0 if self._opts.max_pending is None else self.pending_bytes
         if isinstance(message, str):
             self._check_sendable()
             opcode = OP_BINARY if text is False else OP_TEXT
@@ -779,6 +804,8 @@ class ServerConnection(asyncio.Protocol):
         else:
             raise TypeError("data must be str, bytes-like, or an iterable")
         self._check_written()
+        if before:
+            self._check_pending()
         if self._write_paused:
             await self._drain()
 
@@ -863,6 +890,7 @@ class ServerConnection(asyncio.Protocol):
         self.protocol.send_ping(data)
         self._send_protocol_data()
         self._check_written()
+        self._check_pending()
         loop = self.server.loop
         future: asyncio.Future[float] = loop.create_future()
         pings[data] = (future, loop.time())
@@ -875,6 +903,7 @@ class ServerConnection(asyncio.Protocol):
         self.protocol.send_pong(payload)
         self._send_protocol_data()
         self._check_written()
+        self._check_pending()
 
     def _on_pong(self, data: bytes) -> None:
         pings = self._pings

@@ -88,6 +88,8 @@ class Server:
         limits: Limits | None,
         logger: logging.Logger | logging.LoggerAdapter | None,
         create_connection: type[ServerConnection] | Callable[..., ServerConnection] | None,
+        max_pending: int | None = None,
+        on_max_pending: Callable[[ServerConnection], None] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.handler = handler
@@ -115,7 +117,11 @@ class Server:
             max_queue=max_queue,
             write_limit=write_limit,
             read_limit=read_limit,
+            max_pending=max_pending,
         )
+        #: Called when a connection's own writes take it past ``max_pending`` (see
+        #: ``ServerConnection._check_pending``); None fails it with 1008.
+        self.on_max_pending = on_max_pending
         self.create_connection = create_connection
         self.limits = limits or Limits()
         self.logger = logger or logging.getLogger("hub.ws.server")
@@ -426,6 +432,8 @@ class serve:
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         create_connection: type[ServerConnection] | Callable[..., ServerConnection] | None = None,
         create_protocol: type[ServerConnection] | Callable[..., ServerConnection] | None = None,
+        max_pending: int | None = None,
+        on_max_pending: Callable[[ServerConnection], None] | None = None,
         unix: bool = False,
         path: str | None = None,
         **kwargs: Any,
@@ -469,6 +477,8 @@ class serve:
             limits=limits,
             logger=logger,
             create_connection=create_connection,
+            max_pending=max_pending,
+            on_max_pending=on_max_pending,
         )
         self._handler = handler
         self._host, self._port, self._unix, self._path = host, port, unix, path
