@@ -68,6 +68,17 @@ def _json(status: int, obj: Any) -> Response:
     return Response(status, "", headers, body)
 
 
+def _query(request: Request) -> dict[str, Any]:
+    """A GET's fields from its query string: each name once; digits become integers."""
+    pairs = urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query)
+    body: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in body:
+            raise ApiError(400, f"invalid query: {name[:40]} given twice")
+        body[name] = int(value) if value.isdigit() and len(value) < 20 else value
+    return body
+
+
 def _text(status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> Response:
     body = text.encode()
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
@@ -151,6 +162,8 @@ class HttpApi:
             "/api/notify": self._notify,
             "/api/inbox": self._inbox,
         }
+        #: Routes that also answer GET, their fields in the query string.
+        self.readable = frozenset({"/api/inbox"})
         self.client_js = StaticFile("hub.js", "text/javascript; charset=utf-8")
         self.demo = StaticFile("index.html", "text/html; charset=utf-8") if insecure else None
 
@@ -188,16 +201,21 @@ class HttpApi:
         route = self.routes.get(path)
         if route is None:
             return _json(404, {"error": {"message": "not found"}})
+        readable = path in self.readable
         try:
-            if request.method != "POST":
-                raise ApiError(405, "use POST")
-            self._check_key(request)
-            body = self._body(request)
+            if request.method == "GET" and readable:
+                self._check_key(request)
+                body = _query(request)
+            elif request.method != "POST":
+                raise ApiError(405, "use GET or POST" if readable else "use POST")
+            else:
+                self._check_key(request)
+                body = self._body(request)
             result = await route(body)
         except ApiError as exc:
             response = self._error(exc.status, exc.message)
             if exc.status == 405:
-                response.headers["Allow"] = "POST"
+                response.headers["Allow"] = "GET, POST" if readable else "POST"
             return response
         except HubUnavailable as exc:
             what = "presence" if isinstance(exc, PresenceUnavailable) else "broker"

@@ -20,8 +20,10 @@
 --          expire this long after the user's last notify, ack or read
 -- ARGV[8]  epoch to use if the user has none yet (a fresh random string)
 -- ARGV[9]  "1": SPUBLISH (Redis Cluster, sharded pub/sub), else PUBLISH
--- Returns {seq, epoch, receivers, duplicate}: duplicate is 1 when the id was known (seq is
--- then the first notify's, and nothing was stored or pushed).
+-- Returns {seq, epoch, receivers, duplicate, collapsed, expired, length}: duplicate is 1 when
+-- the id was known (seq is then the first notify's, and nothing was stored or pushed);
+-- collapsed is 1 when an older entry with the collapse key was replaced; expired counts the
+-- entries this call dropped because their own ttl had passed; length is the inbox's entries.
 local stream, meta, ids, idt, ckeys = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local id, ckey = ARGV[3], ARGV[4]
 local size, inbox_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -39,7 +41,7 @@ end
 if id ~= '' then
   local known = redis.call('HGET', ids, id)
   if known then
-    return {tonumber(known), epoch, 0, 1}
+    return {tonumber(known), epoch, 0, 1, 0, 0, redis.call('XLEN', stream)}
   end
 end
 
@@ -70,10 +72,11 @@ local function forget_key(k, s)
   end
 end
 
+local collapsed = 0
 if ckey ~= '' then
   local older = redis.call('HGET', ckeys, ckey)
   if older then
-    redis.call('XDEL', stream, older .. '-0')
+    collapsed = redis.call('XDEL', stream, older .. '-0')
   end
   redis.call('HSET', ckeys, ckey, seq)
 end
@@ -92,6 +95,7 @@ end
 -- Trim from the oldest end: past the size, older than the inbox TTL, or expired. A bounded
 -- number of entries per call keeps the script short; the next calls go on.
 local oldest = now - inbox_ttl
+local expired = 0
 for _ = 1, 64 do
   local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
   if not first then
@@ -104,6 +108,9 @@ for _ = 1, 64 do
   local x = tonumber(fields['x'])
   if redis.call('XLEN', stream) > size or tonumber(fields['t']) < oldest
       or (x ~= 0 and x <= now) then
+    if x ~= 0 and x <= now then
+      expired = expired + 1
+    end
     redis.call('XDEL', stream, first[1])
     forget_key(fields['k'], string.match(first[1], '^(%d+)'))
   else
@@ -131,4 +138,4 @@ if ARGV[9] == '1' then
 else
   receivers = redis.call('PUBLISH', ARGV[1], env)
 end
-return {seq, epoch, receivers, 0}
+return {seq, epoch, receivers, 0, collapsed, expired, redis.call('XLEN', stream)}

@@ -57,12 +57,17 @@ MAX_DEVICES = 64
 
 @dataclass(frozen=True, slots=True)
 class Notified:
-    """What a notify did: the entry's ``seq`` (the first notify's when ``duplicate``)."""
+    """What a notify did: the entry's ``seq`` (the first notify's when ``duplicate``), whether
+    it replaced an older entry of its collapse key, how many entries whose ttl had passed it
+    dropped, and how many entries the inbox then holds."""
 
     seq: int
     epoch: str
     receivers: int
     duplicate: bool = False
+    collapsed: bool = False
+    expired: int = 0
+    length: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,31 +255,36 @@ class MemoryInbox(Inbox):
         if box is None:
             box = self._users[user] = _UserInbox(epoch=new_epoch())
         if id and id in box.ids:
-            return Notified(box.ids[id][0], box.epoch, 0, True)
+            return Notified(box.ids[id][0], box.epoch, 0, True, length=len(box.entries))
         box.seq += 1
         seq = box.seq
         mark: dict[str, Any] = {"seq": seq, "epoch": box.epoch}
         if id:
             mark["id"] = id
         push = _append_inbox(envelope, mark)
+        collapsed = False
         if collapse_key:
             older = box.keys.get(collapse_key)
             if older is not None:
-                box.entries.pop(older, None)
+                collapsed = box.entries.pop(older, None) is not None
             box.keys[collapse_key] = seq
         box.entries[seq] = _Entry(seq, push, now, now + ttl if ttl else 0.0, collapse_key or "")
         if id:
             box.ids[id] = (seq, now)
-        self._trim(box, now)
+        expired = self._trim(box, now)
         box.touched = now
-        return Notified(seq, box.epoch, self._publish(user, push))
+        receivers = self._publish(user, push)
+        return Notified(seq, box.epoch, receivers, False, collapsed, expired, len(box.entries))
 
-    def _trim(self, box: _UserInbox, now: float) -> None:
+    def _trim(self, box: _UserInbox, now: float) -> int:
+        """Drop from the oldest end as the script does; the count dropped for their ttl."""
         oldest = now - self.ttl
+        dropped = 0
         while box.entries:
             entry = next(iter(box.entries.values()))
             expired = entry.expires and entry.expires <= now
             if len(box.entries) > self.size or entry.stored < oldest or expired:
+                dropped += 1 if expired else 0
                 del box.entries[entry.seq]
                 if entry.collapse_key and box.keys.get(entry.collapse_key) == entry.seq:
                     del box.keys[entry.collapse_key]
@@ -286,6 +296,7 @@ class MemoryInbox(Inbox):
                 del box.ids[first]
             else:
                 break
+        return dropped
 
     async def read(
         self, user: str, since: int | None = None, *, device: str | None = None, limit: int = 100
@@ -593,8 +604,11 @@ def notified(reply: Any) -> Notified:
     """A notify script's reply ``[seq, epoch, receivers, duplicate]``."""
     if isinstance(reply, Exception):
         raise reply
-    seq, epoch, receivers, duplicate = reply
-    return Notified(int(seq), _text(epoch), int(receivers), bool(duplicate))
+    seq, epoch, receivers, duplicate, *rest = reply
+    collapsed, expired, length = (int(n) for n in (*rest, 0, 0, 0)[:3])
+    return Notified(
+        int(seq), _text(epoch), int(receivers), bool(duplicate), bool(collapsed), expired, length
+    )
 
 
 def _text(value: Any) -> str:

@@ -174,6 +174,18 @@ class InboxMetrics:
         self.reads = counter("read_cursor_moves", "Read cursor updates asked by clients.")
         self.resets = counter("resets", "Connections told their inbox started over (new epoch).")
         self.malformed = counter("malformed", "Stored or pushed entries dropped as malformed.")
+        self.collapsed = counter(
+            "collapsed", "Entries replaced by a newer notify with their collapse key."
+        )
+        self.expired = counter(
+            "expired", "Entries whose ttl had passed, dropped by a later notify's trimming."
+        )
+        self.length = Histogram(
+            "hub_inbox_length",
+            "Entries in the user's inbox after each notify of this process.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+            registry=r,
+        )
         self.fallbacks = counter(
             "fallbacks", "Fallbacks handed to the backend, by result.", ("result",)
         )
@@ -322,8 +334,11 @@ class Notifications:
         user = session.user
         try:
             page = await self._read(user, since, device)
-            reset = bool(epoch and page.epoch and epoch != page.epoch)
-            if reset:  # the client's cursor names another inbox: all of this one
+            # The client's cursor names another inbox, or one ahead of this one (Redis lost
+            # its last writes, appendfsync everysec): all of this one.
+            ahead = since is not None and page.epoch != "" and since > page.top
+            reset = bool(epoch and page.epoch and epoch != page.epoch) or ahead
+            if reset:
                 page = await self._read(user, 0, device)
         except BaseException:
             self._followers.pop(session, None)
@@ -535,7 +550,13 @@ class Notifications:
                 await store.schedule_fallback(n.user, done.seq, time.time() + after)
         except (RedisError, OSError) as exc:
             raise HubUnavailable(f"redis unavailable: {exc}") from exc
-        (self.metrics.duplicates if done.duplicate else self.metrics.stored).inc()
+        metrics = self.metrics
+        (metrics.duplicates if done.duplicate else metrics.stored).inc()
+        if done.collapsed:
+            metrics.collapsed.inc()
+        if done.expired:
+            metrics.expired.inc(done.expired)
+        metrics.length.observe(done.length)
         return done
 
     async def notify_many(self, items: list[Notification]) -> list[Notified]:

@@ -19,6 +19,7 @@ from hubfix import (
     api,
     client,
     eventually,
+    http,
     make_settings,
     metric,
     running,
@@ -522,3 +523,30 @@ def test_publisher_notify_sync_async_and_the_cli_through_redis(redis_server: Red
                 assert bad.returncode == 1 and "hub: notify: redis" in bad.stderr
 
     run(main, timeout=60)
+
+
+def test_metrics_get_api_and_a_cursor_ahead_of_the_inbox(hubs: Callable[..., Any]) -> None:
+    async def main() -> None:
+        async with hubs() as (a, b):
+            await notify(a, "m", 1, collapse_key="c")
+            await notify(a, "m", 2, collapse_key="c")
+            await notify(a, "m", 3, ttl=60)
+            status, _, raw = await http(a, "GET", "/api/inbox?user=m&limit=5")
+            assert status == 200
+            page = json.loads(raw)["result"]
+            assert [e["data"] for e in page["entries"]] == [2, 3] and page["seq"] == 3
+            for query in ("user=m&user=n", "user=m&limit=0", "since=1", "user=m&limit=x"):
+                status, _, _ = await http(a, "GET", f"/api/inbox?{query}")
+                assert status == 400, query
+            status, headers, _ = await http(a, "PUT", "/api/inbox")
+            assert status == 405 and headers["Allow"] == "GET, POST"
+            samples = await scrape(a)
+            assert metric(samples, "hub_inbox_collapsed_total") == 1
+            assert metric(samples, "hub_inbox_length_count") == 3
+            assert metric(samples, "hub_inbox_length_sum") == 1 + 1 + 2
+            async with client(b, user="m") as c:  # a cursor past the top: the inbox lost it
+                result = await open_inbox(c, since=9, epoch=page["epoch"])
+                assert result["reset"] is True
+                assert [p["data"] for p in await pushes(c, 2)] == [2, 3]
+
+    run(main)

@@ -369,3 +369,20 @@ def test_two_processes_never_claim_the_same_fallback(redis_server: RedisServer) 
                 await router.close()
 
     run(main)
+
+
+def test_notify_reports_collapses_expiries_and_the_inbox_length(check: Callable[..., None]) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        first = await inbox.notify("alice", envelope("soon gone"), ttl=0.05)
+        assert (first.collapsed, first.expired, first.length) == (False, 0, 1)
+        badge = await inbox.notify("alice", envelope("3 unread"), collapse_key="badge")
+        assert (badge.collapsed, badge.length) == (False, 2)
+        await asyncio.sleep(0.1)  # the first one's ttl passes
+        again = await inbox.notify("alice", envelope("4 unread"), collapse_key="badge")
+        assert (again.collapsed, again.expired, again.length) == (True, 1, 1)
+        known = await inbox.notify("alice", envelope("x"), id="k")
+        dup = await inbox.notify("alice", envelope("x"), id="k")
+        assert dup.duplicate and dup.length == known.length == 2
+
+    check(body)

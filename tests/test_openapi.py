@@ -149,6 +149,20 @@ def scenarios() -> dict[tuple[str, str, int], Callable[[Servers], Answer]]:
         table[(path, "POST", 503)] = lambda s, p=path, b=body: post(s.prod, p, b, KEY)
     table[("/api/history", "POST", 422)] = history_json_cannot_carry
     table[("/api/inbox", "POST", 422)] = inbox_json_cannot_carry
+    # /api/inbox also answers GET (fields in the query): PUT is what it refuses.
+    table[("/api/inbox", "POST", 405)] = lambda s: request(s.prod, "PUT", "/api/inbox", b"{}", KEY)
+    get = "/api/inbox?user=alice&limit=10"
+    table[("/api/inbox", "GET", 200)] = lambda s: request(s.prod, "GET", get, None, KEY)
+    table[("/api/inbox", "GET", 400)] = lambda s: request(
+        s.prod, "GET", "/api/inbox?user=a&user=b", None, KEY
+    )
+    table[("/api/inbox", "GET", 401)] = lambda s: request(s.prod, "GET", get)
+    table[("/api/inbox", "GET", 403)] = lambda s: request(s.no_key, "GET", get, None, KEY)
+    table[("/api/inbox", "GET", 422)] = lambda s: (
+        inbox_json_cannot_carry(s),
+        request(s.prod, "GET", "/api/inbox?user=bytes", None, KEY),
+    )[1]
+    table[("/api/inbox", "GET", 503)] = lambda s: request(s.prod, "GET", get, None, KEY)
     table[("/api/stats", "GET", 200)] = lambda s: request(s.prod, "GET", "/api/stats", None, KEY)
     table[("/api/stats", "GET", 401)] = lambda s: request(s.prod, "GET", "/api/stats")
     table[("/api/stats", "GET", 405)] = lambda s: request(s.prod, "POST", "/api/stats", b"", KEY)
