@@ -92,27 +92,28 @@ if id ~= '' then
   redis.call('ZADD', idt, now, id)
 end
 
--- Trim from the oldest end: past the size, older than the inbox TTL, or expired. A bounded
--- number of entries per call keeps the script short; the next calls go on.
+-- Trim from the oldest end: past the size, older than the inbox TTL, or expired. One read of
+-- the oldest entries (each XRANGE from the start walks over the deleted ones), at most 64
+-- dropped per call; the next calls go on.
 local oldest = now - inbox_ttl
 local expired = 0
-for _ = 1, 64 do
-  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
-  if not first then
-    break
-  end
+local length = redis.call('XLEN', stream)
+local excess = length - size
+local rows = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.min(math.max(excess, 0), 63) + 1)
+for _, row in ipairs(rows) do
   local fields = {}
-  for i = 1, #first[2], 2 do
-    fields[first[2][i]] = first[2][i + 1]
+  for i = 1, #row[2], 2 do
+    fields[row[2][i]] = row[2][i + 1]
   end
   local x = tonumber(fields['x'])
-  if redis.call('XLEN', stream) > size or tonumber(fields['t']) < oldest
-      or (x ~= 0 and x <= now) then
-    if x ~= 0 and x <= now then
+  local dead = x ~= 0 and x <= now
+  if length > size or tonumber(fields['t']) < oldest or dead then
+    if dead then
       expired = expired + 1
     end
-    redis.call('XDEL', stream, first[1])
-    forget_key(fields['k'], string.match(first[1], '^(%d+)'))
+    redis.call('XDEL', stream, row[1])
+    length = length - 1
+    forget_key(fields['k'], string.match(row[1], '^(%d+)'))
   else
     break
   end
@@ -138,4 +139,4 @@ if ARGV[9] == '1' then
 else
   receivers = redis.call('PUBLISH', ARGV[1], env)
 end
-return {seq, epoch, receivers, 0, collapsed, expired, redis.call('XLEN', stream)}
+return {seq, epoch, receivers, 0, collapsed, expired, length}
