@@ -104,10 +104,15 @@ class ProxyClient:
         ) as response:
             if response.status != 200:
                 raise ProxyFailed(f"backend answered {response.status}", "status")
-            raw = await response.content.read(MAX_ANSWER + 1)
-            if len(raw) > MAX_ANSWER:
+            if (response.content_length or 0) > MAX_ANSWER:
                 raise ProxyFailed("backend answer too large", "malformed")
-            return raw
+            chunks, size = [], 0
+            async for chunk in response.content.iter_chunked(1 << 16):  # to the end, bounded
+                size += len(chunk)
+                if size > MAX_ANSWER:
+                    raise ProxyFailed("backend answer too large", "malformed")
+                chunks.append(chunk)
+            return b"".join(chunks)
 
 
 def _answer(raw: bytes) -> dict[str, Any]:

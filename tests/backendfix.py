@@ -18,6 +18,7 @@ from typing import Any
 __all__ = ["Backend", "backend"]
 
 Answer = tuple[int, bytes]  # status, body
+HUGE = b'{"result": {"data": "' + b"x" * (2 << 20) + b'"}}'  # over the hub's 1 MiB
 
 
 def ok(result: dict[str, Any]) -> Answer:
@@ -46,6 +47,8 @@ class Backend:
             "/garbage": lambda body: (200, b"{not json"),
             "/status500": lambda body: (500, b'{"result": {}}'),
             "/empty": lambda body: (200, b"{}"),
+            "/huge": lambda body: (200, HUGE),
+            "/huge-stream": lambda body: (200, HUGE),  # no Content-Length: ends at the close
         }
         backend = self
 
@@ -95,7 +98,8 @@ class Backend:
                 self.in_flight[path] -= 1
         request.send_response(status)
         request.send_header("Content-Type", "application/json")
-        request.send_header("Content-Length", str(len(body)))
+        if not path.endswith("-stream"):
+            request.send_header("Content-Length", str(len(body)))
         request.end_headers()
         request.wfile.write(body)
 

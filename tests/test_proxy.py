@@ -60,6 +60,14 @@ publish_proxy = "{app.url("/garbage")}"
 publish = true
 publish_proxy = "{app.url("/status500")}"
 
+[namespaces.huge]
+publish = true
+publish_proxy = "{app.url("/huge")}"
+
+[namespaces.hugestream]
+publish = true
+publish_proxy = "{app.url("/huge-stream")}"
+
 [namespaces.empty]
 publish = true
 publish_proxy = "{app.url("/empty")}"
@@ -227,6 +235,8 @@ def test_publish_proxy_answer_outside_the_contract_is_no_yes(hub: ServedHub) -> 
         ("slow", "backend timeout (publish proxy)", "timeout"),
         ("garbage", "backend answer is not json", "malformed"),
         ("broken", "backend answered 500", "status"),
+        ("huge", "backend answer too large", "malformed"),
+        ("hugestream", "backend answer too large", "malformed"),
     ],
 )
 def test_a_failing_backend_costs_a_clear_error_and_publishes_nothing(
