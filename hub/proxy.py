@@ -22,6 +22,7 @@ import orjson
 from .config import Settings
 from .errors import ErrorCode, ProxyDisconnect, ProxyFailed, ProxyRefused
 from .metrics import Metrics
+from .rules import close_problem
 
 __all__ = ["MAX_ANSWER", "PROXIES", "ProxyClient", "sign"]
 
@@ -137,11 +138,13 @@ def _answer(raw: bytes) -> dict[str, Any]:
             raise ProxyFailed("backend error needs an integer code and a message", "malformed")
         raise ProxyRefused(message[:200], _code(code))
     disconnect = answer["disconnect"]
-    code = disconnect.get("code") if type(disconnect) is dict else None
-    reason = disconnect.get("reason", "") if type(disconnect) is dict else None
-    if type(code) is not int or not 4000 <= code <= 4999 or type(reason) is not str:
-        raise ProxyFailed("backend disconnect needs a code from 4000 to 4999", "malformed")
-    raise ProxyDisconnect(code, reason[:100])
+    if type(disconnect) is not dict:
+        raise ProxyFailed("backend disconnect must be an object", "malformed")
+    code, reason = disconnect.get("code"), disconnect.get("reason", "")
+    problem = close_problem(code, reason)  # the rule every disconnect obeys
+    if problem is not None:
+        raise ProxyFailed(f"backend disconnect: {problem}", "malformed")
+    raise ProxyDisconnect(code, reason)
 
 
 def _code(code: int) -> ErrorCode | int:

@@ -23,6 +23,7 @@ __all__ = [
     "MAX_EPOCH_LENGTH",
     "MAX_REASON_BYTES",
     "check_channel",
+    "close_problem",
     "disconnect_problem",
     "history_limit",
     "history_result",
@@ -55,6 +56,12 @@ def disconnect_problem(user: Any, code: Any, reason: Any) -> str | None:
     the publishers (``ValueError``) and the hub reading a control message (dropped)."""
     if not isinstance(user, str) or not user:
         return "user must be a non-empty string"
+    return close_problem(code, reason)
+
+
+def close_problem(code: Any, reason: Any) -> str | None:
+    """What is wrong with an application close's code and reason, or None: a disconnect's
+    fields, and a proxy backend's ``disconnect`` answer."""
     if isinstance(code, bool) or not isinstance(code, int) or not 4000 <= code <= 4999:
         return "code must be an integer from 4000 to 4999"
     problem = f"reason must be a string of at most {MAX_REASON_BYTES} bytes"

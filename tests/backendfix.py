@@ -47,6 +47,11 @@ class Backend:
             "/garbage": lambda body: (200, b"{not json"),
             "/status500": lambda body: (500, b'{"result": {}}'),
             "/empty": lambda body: (200, b"{}"),
+            # A disconnect reason past the rule (120 bytes; a close frame carries 123).
+            "/long-reason": lambda body: (
+                200,
+                b'{"disconnect": {"code": 4003, "reason": "' + b"x" * 124 + b'"}}',
+            ),
             "/huge": lambda body: (200, HUGE),
             "/huge-stream": lambda body: (200, HUGE),  # no Content-Length: ends at the close
         }

@@ -72,6 +72,10 @@ publish_proxy = "{app.url("/huge-stream")}"
 publish = true
 publish_proxy = "{app.url("/empty")}"
 
+[namespaces.longreason]
+publish = true
+publish_proxy = "{app.url("/long-reason")}"
+
 [namespaces.down]
 publish = true
 publish_proxy = "{down}"
@@ -237,6 +241,11 @@ def test_publish_proxy_answer_outside_the_contract_is_no_yes(hub: ServedHub) -> 
         ("broken", "backend answered 500", "status"),
         ("huge", "backend answer too large", "malformed"),
         ("hugestream", "backend answer too large", "malformed"),
+        (
+            "longreason",
+            "backend disconnect: reason must be a string of at most 120 bytes",
+            "malformed",
+        ),
     ],
 )
 def test_a_failing_backend_costs_a_clear_error_and_publishes_nothing(
