@@ -20,6 +20,7 @@ from .broker import Broker
 from .codec import BY_SUBPROTOCOL, JSON
 from .config import Settings, check_serving, proxy_urls
 from .errors import CloseCode, ProxyDisconnect, ProxyFailed, ProxyRefused
+from .fdlimit import Capacity
 from .http_api import HttpApi
 from .inbox import Inbox, RedisInbox
 from .limits import AddressBudget, address_key
@@ -112,9 +113,14 @@ class Hub:
         self.draining = False
         self._sampler: asyncio.Task[None] | None = None
 
-    async def start(self, **serve_kwargs: Any) -> ws.Server:
-        """Start the node and listen (host/port from settings unless ``sock`` is given)."""
+    async def start(self, capacity: Capacity | None = None, **serve_kwargs: Any) -> ws.Server:
+        """Start the node and listen (host/port from settings unless ``sock`` is given).
+
+        With ``capacity`` (``hub.fdlimit.plan()``), listen with its backlog and refuse sockets
+        beyond its connections: the process never runs out of descriptors."""
         s = self.settings
+        if capacity is not None:
+            serve_kwargs.setdefault("backlog", capacity.backlog)
         if s.insecure:
             log.warning(
                 "insecure dev mode: anonymous users, no api key; never expose this to a network"
@@ -141,6 +147,10 @@ class Hub:
             server_header=None,
             **serve_kwargs,
         )
+        server = self.server
+        if capacity is not None:
+            server.socket_limit = capacity.connections
+        self.node.metrics.pull(self.node.metrics.connections_refused, lambda: server.refused)
         if s.metrics_port:
             await self._serve_metrics()
         if self.node.metrics.multiprocess_dir is not None:

@@ -44,18 +44,23 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-async def _serve(settings: Settings) -> None:
-    """One process, no supervisor (``--workers 1``, the default): SIGTERM/SIGINT drain it."""
+async def _serve(settings: Settings, limit_before: int) -> None:
+    """One process, no supervisor (``--workers 1``, the default): SIGTERM/SIGINT drain it.
+    ``limit_before`` is the open-file limit the process started with, for the log."""
     from .app import Hub
+    from .fdlimit import plan, quiet_accept_errors
     from .runtime import tune_gc
 
     hub = Hub(settings)
     loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
     stop = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-    await hub.start()
+    capacity = plan(limit_before)
+    await hub.start(capacity)
     tune_gc()
+    log.info("%s", capacity.describe())
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("hub %s ready: ws://%s:%d/ws  %s", __version__, host, hub.port, summary(settings))
     if settings.insecure:
@@ -68,6 +73,10 @@ async def _serve(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .fdlimit import raise_limit
+
+    # First of all: the supervisor's workers inherit the raised limit.
+    before, _ = raise_limit()
     settings = _settings(args)
     logging.getLogger().setLevel(settings.log_level.upper())
     if settings.workers > 1:
@@ -75,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return Supervisor(settings, reload=lambda: _settings(args)).run()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, before))
     return 0
 
 

@@ -61,6 +61,12 @@ class Metrics:
         self.connections_accepted = Counter(
             "hub_connections_accepted", "Client connections accepted.", registry=r
         )
+        self.connections_refused = Counter(
+            "hub_connections_refused",
+            "Connections refused because the process holds all the sockets its open-file limit "
+            "leaves room for (answered 503, or reset while many wait for that).",
+            registry=r,
+        )
         self.connections_closed = Counter(
             "hub_connections_closed",
             "Client connections closed, by close code.",

@@ -97,6 +97,7 @@ class Worker:
         self.started = time.monotonic()
         self.ready_at: float | None = None  # stability counts from here, not from the spawn
         self.port: int | None = None
+        self.connections: int | None = None  # how many its open-file limit leaves room for
         self.listening = False
         self.ready = asyncio.Event()
         self.exited: asyncio.Future[int] = loop.create_future()
@@ -318,6 +319,8 @@ class Supervisor:
                 if event == "listening":
                     worker.listening = True
                     worker.port = message.get("port")
+                    room = message.get("connections")
+                    worker.connections = room if isinstance(room, int) else None
                 elif event == "ready" and not worker.ready.is_set():
                     worker.ready_at = time.monotonic()
                     worker.ready.set()
@@ -499,6 +502,14 @@ class Supervisor:
             await asyncio.sleep(0.05)
         self._initial = False
         s = self.settings
+        rooms = [w.connections for w in workers if w is not None and w.connections is not None]
+        if rooms:
+            log.info(
+                "%d workers: room for %d connections in all (%s each)",
+                len(rooms),
+                sum(rooms),
+                "/".join(map(str, rooms)) if len(set(rooms)) > 1 else rooms[0],
+            )
         host = f"[{s.host}]" if ":" in s.host else s.host
         log.info(
             "hub %s ready: ws://%s:%d/ws (%d workers, supervisor pid %d)  %s",

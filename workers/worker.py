@@ -7,8 +7,9 @@ Started by the supervisor as ``python -m workers.worker --slot I --listen-fd F -
 - the settings arrive as one JSON line on stdin, never in argv (``ps`` would show the secrets);
   stdin then stays open as a lifeline: EOF means the supervisor is gone, and the worker drains
   and exits instead of serving on as an orphan nobody supervises;
-- the worker reports on ``S``, one JSON object per line: ``{"event": "listening", "port": P}``
-  once it accepts connections, ``{"event": "ready"}`` once its node is ready (broker connected);
+- the worker reports on ``S``, one JSON object per line: ``{"event": "listening", "port": P,
+  "connections": C}`` once it accepts connections (C: how many its open-file limit leaves room
+  for), ``{"event": "ready"}`` once its node is ready (broker connected);
 - SIGTERM (or SIGINT) drains: see :meth:`hub.app.Hub.drain`.
 """
 
@@ -72,6 +73,7 @@ class Status:
 
 async def serve(settings: Settings, sock: socket.socket, status: Status) -> int:
     from hub.app import Hub
+    from hub.fdlimit import plan, quiet_accept_errors, raise_limit
     from hub.runtime import tune_gc
 
     loop = asyncio.get_running_loop()
@@ -96,10 +98,14 @@ async def serve(settings: Settings, sock: socket.socket, status: Status) -> int:
             request_stop("supervisor gone")
 
     loop.add_reader(0, on_stdin)
+    quiet_accept_errors(loop)
     hub = Hub(settings)
-    await hub.start(sock=sock, extra_headers={WORKER_HEADER: str(os.getpid())})
+    before, _ = raise_limit()  # inherited raised from the supervisor; unless started alone
+    capacity = plan(before)
+    await hub.start(capacity, sock=sock, extra_headers={WORKER_HEADER: str(os.getpid())})
     tune_gc()
-    status.send("listening", port=hub.port)
+    log.info("%s", capacity.describe())
+    status.send("listening", port=hub.port, connections=capacity.connections)
 
     async def report_ready() -> None:
         while not hub.node.ready:

@@ -60,6 +60,10 @@ async def _maybe_await(value: Any) -> Any:
 
 
 _NONE = object()
+#: Sockets past ``socket_limit`` that may wait for their 503 at once; beyond, they are reset.
+OVER_LIMIT_WAITING = 32
+#: Seconds between two log lines saying the server is at its socket limit.
+OVER_LIMIT_LOG_EVERY = 60.0
 
 
 class Server:
@@ -131,6 +135,13 @@ class Server:
         self._handlers: set[asyncio.Task[None]] = set()  # running connection handlers
         self._hosts: dict[ServerConnection, object] = {}
         self._per_host: dict[object, int] = {}
+        # Sockets beyond this many are refused: their request gets a 503, or, while
+        # OVER_LIMIT_WAITING of them already wait for theirs, they are reset at once. The owner
+        # sets it from the descriptors it can spare (hub.fdlimit); None: no limit.
+        self.socket_limit: int | None = None
+        self.refused = 0  # sockets refused for socket_limit, for a metric
+        self._over: set[ServerConnection] = set()
+        self._over_logged = float("-inf")
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
@@ -180,14 +191,34 @@ class Server:
         return connection
 
     def _register(self, connection: ServerConnection) -> None:
+        limit = self.socket_limit
+        over = limit is not None and len(self._all) >= limit
         self._all.add(connection)
         address = connection.remote_address
         host = address[0] if isinstance(address, tuple) else address
         self._hosts[connection] = host
         self._per_host[host] = self._per_host.get(host, 0) + 1
+        if over:
+            self._refuse(connection)
+
+    def _refuse(self, connection: ServerConnection) -> None:
+        """A socket past ``socket_limit``: answered 503 once its request is read (a client
+        told why, not reset under its request), unless too many already wait for that."""
+        self.refused += 1
+        now = self.loop.time()
+        if now - self._over_logged >= OVER_LIMIT_LOG_EVERY:
+            self._over_logged = now
+            self.logger.warning(
+                "at the limit of %d sockets: refusing new connections", self.socket_limit
+            )
+        if len(self._over) >= OVER_LIMIT_WAITING:
+            connection.abort()
+        else:
+            self._over.add(connection)
 
     def _unregister(self, connection: ServerConnection) -> None:
         self._all.discard(connection)
+        self._over.discard(connection)
         host = self._hosts.pop(connection, _NONE)
         if host is not _NONE:
             left = self._per_host[host] - 1
@@ -209,6 +240,8 @@ class Server:
         protocol = connection.protocol
         if self._closing:
             return protocol.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down.\n")
+        if connection in self._over:
+            return protocol.reject(503, "connection limit reached\n")
         result = None
         if isinstance(connection, WebSocketServerProtocol):  # the older API's overridable hook
             result = await _maybe_await(connection.process_request(request.path, request.headers))
