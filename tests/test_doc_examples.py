@@ -138,6 +138,7 @@ RUN = {
     f"{WORKERS} #0": "test_workers_command_and_log",
     f"{WORKERS} #1": "test_workers_command_and_log",
     "docs/operations.md > Slow and stalled clients #0": "test_operations_outbound_toml_loads",
+    "docs/operations.md > Capacity #0": "test_capacity_log_line",
     "docs/operations.md > Redis access control #0": (
         "tests/test_redis_acl.py::test_the_documented_acl_users_run_everything"
     ),
@@ -965,3 +966,31 @@ def test_workers_command_and_log(redis_server: RedisServer) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
+
+
+def test_capacity_log_line(tmp_path: Path) -> None:
+    """The open-file line of the Capacity section, numbers aside, is what ``hub serve`` logs
+    when started with a soft limit below the hard one."""
+    import resource
+
+    sample = block("docs/operations.md", "Capacity", 0).text.strip()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    port = free_port()
+    log_path = tmp_path / "hub.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "hub"), "serve", "--insecure", "--port", str(port)],
+            env=env(),
+            stdout=out,
+            stderr=out,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        )
+    try:
+        wait_until(
+            lambda: "ready: ws://" in log_path.read_text() or proc.poll() is not None, 30, "ready"
+        )
+        pattern = re.sub(r"\d+", r"\\d+", re.escape(sample))  # numbers vary
+        assert re.search(pattern, log_path.read_text()), (sample, log_path.read_text())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

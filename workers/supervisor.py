@@ -508,7 +508,7 @@ class Supervisor:
                 "%d workers: room for %d connections in all (%s each)",
                 len(rooms),
                 sum(rooms),
-                "/".join(map(str, rooms)) if len(set(rooms)) > 1 else rooms[0],
+                f"{min(rooms)} to {max(rooms)}" if len(set(rooms)) > 1 else rooms[0],
             )
         host = f"[{s.host}]" if ":" in s.host else s.host
         log.info(
