@@ -22,6 +22,8 @@ from .exceptions import ConcurrencyError, ConnectionClosedOK, InvalidState
 from .frames import Opcode
 from .headers import Headers
 from .http11 import Request, Response
+from .keepalive import FRAME as KEEPALIVE_FRAME
+from .keepalive import PAYLOAD as KEEPALIVE_PAYLOAD
 from .protocol import CLOSED, CONNECTING, OPEN, ServerProtocol, State
 
 if TYPE_CHECKING:
@@ -221,6 +223,8 @@ class ServerConnection(asyncio.Protocol):
         "_fragmented",
         "_fragments",
         "_id",
+        "_ka_bucket",
+        "_ka_sent",
         "_messages",
         "_opts",
         "_pings",
@@ -286,7 +290,10 @@ class ServerConnection(asyncio.Protocol):
         self.latency = 0.0
         self.username: str | None = None
         self._id: uuid.UUID | None = None
-        self._timer: asyncio.TimerHandle | None = None  # open timeout, then keepalive
+        self._timer: asyncio.TimerHandle | None = None  # the opening handshake's timeout
+        # hub.ws.keepalive: the bucket we are pinged from, and when our ping left (0: none waits)
+        self._ka_bucket: set[ServerConnection] | None = None
+        self._ka_sent = 0.0
         self._close_timer: asyncio.TimerHandle | None = None
         self._messages: deque[Data | _Fragments] | None = None
         self._queued_size = 0  # of the complete messages queued; kept only with read_limit
@@ -530,6 +537,9 @@ class ServerConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._timer = self._close_timer = None
+        if self._ka_bucket is not None:
+            self._ka_bucket.discard(self)
+            self._ka_bucket = None
         for waiter in (self._recv_waiter, self._drain_waiter, self._closed_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
@@ -882,9 +892,9 @@ class ServerConnection(asyncio.Protocol):
             pings = self._pings = {}
         if data is None:
             data = _ping_payload()
-            while data in pings:
+            while data in pings or data == KEEPALIVE_PAYLOAD:
                 data = _ping_payload()
-        elif data in pings:
+        elif data in pings or (data == KEEPALIVE_PAYLOAD and self._ka_sent):
             raise ConcurrencyError("already waiting for a pong with the same data")
         self._check_sendable()
         self.protocol.send_ping(data)
@@ -906,18 +916,38 @@ class ServerConnection(asyncio.Protocol):
         self._check_pending()
 
     def _on_pong(self, data: bytes) -> None:
+        # A pong acknowledges its ping and every ping sent before it, keepalive or ours.
+        keepalive_sent = self._ka_sent
+        if keepalive_sent and data == KEEPALIVE_PAYLOAD:
+            self._ka_sent = 0.0
+            now = self.server.loop.time()
+            self.latency = now - keepalive_sent
+            if self._pings:
+                self._acknowledge(lambda key, sent_at: sent_at <= keepalive_sent, now)
+            return
         pings = self._pings
         if not pings or data not in pings:
             return
         now = self.server.loop.time()
-        # A pong acknowledges its ping and every ping sent before it.
         for key in list(pings):
             future, sent_at = pings.pop(key)
             if not future.done():
                 future.set_result(now - sent_at)
             if key == data:
                 self.latency = now - sent_at
+                if keepalive_sent and keepalive_sent <= sent_at:
+                    self._ka_sent = 0.0
                 break
+
+    def _acknowledge(self, answered: Any, now: float) -> None:
+        """Resolve the pings for which ``answered(data, sent_at)`` holds, with their latency."""
+        pings = self._pings
+        assert pings is not None
+        for key, (future, sent_at) in list(pings.items()):
+            if answered(key, sent_at):
+                del pings[key]
+                if not future.done():
+                    future.set_result(now - sent_at)
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -1012,42 +1042,20 @@ class ServerConnection(asyncio.Protocol):
     def _start_keepalive(self) -> None:
         interval = self._opts.ping_interval
         if interval is not None:
-            self._timer = self.server.loop.call_later(interval, self._keepalive)
+            keepalive = self.server._keepalive(interval, self._opts.ping_timeout)
+            self._ka_bucket = keepalive.add(self)
 
-    def _keepalive(self) -> None:
-        self._timer = None
-        if self.protocol.state is not OPEN:
+    def _keepalive_ping(self, now: float) -> None:
+        """Our turn in the keepalive (``hub.ws.keepalive``): the shared ping frame, unless the
+        last one is still waiting for its pong."""
+        if self._ka_sent or self.protocol.state is not OPEN:
             return
-        pings = self._pings
-        if pings is None:
-            pings = self._pings = {}
-        data = _ping_payload()
-        while data in pings:
-            data = _ping_payload()
-        loop = self.server.loop
-        future: asyncio.Future[float] = loop.create_future()
-        pings[data] = (future, loop.time())
-        self.protocol.send_ping(data)
-        self._send_protocol_data()
-        timeout = self._opts.ping_timeout
-        if timeout is not None:
-            self._timer = loop.call_later(timeout, self._keepalive_timed_out, future)
-        future.add_done_callback(self._keepalive_answered)
+        self._ka_sent = now
+        self._write(KEEPALIVE_FRAME)
 
-    def _keepalive_answered(self, future: asyncio.Future[float]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        interval = self._opts.ping_interval
-        if self.protocol.state is OPEN and interval is not None:
-            delay = max(interval - future.result(), 0.0)
-            self._timer = self.server.loop.call_later(delay, self._keepalive)
-
-    def _keepalive_timed_out(self, future: asyncio.Future[float]) -> None:
-        self._timer = None
-        if not future.done() and self.protocol.state is OPEN:
+    def _keepalive_timed_out(self) -> None:
+        self._ka_sent = 0.0
+        if self.protocol.state is OPEN:
             self.logger.debug("keepalive ping timeout; closing connection")
             self._fail(1011, "keepalive ping timeout")
 

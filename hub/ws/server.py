@@ -17,6 +17,7 @@ from .deflate import ServerPerMessageDeflateFactory
 from .exceptions import ConnectionClosed
 from .headers import Headers, HeadersLike
 from .http11 import Limits, Request, Response
+from .keepalive import Keepalive, KeepaliveKey
 from .legacy import WebSocketServerProtocol, overrides_select
 from .protocol import CONNECTING, OPEN, ServerProtocol
 
@@ -130,6 +131,8 @@ class Server:
         self.limits = limits or Limits()
         self.logger = logger or logging.getLogger("hub.ws.server")
         self._coalescer = WriteCoalescer.of(self.loop)
+        # One keepalive timer per (ping_interval, ping_timeout) in use, for all connections.
+        self._keepalives: dict[KeepaliveKey, Keepalive] = {}
         self._server: asyncio.Server | None = None
         self._all: set[ServerConnection] = set()
         self._handlers: set[asyncio.Task[None]] = set()  # running connection handlers
@@ -189,6 +192,10 @@ class Server:
 
                 protocol._select = select
         return connection
+
+    def _keepalive(self, interval: float, timeout: float | None) -> Keepalive:
+        """The keepalive that pings this server's connections with these settings."""
+        return Keepalive.of(self._keepalives, self.loop, interval, timeout)
 
     def _register(self, connection: ServerConnection) -> None:
         limit = self.socket_limit
