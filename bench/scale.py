@@ -821,6 +821,134 @@ def make_table(results: dict[str, Json]) -> tuple[list[tuple[str, ...]], bool]:
 
 
 # --------------------------------------------------------------------------------------------
+# Breakdown: where the bytes of an idle connection go (tracemalloc, one in-process hub)
+# --------------------------------------------------------------------------------------------
+
+#: Allocation sites, by file, grouped into what a connection is made of.
+PARTS = (
+    (
+        "protocol: state, parser, request and response",
+        (
+            "hub/ws/protocol.py",
+            "hub/ws/frames.py",
+            "hub/ws/http11.py",
+            "hub/ws/headers.py",
+            "hub/ws/streams.py",
+        ),
+    ),
+    ("connection object (hub.ws)", ("hub/ws/connection.py", "hub/ws/keepalive.py")),
+    (
+        "handler task and its coroutines",
+        (
+            "hub/ws/server.py",
+            "asyncio/tasks.py",
+            "hub/app.py",
+            "asyncio/base_events.py",
+            "asyncio/futures.py",
+            "asyncio/events.py",
+        ),
+    ),
+    (
+        "transport, socket, selector",
+        (
+            "asyncio/selector_events.py",
+            "selectors.py",
+            "socket.py",
+            "asyncio/trsock.py",
+            "asyncio/transports.py",
+            "asyncio/protocols.py",
+        ),
+    ),
+    ("session", ("hub/session.py", "hub/limits.py", "hub/tokens.py", "hub/codec.py")),
+    ("registry entries", ("hub/registry.py", "hub/node.py", "hub/presence.py")),
+    ("redis bridge: the user's subscription", ("hub/bridge.py", "hub/resp.py", "redis/")),
+)
+
+
+def part_of(filename: str) -> str:
+    name = filename.replace(os.sep, "/")
+    for part, files in PARTS:
+        if any(f in name for f in files):
+            return part
+    return "other"
+
+
+async def breakdown(n: int, tmp: Path) -> Json:
+    """One hub process (this one, asyncio) on a private Redis, ``n`` connections from a client
+    subprocess; tracemalloc's growth by allocation site, grouped into ``PARTS``."""
+    import gc
+    import tracemalloc
+
+    from hub.app import Hub
+    from hub.config import load_settings
+    from hub.fdlimit import plan
+
+    run = Run("hub", argparse.Namespace(connections=n, client_procs=1, sources=2, workers=1), tmp)
+    await run.start_redis()
+    port = free_port()
+    settings = load_settings(
+        None,
+        env={},
+        overrides={
+            "insecure": True,
+            "redis_url": run.redis_url,
+            "host": HOST,
+            "port": port,
+            "command_rate": 0,
+        },
+    )
+    hub = Hub(settings)
+    await hub.start(plan())
+    try:
+        await run.start_clients(port)
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        rss0 = rss_kb()
+        await run.clients[0].send({"op": "connect"})
+        got = await run.clients[0].recv("connected", 600)
+        await asyncio.sleep(1.0)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        rss1 = rss_kb()
+        tracemalloc.stop()
+        connected = got["connected"]
+        parts: dict[str, int] = {}
+        lines: list[tuple[int, str]] = []
+        for stat in after.compare_to(before, "lineno"):
+            frame = stat.traceback[0]
+            parts[part_of(frame.filename)] = parts.get(part_of(frame.filename), 0) + stat.size_diff
+            lines.append(
+                (stat.size_diff, f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}")
+            )
+        lines.sort(reverse=True)
+        return {
+            "connections": connected,
+            "rss_kib_per_conn": (rss1 - rss0) / connected,
+            "traced_bytes_per_conn": sum(parts.values()) / connected,
+            "parts": {k: v / connected for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
+            "top": [(size / connected, where) for size, where in lines[:20]],
+        }
+    finally:
+        await run.stop()
+        await hub.close()
+
+
+def print_breakdown(b: Json) -> None:
+    print(f"\n{b['connections']:,} idle subscribed connections in one hub process (asyncio):")
+    print(
+        f"  RSS growth {b['rss_kib_per_conn'] * 1024:,.0f} B per connection; traced by "
+        f"tracemalloc {b['traced_bytes_per_conn']:,.0f} B"
+    )
+    rows = [("part", "bytes per connection")]
+    rows += [(part, f"{size:,.0f}") for part, size in b["parts"].items()]
+    print(format_table(rows, right={1}))
+    print("\ntop allocation sites (bytes per connection):")
+    for size, where in b["top"]:
+        print(f"  {size:8,.0f}  {where}")
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
 
@@ -838,6 +966,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--connect-timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead: where the bytes of N connections go in one in-process hub (tracemalloc)",
+    )
     args = ap.parse_args(argv)
     args.connections = args.connections or (10_000 if args.quick else 100_000)
     args.workers = args.workers or (2 if args.quick else 6)
@@ -890,6 +1023,13 @@ def main(argv: list[str] | None = None) -> int:
         return role_main(argv)
     args = parse_args(argv)
     raise_nofile()
+    if args.breakdown:
+        with tempfile.TemporaryDirectory(prefix="hub-scale-") as tmp:
+            b = asyncio.run(breakdown(min(args.connections, 18_000), Path(tmp)))
+        print_breakdown(b)
+        if args.json:
+            write_json(args.json, {"breakdown": b})
+        return 0
     import hub
 
     meta: Json = {
