@@ -927,7 +927,8 @@ async def breakdown(n: int, tmp: Path) -> Json:
             "rss_kib_per_conn": (rss1 - rss0) / connected,
             "traced_bytes_per_conn": sum(parts.values()) / connected,
             "parts": {k: v / connected for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
-            "top": [(size / connected, where) for size, where in lines[:20]],
+            "top": [(size / connected, where) for size, where in lines[:40]],
+            "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         }
     finally:
         await run.stop()
@@ -1025,7 +1026,11 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     if args.breakdown:
         with tempfile.TemporaryDirectory(prefix="hub-scale-") as tmp:
-            b = asyncio.run(breakdown(min(args.connections, 18_000), Path(tmp)))
+            from workers.worker import loop_factory
+
+            factory, _ = loop_factory()  # what the workers run on
+            with asyncio.Runner(loop_factory=factory) as runner:
+                b = runner.run(breakdown(min(args.connections, 18_000), Path(tmp)))
         print_breakdown(b)
         if args.json:
             write_json(args.json, {"breakdown": b})

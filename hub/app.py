@@ -364,10 +364,16 @@ class Hub:
         session = Session(self.node, connection, credentials, codec, client_id)
         session.expiry.renew = renew
         session.expiry.set(None, credentials.expires_at)
+        path = connection.request.path
+        # What the hub needs of the handshake is in the credentials, the session and ``path``
+        # now; the request and response (headers and all, about 1.3 KB) would stay as long as
+        # the connection, which for most connections is hours of listening.
+        connection.request = connection.response = None
         await self.node.add_session(session)
         try:
-            if "inbox=" in connection.request.path:  # the connect option (hub.notify)
-                await self.node.inbox.open_on_connect(session, connection.request.path)
+            if "inbox=" in path:  # the connect option (hub.notify)
+                await self.node.inbox.open_on_connect(session, path)
+            del path
             channels += backend.server_side_channels(self.settings, credentials)
             await backend.server_side(session, channels)
             await session.run()

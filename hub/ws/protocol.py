@@ -545,8 +545,8 @@ class ServerProtocol:
     def _parse(self) -> Generator[None, None, None]:
         reader = self.reader
         if self.state is CONNECTING:
-            request = yield from parse_request(reader, self.limits)
-            self.events.append(request)
+            # Not in a local: this generator lives as long as the connection.
+            self.events.append((yield from parse_request(reader, self.limits)))
             while self.state is CONNECTING:  # until accepted: keep early bytes buffered
                 yield
         while True:

@@ -239,9 +239,9 @@ class Server:
 
         The task is kept until it ends, so that :meth:`wait_closed` waits for handlers that
         outlive their connection (one that sleeps after ``close()``, for instance)."""
-        task = self.loop.create_task(self._run(connection, request))
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        # The task leaves the set in its own ``finally`` (a done callback would cost every
+        # connection a callback list for its whole life).
+        self._handlers.add(self.loop.create_task(self._run(connection, request)))
 
     async def _handshake(self, connection: ServerConnection, request: Request) -> Response:
         protocol = connection.protocol
@@ -288,48 +288,56 @@ class Server:
 
     async def _run(self, connection: ServerConnection, request: Request) -> None:
         """Run one connection: handshake, then the handler, then the closing handshake."""
-        protocol = connection.protocol
         try:
-            response = await self._handshake(connection, request)
-        except Exception:
-            self.logger.error("opening handshake failed", exc_info=True)
-            response = protocol.reject(
-                http.HTTPStatus.INTERNAL_SERVER_ERROR,
-                "failed to open a websocket connection.\nsee server log for more information.\n",
-            )
-        if connection.transport.is_closing() or protocol.state is not CONNECTING:
-            return  # timed out or the client went away while we decided
-        connection.response = response
-        protocol.send_response(response)
-        if connection._timer is not None:
-            connection._timer.cancel()
-            connection._timer = None
-        connection._send_protocol_data()
-        if protocol.state is not OPEN:
-            return
-        if protocol.events:  # frames that arrived right behind the request
-            connection._process_events()
-        connection._start_keepalive()
-        try:
-            if self._handler_path:
-                await self.handler(connection, request.path)
+            protocol = connection.protocol
+            try:
+                response = await self._handshake(connection, request)
+            except Exception:
+                self.logger.error("opening handshake failed", exc_info=True)
+                response = protocol.reject(
+                    http.HTTPStatus.INTERNAL_SERVER_ERROR,
+                    "failed to open a websocket connection.\n"
+                    "see server log for more information.\n",
+                )
+            if connection.transport.is_closing() or protocol.state is not CONNECTING:
+                return  # timed out or the client went away while we decided
+            connection.response = response
+            protocol.send_response(response)
+            if connection._timer is not None:
+                connection._timer.cancel()
+                connection._timer = None
+            connection._send_protocol_data()
+            if protocol.state is not OPEN:
+                return
+            if protocol.events:  # frames that arrived right behind the request
+                connection._process_events()
+            connection._start_keepalive()
+            path = request.path if self._handler_path else None
+            # This frame lasts as long as the connection: it must not hold the handshake, which
+            # the connection keeps as long as the application lets it (``connection.request``).
+            del request, response
+            try:
+                if path is not None:
+                    await self.handler(connection, path)
+                else:
+                    await self.handler(connection)
+            except ConnectionClosed as exc:
+                # The peer went away while the handler used the connection: not a server error.
+                if self.logger.isEnabledFor(logging.DEBUG):
+                    self.logger.debug("connection handler ended: %s", exc)
+                code = 1000
+            except Exception:
+                self.logger.error("connection handler failed", exc_info=True)
+                code = 1011
             else:
-                await self.handler(connection)
-        except ConnectionClosed as exc:
-            # The peer went away while the handler used the connection: not a server error.
-            if self.logger.isEnabledFor(logging.DEBUG):
-                self.logger.debug("connection handler ended: %s", exc)
-            code = 1000
-        except Exception:
-            self.logger.error("connection handler failed", exc_info=True)
-            code = 1011
-        else:
-            code = 1000
-        try:
-            await connection.close(code)
-        except Exception:
-            self.logger.error("closing handshake failed", exc_info=True)
-            connection.abort()
+                code = 1000
+            try:
+                await connection.close(code)
+            except Exception:
+                self.logger.error("closing handshake failed", exc_info=True)
+                connection.abort()
+        finally:
+            self._handlers.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     # -- public API ----------------------------------------------------------------------------
 
