@@ -278,7 +278,8 @@ class Hub:
         if s.max_connections_per_ip and server.sockets_from(host) > s.max_connections_per_ip:
             metrics.handshake_failures.labels("ip_connection_limit").inc()
             return _too_many(connection, "too many connections from this address\n", 10)
-        if self.auth_failures.exhausted(self._source(host, request)):
+        failures = self.auth_failures
+        if failures.tracking and failures.exhausted(self._source(host, request)):
             metrics.rate_limited.labels("auth").inc()
             return _too_many(connection, "too many failed authentications, retry later\n", 60)
         return None

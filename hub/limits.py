@@ -90,6 +90,12 @@ class AddressBudget:
     def enabled(self) -> bool:
         return self.count > 0 and self.window > 0
 
+    @property
+    def tracking(self) -> bool:
+        """Whether any key has spent anything (if not, none is exhausted: callers may skip
+        working out the key)."""
+        return bool(self._buckets)
+
     def exhausted(self, key: str) -> bool:
         """True while ``key`` has used up its budget (it is then refused without costing more)."""
         bucket = self._buckets.get(key)

@@ -11,6 +11,17 @@ from .exceptions import InvalidHeaderFormat
 __all__ = ["Headers", "HeadersLike", "MultipleValuesError", "parse_extensions", "parse_tokens"]
 
 
+#: Header names that most requests carry: parsed requests share these string objects (http11),
+#: and their lower case is looked up instead of made again on every comparison.
+COMMON_NAMES = [
+    "Host", "Upgrade", "Connection", "Origin", "User-Agent", "Authorization", "Cookie",
+    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol", "Accept-Encoding", "Accept-Language", "Cache-Control", "Pragma",
+    "Content-Type", "Content-Length", "Accept", "X-Forwarded-For", "X-Real-IP",
+]  # fmt: skip
+_LOWER = {n: n.lower() for n in COMMON_NAMES} | {n.lower(): n.lower() for n in COMMON_NAMES}
+
+
 class MultipleValuesError(LookupError):
     """``headers[name]`` is ambiguous because the header appears more than once."""
 
@@ -43,7 +54,8 @@ class Headers:
         if not isinstance(key, str):
             return False
         lower = key.lower()
-        return any(k.lower() == lower for k, _ in self._list)
+        known = _LOWER.get
+        return any((known(k) or k.lower()) == lower for k, _ in self._list)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names())
@@ -99,7 +111,10 @@ class Headers:
 
     def get_all(self, key: str) -> list[str]:
         lower = key.lower()
-        return [v for k, v in self._list if k.lower() == lower]
+        # Names of parsed requests are interned (http11): their lower case is a lookup, not a
+        # new string per header per call (a handshake looks up a dozen names).
+        known = _LOWER.get
+        return [v for k, v in self._list if (known(k) or k.lower()) == lower]
 
     def keys(self) -> Iterable[str]:
         return [k for k, _ in self._list]

@@ -12,7 +12,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 
 from .exceptions import InvalidMessage, InvalidVersion, SecurityError
-from .headers import Headers, HeadersLike
+from .headers import COMMON_NAMES, Headers, HeadersLike
 from .streams import LineTooLong, StreamReader
 
 __all__ = ["Limits", "Request", "Response", "parse_request"]
@@ -77,18 +77,12 @@ class Response:
 
 # Every connection keeps its request, so the names and values that every handshake repeats map
 # to shared string objects instead of fresh copies (a fixed table: clients cannot grow it).
-_COMMON_NAMES = [
-    "Host", "Upgrade", "Connection", "Origin", "User-Agent", "Authorization", "Cookie",
-    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
-    "Sec-WebSocket-Protocol", "Accept-Encoding", "Accept-Language", "Cache-Control", "Pragma",
-    "Content-Type", "Content-Length", "Accept", "X-Forwarded-For", "X-Real-IP",
-]  # fmt: skip
 _COMMON_VALUES = [
     "websocket", "Upgrade", "upgrade", "13", "keep-alive, Upgrade", "no-cache",
     "permessage-deflate; client_max_window_bits", "gzip, deflate", "gzip, deflate, br",
 ]  # fmt: skip
-_NAMES = {n.encode(): n for n in _COMMON_NAMES} | {
-    n.lower().encode(): n.lower() for n in _COMMON_NAMES
+_NAMES = {n.encode(): n for n in COMMON_NAMES} | {
+    n.lower().encode(): n.lower() for n in COMMON_NAMES
 }
 _VALUES = {v.encode(): v for v in _COMMON_VALUES}
 _TOO_LARGE = http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
