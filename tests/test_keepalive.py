@@ -221,3 +221,44 @@ def test_one_timer_for_every_connection() -> None:
             assert not any(keepalive.buckets)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_only_a_pong_with_the_keepalive_payload_answers_it(loop: str) -> None:
+    """A pong read on its own skips the parser only when it is the keepalive's answer: one
+    with other data does not count (closed at ping_timeout), and a pong that comes in one read
+    with a message is parsed with it (the message arrives, the connection stays)."""
+
+    async def main() -> None:
+        got: list[str] = []
+
+        async def handler(connection: Any) -> None:
+            async for message in connection:
+                got.append(message)
+
+        server = await hub.ws.serve(
+            handler, "127.0.0.1", 0, compression=None, ping_interval=0.2, ping_timeout=0.3
+        )
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            wrong, right = Peer(answer=False), Peer(answer=False)
+            for peer in (wrong, right):
+                await peer.connect(port)
+            for _ in range(200):
+                if wrong.pings and right.pings:
+                    break
+                await asyncio.sleep(0.01)
+            mask = b"\x01\x02\x03\x04"
+            other = bytes(a ^ b for a, b in zip(b"nope", mask, strict=True))
+            wrong.writer.write(b"\x8a\x84" + mask + other)
+            pong = bytes(a ^ b for a, b in zip(PAYLOAD, mask, strict=True))
+            text = bytes(a ^ b for a, b in zip(b"hi", mask[:2], strict=True))
+            right.writer.write(b"\x8a\x84" + mask + pong + b"\x81\x82" + mask + text)
+            right.answer = True  # the pings after this one
+            await asyncio.wait_for(wrong.ended.wait(), 10)
+            assert wrong.close is not None and wrong.close[1] == 1011
+            await asyncio.sleep(0.4)  # past the ping's timeout: answered, so still open
+            assert not right.ended.is_set() and got == ["hi"]
+            right.shut()
+
+    run(loop, main)

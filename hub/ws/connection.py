@@ -34,6 +34,7 @@ __all__ = ["ConnectionOptions", "Data", "ServerConnection", "WriteCoalescer", "h
 Data = str | bytes
 OP_TEXT, OP_BINARY, OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 OP_PING, OP_PONG, OP_CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
+_KEEPALIVE_INT = int.from_bytes(KEEPALIVE_PAYLOAD)
 #: struct linger {l_onoff = 1, l_linger = 0}: close() then sends RST and drops the send queue.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -496,6 +497,9 @@ class ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol
+        if self._ka_sent and protocol.is_lone_pong(data, _KEEPALIVE_INT):
+            self._on_pong(KEEPALIVE_PAYLOAD)  # the keepalive's answer, without the parser
+            return
         try:
             protocol.receive_data(data)
             if protocol.events:

@@ -101,6 +101,7 @@ class ServerProtocol:
         "_select",
         "available_extensions",
         "available_subprotocols",
+        "between_frames",
         "close_exc_override",
         "close_rcvd",
         "close_rcvd_then_sent",
@@ -147,6 +148,7 @@ class ServerProtocol:
         self.debug = self.logger.isEnabledFor(logging.DEBUG)
 
         self.reader = StreamReader()
+        self.between_frames = False  # the parser waits for the first byte of a frame
         self.events: list[Event] = []
         self.writes: list[bytes] = []
         self.eof_sent = False
@@ -217,6 +219,21 @@ class ServerProtocol:
             return  # after a failure or a close frame, input is discarded unread
         self.reader.buffer += data
         self._step()
+
+    def is_lone_pong(self, data: bytes, payload: int) -> bool:
+        """Whether ``data`` is exactly one masked pong whose 4-byte payload is ``payload`` (big
+        endian), arriving between frames of an open connection. Such a pong changes no state
+        here (it is only an event): an I/O layer may take it without running the parser, which
+        is what an idle connection receives most (the answers to keepalive pings)."""
+        return (
+            len(data) == 10
+            and data[0] == 0x8A  # FIN, no RSV bit, pong
+            and data[1] == 0x84  # masked, 4 bytes
+            and self.between_frames
+            and self.state is OPEN
+            and not self.reader.buffer
+            and int.from_bytes(data[2:6]) ^ int.from_bytes(data[6:10]) == payload
+        )
 
     def receive_eof(self) -> None:
         """The peer closed its side of the TCP connection."""
@@ -550,7 +567,10 @@ class ServerProtocol:
             while self.state is CONNECTING:  # until accepted: keep early bytes buffered
                 yield
         while True:
-            if (yield from reader.at_eof()):
+            self.between_frames = True
+            at_eof = yield from reader.at_eof()
+            self.between_frames = False
+            if at_eof:
                 if self.state is OPEN or self.close_rcvd is None:
                     raise EOFError("connection closed without a closing handshake")
                 return
