@@ -687,7 +687,8 @@ class Run:
         self.say(
             f"broadcast: {received:,}/{subscribed:,} connections in "
             f"{r['broadcast_s'] or float('nan'):.3f}s (first after "
-            f"{r['broadcast_first_s'] or float('nan'):.3f}s)"
+            f"{r['broadcast_first_s'] or float('nan'):.3f}s); server CPU "
+            f"{r['broadcast_server_cpu_s']:.2f}s, clients {r['broadcast_client_cpu_s']:.2f}s"
         )
 
         # disconnect
