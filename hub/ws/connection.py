@@ -233,7 +233,6 @@ class ServerConnection(asyncio.Protocol):
         "_reading_paused",
         "_recv_busy",
         "_recv_waiter",
-        "_timer",
         "_turn",
         "_wbuf",
         "_write_paused",
@@ -291,7 +290,6 @@ class ServerConnection(asyncio.Protocol):
         self.latency = 0.0
         self.username: str | None = None
         self._id: uuid.UUID | None = None
-        self._timer: asyncio.TimerHandle | None = None  # the opening handshake's timeout
         # hub.ws.keepalive: the bucket we are pinged from, and when our ping left (0: none waits)
         self._ka_bucket: set[ServerConnection] | None = None
         self._ka_sent = 0.0
@@ -492,8 +490,7 @@ class ServerConnection(asyncio.Protocol):
         if server is None:
             return  # built by hand, outside a server: nothing to register or time
         server._register(self)
-        if server.open_timeout is not None:
-            self._timer = server.loop.call_later(server.open_timeout, self._open_timed_out)
+        server._await_handshake(self)  # open_timeout: one timer for all (Server)
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol
@@ -537,10 +534,9 @@ class ServerConnection(asyncio.Protocol):
             protocol.close_exc_override = exc
         protocol.state = CLOSED
         self._wbuf = None
-        for timer in (self._timer, self._close_timer):
-            if timer is not None:
-                timer.cancel()
-        self._timer = self._close_timer = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         if self._ka_bucket is not None:
             self._ka_bucket.discard(self)
             self._ka_bucket = None
@@ -1045,10 +1041,9 @@ class ServerConnection(asyncio.Protocol):
 
     def _open_timed_out(self) -> None:
         """Close (a FIN), not reset as :meth:`abort` does: nothing was written to the peer yet
-        (the response cancels this timer), so no unsent data can keep the orphaned socket alive;
-        the kernel forgets it within ``tcp_fin_timeout`` whatever the peer does. The peer reads
-        EOF, as from websockets, and the descriptor is freed at once either way."""
-        self._timer = None
+        (answering the request ends its timeout), so no unsent data can keep the orphaned socket
+        alive; the kernel forgets it within ``tcp_fin_timeout`` whatever the peer does. The peer
+        reads EOF, as from websockets, and the descriptor is freed at once either way."""
         if self.protocol.state is CONNECTING:
             self.logger.debug("opening handshake timed out")
             self._wbuf = None

@@ -144,6 +144,11 @@ class Server:
         self.socket_limit: int | None = None
         self.refused = 0  # sockets refused for socket_limit, for a metric
         self._over: set[ServerConnection] = set()
+        # open_timeout: the deadline of each connection still in its opening handshake, oldest
+        # first (one timeout for all: insertion order is deadline order), and one timer at the
+        # first deadline instead of a timer per connection.
+        self._opening: dict[ServerConnection, float] = {}
+        self._opening_timer: asyncio.TimerHandle | None = None
         self._over_logged = float("-inf")
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
@@ -223,9 +228,32 @@ class Server:
         else:
             self._over.add(connection)
 
+    def _await_handshake(self, connection: ServerConnection) -> None:
+        """Start ``connection``'s open_timeout."""
+        if self.open_timeout is None:
+            return
+        deadline = self.loop.time() + self.open_timeout
+        self._opening[connection] = deadline
+        if self._opening_timer is None:
+            self._opening_timer = self.loop.call_at(deadline, self._open_timeouts)
+
+    def _open_timeouts(self) -> None:
+        """Drop the connections whose opening handshake outlived open_timeout."""
+        self._opening_timer = None
+        opening = self._opening
+        now = self.loop.time()
+        while opening:
+            connection, deadline = next(iter(opening.items()))
+            if deadline > now:
+                self._opening_timer = self.loop.call_at(deadline, self._open_timeouts)
+                return
+            del opening[connection]
+            connection._open_timed_out()
+
     def _unregister(self, connection: ServerConnection) -> None:
         self._all.discard(connection)
         self._over.discard(connection)
+        self._opening.pop(connection, None)
         host = self._hosts.pop(connection, _NONE)
         if host is not _NONE:
             left = self._per_host[host] - 1
@@ -303,9 +331,7 @@ class Server:
                 return  # timed out or the client went away while we decided
             connection.response = response
             protocol.send_response(response)
-            if connection._timer is not None:
-                connection._timer.cancel()
-                connection._timer = None
+            self._opening.pop(connection, None)
             connection._send_protocol_data()
             if protocol.state is not OPEN:
                 return
