@@ -9,7 +9,7 @@ server share one :class:`Keepalive` (a hub process has one server: one timer for
 - they sit in ``slices`` buckets, one per tick of ``ping_interval / slices`` (about a second);
   each tick pings one bucket, so every connection is pinged once per ``ping_interval`` (its
   first ping comes one interval after it opened, less at most one tick while the loop keeps up
-  with its timers);
+  with its timers, two when it runs them late);
 - every ping is the same pre-encoded frame (servers do not mask, so the bytes never change) with
   the payload :data:`PAYLOAD`, which the connection's own ``ping()`` never uses while a
   keepalive ping waits;
