@@ -88,6 +88,8 @@ def status_line(sock: socket.socket) -> bytes:
             data += chunk
     except ConnectionResetError:
         return b"reset"
+    except TimeoutError:
+        return b"no answer"
     return data.partition(b"\r\n")[0]
 
 
@@ -113,11 +115,8 @@ def test_serve_raises_its_limit_and_refuses_connections_past_it(tmp_path: Path) 
             # at once; the process still never runs out of descriptors.
             silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(150)]
             held += silent
-            reset = 0
-            for sock in silent[-80:]:
-                if status_line(sock) in (b"", b"reset"):
-                    reset += 1
-            assert reset == 80
+            ends = [status_line(sock) for sock in silent[-80:]]
+            assert all(end in (b"", b"reset") for end in ends), ends
             for sock in held[room:]:
                 sock.close()
             del held[room:]
