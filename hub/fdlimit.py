@@ -28,7 +28,10 @@ log = logging.getLogger("hub")
 
 #: Most connections accepted in one go (the listen backlog, which is also asyncio's accept
 #: burst: that many sockets may be accepted before the first is counted).
-MAX_BACKLOG = 1024
+MAX_BACKLOG = 512
+#: Accept bursts whose descriptors may be open at once: a socket refused by a reset gives its
+#: descriptor back a loop turn or two later, while the next bursts are accepted.
+BURSTS = 3
 #: Descriptors kept for everything that is not a client socket: Redis links, files, and the
 #: connections past the limit that are waiting for their 503.
 SPARE = 64
@@ -95,14 +98,14 @@ def plan(before: int | None = None) -> Capacity:
     """The capacity of this process under its current limit (call after :func:`raise_limit`).
 
     The backlog is a tenth of the free descriptors, at least 16 and at most ``MAX_BACKLOG``;
-    the reserve is the backlog plus ``SPARE``; the rest is for connections.
+    the reserve is ``BURSTS`` backlogs plus ``SPARE``; the rest is for connections.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = _nr_open() if soft == resource.RLIM_INFINITY else int(soft)
     in_use = open_descriptors()
     free = max(0, limit - in_use)
     backlog = max(16, min(MAX_BACKLOG, free // 10))
-    connections = max(0, free - backlog - SPARE)
+    connections = max(0, free - BURSTS * backlog - SPARE)
     return Capacity(limit, limit if before is None else before, in_use, backlog, connections)
 
 
