@@ -1142,7 +1142,13 @@ class ServerConnection(asyncio.Protocol):
         if self.protocol.state is CONNECTING or self.protocol.handshake_exc is not None:
             transport.close()  # an HTTP answer: flush it and hang up
         elif transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:
+                # A reset that arrived after the close frame left but before the half-close
+                # (ENOTCONN): the peer is gone, there is nothing left to say to it.
+                transport.abort()
+                return
             self._arm_close_timer()
         else:
             transport.close()
