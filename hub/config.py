@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HubError
+from .rules import MIN_SECRET_BYTES
 from .tokens import TokenVerifier
 
 __all__ = [
@@ -325,9 +326,13 @@ def load_settings(
     return settings
 
 
-#: Fewest bytes of an HMAC token secret or an API key outside dev mode: shorter ones can be
-#: guessed offline from one token (HS256) or online, key after key.
-MIN_SECRET_BYTES = 32
+def _check_secret(key: str, value: str | None, why: str = "") -> None:
+    """The one length rule for secrets (``rules.MIN_SECRET_BYTES``), worded once."""
+    if value is not None and len(value.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{key}: must be at least {MIN_SECRET_BYTES} bytes{why} "
+            f"(got {len(value.encode())}); e.g. openssl rand -hex 32"
+        )
 
 
 def check_serving(s: Settings) -> None:
@@ -381,12 +386,7 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"trusted_proxies: not an address or network: {network!r}") from None
     if not s.insecure:
         for key in ("token_secret", "api_key"):
-            value = getattr(s, key)
-            if value is not None and len(value.encode()) < MIN_SECRET_BYTES:
-                raise ConfigError(
-                    f"{key}: must be at least {MIN_SECRET_BYTES} bytes outside dev mode "
-                    f"(got {len(value.encode())}); e.g. openssl rand -hex 32"
-                )
+            _check_secret(key, getattr(s, key), " outside dev mode")
     if s.outbound_buffer < 1024:
         raise ConfigError("outbound_buffer: must be at least 1024 bytes")
     if not 0 <= s.write_delay <= MAX_WRITE_DELAY:  # NaN too
@@ -399,8 +399,7 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             f"redis_url: expected redis://, unix:// or redis+cluster://, got {s.redis_url!r}"
         )
-    if s.redis_signing_key is not None and len(s.redis_signing_key.encode()) < 32:
-        raise ConfigError("redis_signing_key: must have at least 32 bytes")
+    _check_secret("redis_signing_key", s.redis_signing_key)
     if not 1.0 <= s.presence_ttl <= 86400:
         raise ConfigError(f"presence_ttl: expected 1 to 86400 seconds, got {s.presence_ttl}")
     if not 0.0 <= s.join_leave_interval <= 60:
@@ -416,8 +415,9 @@ def validate(s: Settings) -> None:
     if s.fallback_url is not None:
         if not s.fallback_url.startswith(("http://", "https://")):
             raise ConfigError(f"fallback_url: expected http:// or https://, got {s.fallback_url!r}")
-        if s.fallback_secret is None or len(s.fallback_secret.encode()) < 32:
-            raise ConfigError("fallback_secret: fallback_url needs a secret of at least 32 bytes")
+        if s.fallback_secret is None:
+            raise ConfigError("fallback_secret: fallback_url needs one (the webhook is signed)")
+        _check_secret("fallback_secret", s.fallback_secret)
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {s.log_level!r}")
     _validate_proxies(s)
@@ -440,10 +440,7 @@ def _validate_proxies(s: Settings) -> None:
     for header in s.proxy_headers:
         if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", header):
             raise ConfigError(f"proxy_headers: not a header name: {header!r}")
-    if s.proxy_secret is not None and len(s.proxy_secret.encode()) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"proxy_secret: must be at least {MIN_SECRET_BYTES} bytes; e.g. openssl rand -hex 32"
-        )
+    _check_secret("proxy_secret", s.proxy_secret)
     if not s.insecure and s.proxy_secret is None and proxy_urls(s):
         raise ConfigError(
             f"proxy_secret: {proxy_urls(s)[0]} is set; the backend needs proxy_secret to check "

@@ -22,6 +22,7 @@ __all__ = [
     "DISCONNECT_CODE",
     "MAX_EPOCH_LENGTH",
     "MAX_REASON_BYTES",
+    "MIN_SECRET_BYTES",
     "check_channel",
     "close_problem",
     "disconnect_problem",
@@ -35,6 +36,11 @@ _CHANNEL = re.compile(r"[A-Za-z0-9_\-.:@/=,+]+")
 #: The close code of a disconnect that names none: the backend disconnected the user for good.
 DISCONNECT_CODE = int(CloseCode.DISCONNECTED)
 #: A WebSocket close reason must fit a 125-byte control frame with its 2-byte code.
+#: Fewest bytes of any secret the hub keys an HMAC with or checks callers against (token
+#: secret, API key, Redis signing key, proxy and fallback secrets): shorter ones can be guessed
+#: offline from one signed message, or online key after key.
+MIN_SECRET_BYTES = 32
+
 MAX_REASON_BYTES = 120
 #: Epochs the hub makes have 8 characters; ``since.epoch`` from clients may have up to 64.
 MAX_EPOCH_LENGTH = 64

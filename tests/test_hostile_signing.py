@@ -155,7 +155,7 @@ def test_a_hub_without_a_key_takes_signed_and_unsigned_payloads(
 
 
 def test_short_signing_keys_are_refused() -> None:
-    with pytest.raises(ConfigError, match="redis_signing_key: must have at least 32 bytes"):
+    with pytest.raises(ConfigError, match="redis_signing_key: must be at least 32 bytes"):
         load_settings(None, env={"HUB_REDIS_SIGNING_KEY": "short"}, overrides={"insecure": True})
     with pytest.raises(ValueError, match="at least 32 bytes"):
         Publisher("redis://127.0.0.1:1/0", signing_key="short")

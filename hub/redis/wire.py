@@ -39,7 +39,13 @@ import msgpack
 
 from ..codec import check_sender, unpack_msgpack
 from ..errors import BadEnvelope, BadRequest, BadSignature
-from ..rules import DISCONNECT_CODE, MAX_EPOCH_LENGTH, MAX_REASON_BYTES, disconnect_problem
+from ..rules import (
+    DISCONNECT_CODE,
+    MAX_EPOCH_LENGTH,
+    MAX_REASON_BYTES,
+    MIN_SECRET_BYTES,
+    disconnect_problem,
+)
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -67,7 +73,7 @@ DEFAULT_PREFIX = "hub"
 #: Envelope fields of a publication on a channel with history, assigned by the history script.
 HISTORY_FIELDS = ("offset", "epoch")
 #: Bytes of a signing key, at least (the size of the HMAC-SHA256 output).
-MIN_SIGNING_KEY = 32
+MIN_SIGNING_KEY = MIN_SECRET_BYTES
 _MAX_OFFSET = (1 << 63) - 1
 _MAC_SIZE = 32
 _SIGNED = 0x92  # fixarray of 2: [envelope, mac]
