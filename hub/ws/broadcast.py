@@ -23,10 +23,12 @@ def broadcast(
 ) -> None:
     """Send ``message`` to every open connection without waiting for any of them.
 
-    Connections that are not open, are in the middle of sending a fragmented message, or whose
-    transport refuses the write are skipped (the last two with a warning on the connection's
-    logger); with ``raise_exceptions`` the skips are raised together as an ``ExceptionGroup``.
-    Slow connections are not skipped: their write buffers grow (the hub applies its own limit).
+    Connections that are not open are skipped without a word, as websockets does: a set of
+    connections always holds some that are closing, and that is not a failure. Connections in
+    the middle of sending a fragmented message, or whose transport refuses the write, are
+    skipped with a warning on the connection's logger; with ``raise_exceptions`` those two are
+    raised together as an ``ExceptionGroup`` instead. Slow connections are not skipped: their
+    write buffers grow (the hub applies its own limit).
     """
     if isinstance(message, str):
         opcode, data = Opcode.TEXT, message.encode()
@@ -40,8 +42,6 @@ def broadcast(
     for connection in connections:
         protocol = connection.protocol
         if protocol.state is not OPEN:
-            if raise_exceptions:
-                errors.append(protocol.close_exc)
             continue
         if connection._fragmented is not None:
             if raise_exceptions:
