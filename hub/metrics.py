@@ -122,6 +122,23 @@ class Metrics:
             ["policy"],
             registry=r,
         )
+        self.history_reads = Counter(
+            "hub_history_reads",
+            "History pages read (history commands and POST /api/history), subscribes aside.",
+            registry=r,
+        )
+        self.history_recoveries = Counter(
+            "hub_history_recoveries",
+            "Subscribes with since, by result: recovered (every missed publication was still "
+            "kept) or lost (the client must reload: trimmed, expired or another epoch).",
+            ["result"],
+            registry=r,
+        )
+        self.history_recovered = Counter(
+            "hub_history_recovered_publications",
+            "Publications written from history to clients recovering with since.",
+            registry=r,
+        )
         self.handshake_failures = Counter(
             "hub_handshake_failures",
             "Failed opening handshakes, by reason.",

@@ -114,6 +114,8 @@ class Node:
     ) -> HistoryPage:
         """The stored publications of a channel whose namespace keeps history (see
         ``Broker.history`` for ``subscribing``)."""
+        if not subscribing:
+            self.metrics.history_reads.inc()
         return await self.broker.history(
             channel,
             since=since,
@@ -207,8 +209,10 @@ class Node:
         else:
             ok = page.covers(*since)
             result = {"recovered": ok, "offset": page.offset, "epoch": page.epoch}
+            self.metrics.history_recoveries.labels("recovered" if ok else "lost").inc()
             if ok:
                 recovered = page.entries
+                self.metrics.history_recovered.inc(len(recovered))
 
         def go_live() -> None:
             self.fanout.go_live(channel, session, tracker, recovered, page.epoch, page.offset)

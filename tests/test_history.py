@@ -19,7 +19,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hubfix import API_KEY, MSGPACK_PROTO, api, client, eventually, make_settings, running
+from hubfix import (
+    API_KEY,
+    MSGPACK_PROTO,
+    api,
+    client,
+    eventually,
+    make_settings,
+    metric,
+    running,
+    scrape,
+)
 from wshelp import run
 
 from hub.config import ConfigError
@@ -321,6 +331,13 @@ def test_trimmed_history_is_not_recovered(redis_server: RedisServer) -> None:
                 since = {"offset": 9, "epoch": epoch}
                 reply = await a.call("subscribe", channel="small:t", since=since)
                 assert reply["result"]["recovered"] is False
+                await a.call("history", channel="small:t")
+            await api(hub, "/api/history", {"channel": "small:t"})
+            samples = await scrape(hub)
+            assert metric(samples, "hub_history_recoveries_total", result="lost") == 2
+            assert metric(samples, "hub_history_recoveries_total", result="recovered") == 1
+            assert metric(samples, "hub_history_recovered_publications_total") == 3
+            assert metric(samples, "hub_history_reads_total") == 2  # subscribes are not reads
 
     run(main)
 
