@@ -17,6 +17,11 @@ Recipients joining a history channel are tracked here too (:class:`Tracker`): th
 are held back until their recovered publications are written, then duplicates are dropped by
 offset, so a subscribe with ``since`` has no hole and no duplicate.
 
+A replay longer than the budget (an inbox catch-up, ``hub.notify``) is written in slices: at
+most :meth:`Fanout.replay_budget` bytes at a time, in one ``send`` (:meth:`Fanout.replaying`),
+and the next slice once :meth:`Fanout.replay_ready` says the connection has drained, so a long
+backlog never makes a client a slow consumer.
+
 The module knows recipients only by :class:`Recipient` (a codec and a ``hub.ws`` connection),
 never a session, and writes through the connection's public sink (``frame_key``,
 ``pending_bytes``, ``writable``, ``write_frame``, ``fail``).
@@ -27,7 +32,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .codec import CODECS, MSGPACK, Codec, json_bytes
@@ -61,6 +67,13 @@ log = logging.getLogger("hub.fanout")
 SLOW_CONSUMER_GRACE = 1.0
 #: Seconds between checks whether a lagging connection (``drop``, ``latest``) has drained.
 DRAIN_CHECK = 0.05
+#: A replay writes at most ``outbound_buffer // REPLAY_SLICE`` bytes at a time, and the next
+#: slice once no more than ``outbound_buffer // REPLAY_RESUME`` is pending: half the budget
+#: stays free for live pushes, and a slice is written well before the last one has drained.
+REPLAY_SLICE = 2
+REPLAY_RESUME = 4
+#: Seconds a replay waits before it looks again whether the connection has drained.
+REPLAY_POLL = 0.01
 
 #: The ``slow_consumer`` policies (hub.config holds the names).
 CLOSE, DROP, LATEST = SLOW_CONSUMER_POLICIES
@@ -270,6 +283,23 @@ class Fanout:
             return 0
         connection.write_frame(frame)
         return len(frame)
+
+    # -- replays (a backlog written in slices) -------------------------------------------------
+
+    @property
+    def replay_budget(self) -> int:
+        """Bytes a replay may write before it waits for the connection to drain."""
+        return self.settings.outbound_buffer // REPLAY_SLICE
+
+    def replay_ready(self, recipient: Recipient) -> bool:
+        """Whether the recipient has drained enough for the next slice of a replay."""
+        return recipient.connection.pending_bytes <= self.settings.outbound_buffer // REPLAY_RESUME
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Hold every write of a replay's slice, so each recipient gets it in one ``send``."""
+        with hold_writes():
+            yield
 
     def _deliver_routed(self, recipient: Recipient, push: Push | PushRun, route: Route) -> int:
         channel = route.channel

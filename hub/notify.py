@@ -15,8 +15,9 @@ not hear it still arrives. Notifications go to the connections that asked for th
 (one that did not would get them out of order with what it asks for later); read cursors go to
 every connection of the user.
 
-Catching up writes at most half the outbound buffer at a time and waits for the connection to
-drain in between, so a long inbox never closes a client as a slow consumer.
+Catching up is a replay of ``hub.fanout``: written in slices of the fan-out's replay budget,
+waiting for the connection to drain in between, so a long inbox never closes a client as a
+slow consumer.
 
 The fallback: an entry no device acknowledged within ``fallback_after`` seconds is POSTed to
 ``fallback_url`` (JSON, HMAC-SHA256 signed with ``fallback_secret``), retried with backoff; the
@@ -46,10 +47,9 @@ from redis.exceptions import RedisError
 
 from .codec import check_data, json_bytes
 from .errors import BadEnvelope, BadRequest, ErrorCode, HubUnavailable, ReplyError
-from .fanout import Push
+from .fanout import REPLAY_POLL, Push
 from .inbox import Due, Inbox, InboxPage, MemoryInbox, Notified, notify_problem
 from .redis.wire import inbox_mark, unpack
-from .ws.connection import WriteCoalescer
 
 if TYPE_CHECKING:
     from .node import Node
@@ -442,28 +442,27 @@ class Notifications:
         return out
 
     def _write(self, session: Session, f: Follower, page: InboxPage) -> bool:
-        """Write the page's entries the follower does not have, at most half the outbound
-        buffer's worth; True if all were written (``f.last`` is then the page's end)."""
-        budget = self.node.settings.outbound_buffer // 2
+        """Write the page's entries the follower does not have, at most the fan-out's replay
+        budget; True if all were written (``f.last`` is then the page's end)."""
+        fanout = self.node.fanout
+        budget = fanout.replay_budget
         written, sent = 0, 0
         make = self._push_type
-        writes = WriteCoalescer.of(asyncio.get_running_loop())
-        writes.hold()
         try:
-            for obj in self._entries(page):
-                seq = obj["inbox"]["seq"]
-                if seq <= f.last or obj["inbox"]["epoch"] != f.epoch:
-                    continue
-                if sent >= budget:
-                    return False
-                n = self._deliver(session, make(obj))
-                if not n:
-                    return False  # closed
-                sent += n
-                written += 1
-                f.last = seq
+            with fanout.replaying():
+                for obj in self._entries(page):
+                    seq = obj["inbox"]["seq"]
+                    if seq <= f.last or obj["inbox"]["epoch"] != f.epoch:
+                        continue
+                    if sent >= budget:
+                        return False
+                    n = self._deliver(session, make(obj))
+                    if not n:
+                        return False  # closed
+                    sent += n
+                    written += 1
+                    f.last = seq
         finally:
-            writes.release()
             if written:
                 self.metrics.redelivered.inc(written)
         f.last = max(f.last, page.last)
@@ -493,8 +492,8 @@ class Notifications:
                 connection = session.connection
                 if not connection.open:
                     return
-                if connection.pending_bytes > self.node.settings.outbound_buffer // 4:
-                    await asyncio.sleep(0.01)  # let it drain first
+                if not self.node.fanout.replay_ready(session):
+                    await asyncio.sleep(REPLAY_POLL)  # let it drain first
                     continue
                 f.again = False
                 try:
