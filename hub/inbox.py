@@ -644,10 +644,7 @@ class RedisInbox(Inbox):
         return inbox_keys(self.names, user)
 
     async def _run(self, user: str, script: Script, keys: list[str], args: list[Any]) -> Any:
-        reply = await self._router.script(keys[0], script, [len(keys), *keys, *args])
-        if isinstance(reply, Exception):  # an error the pipeline hands back (LOADING, say)
-            raise reply
-        return reply
+        return await self._router.script(keys[0], script, [len(keys), *keys, *args])
 
     async def notify(
         self,
@@ -696,19 +693,13 @@ class RedisInbox(Inbox):
 
     async def schedule_fallback(self, user: str, seq: int, due: float) -> None:
         key, member, score = fallback_entry(self.names, user, seq, due)
-        for reply in (
-            await self._router.execute(key, "ZADD", key, score, member),
-            await self._router.execute(key, "PEXPIRE", key, _ms(self.ttl)),
-        ):
-            if isinstance(reply, Exception):
-                raise reply
+        await self._router.execute(key, "ZADD", key, score, member)
+        await self._router.execute(key, "PEXPIRE", key, _ms(self.ttl))
 
     async def claim_due(self, now: float | None = None, limit: int = 100) -> list[Due]:
         now = time.time() if now is None else now
         key = self.fallback_key
         members = await self._router.script(key, CLAIM_SCRIPT, [1, key, _ms(now), limit])
-        if isinstance(members, Exception):
-            raise members
         claimed: list[Due] = []
         for member in members:
             seq_text, _, user = _text(member).partition(":")

@@ -94,7 +94,9 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 5.0) -> None:
+    def start(self, timeout: float = 5.0, *, loaded: bool = True) -> None:
+        """Start and wait until it answers ``PING``; ``loaded=False``: until it answers at all,
+        ``LOADING`` included (a server still reading its RDB, see :meth:`start_loading`)."""
         assert self.process is None, "already running"
         options = {
             "port": str(self.port),
@@ -128,7 +130,8 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
+                    answer = sock.recv(64)
+                    if answer.startswith(b"+PONG") or (not loaded and b"LOADING" in answer):
                         return
             except OSError:
                 pass
@@ -136,6 +139,41 @@ class RedisServer:
                 self.kill()
                 raise RuntimeError(f"redis-server did not answer on port {self.port}")
             time.sleep(0.01)
+
+    def start_loading(self, keys: int = 20000) -> None:
+        """Restart as a server that is still loading its data, and stays so until
+        :meth:`finish_loading`: ``keys`` keys saved to an RDB, then read back at a millisecond
+        each (``key-load-delay``, Redis's own knob for this), answering ``LOADING`` to every
+        command meanwhile (``loading-process-events-interval-bytes``: between small reads)."""
+        with redis.Redis.from_url(self.url, socket_timeout=30) as client:
+            script = "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'load:' .. i, i) end"
+            client.eval(script, 0, keys)
+            client.save()
+        self.kill()
+        self.extra = {
+            **self.extra,
+            "key-load-delay": "1000",
+            "loading-process-events-interval-bytes": "1024",
+        }
+        self.start(loaded=False)
+
+    def finish_loading(self, timeout: float = 30.0) -> None:
+        """Let a server started by :meth:`start_loading` load the rest at full speed (``CONFIG
+        SET`` is served while loading), and wait until it answers ``PING``."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"CONFIG SET key-load-delay 0\r\n")
+            assert sock.recv(64).startswith(b"+OK")
+        self.extra.pop("key-load-delay", None)
+        self.extra.pop("loading-process-events-interval-bytes", None)
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} still loading")
+            time.sleep(0.02)
 
     def kill(self) -> None:
         """SIGKILL: connections drop without a goodbye, as in a crash."""

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import AuthenticationError, BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from .resp import RespStream, pack_command
 
@@ -26,7 +26,14 @@ _Waiting = tuple[list[tuple[Any, ...] | bytes], asyncio.Future[Any], bool]
 
 class Pipeline:
     """One pipelined Redis connection (see the module docstring). A command that fails on a
-    broken connection is not retried: it may have been executed."""
+    broken connection is not retried: it may have been executed.
+
+    An error reply fails its caller's future with redis-py's exception for it, whatever its
+    kind: ``LOADING`` (a restarted Redis reading its data) is a ``BusyLoadingError`` and
+    ``NOAUTH`` an ``AuthenticationError``, both of which redis-py files under
+    ``ConnectionError``; ``BUSY``, ``MASTERDOWN`` and the rest are ``ResponseError``s. The
+    connection stays up (the reply was read in order), and no caller gets an error as a
+    value."""
 
     def __init__(self, make_connection: Callable[[], AbstractConnection]) -> None:
         self._make_connection = make_connection
@@ -88,12 +95,14 @@ class Pipeline:
             self._task = None
 
     async def _reply(self, connection: AbstractConnection) -> Any:
-        """The next reply; an error reply is returned as its exception, not raised."""
+        """The next reply; an error reply is returned as its exception, not raised. redis-py's
+        parser raises ``LOADING`` and ``NOAUTH`` itself (``ConnectionError``s), the rest from
+        ``read_response``: either way the reply was read and the connection is in step."""
         if self._resp is not None:
             return await self._resp.next()
         try:
             return await connection.read_response()
-        except ResponseError as exc:
+        except (ResponseError, BusyLoadingError, AuthenticationError) as exc:
             return exc
 
     async def _send(self, batch: list[_Waiting]) -> None:
@@ -118,7 +127,7 @@ class Pipeline:
                     replies = [await self._reply(connection) for _ in waiting]
                 if future.done():
                     continue
-                error = next((r for r in replies if isinstance(r, ResponseError)), None)
+                error = next((r for r in replies if isinstance(r, Exception)), None)
                 if error is not None:
                     future.set_exception(error)
                 else:
