@@ -77,7 +77,8 @@ class InboxPage:
     ``entries`` are the pushes as stored (msgpack maps with ``data`` and ``inbox``), oldest
     first. ``last`` is the seq the read got to: pass it as ``since`` for the next page (it can
     be past the last entry returned when expired entries were skipped). ``epoch`` is ``""`` for
-    a user who has no inbox.
+    a user who has no inbox. ``expired`` counts the entries whose ttl had passed that this read
+    met and dropped from the store (a later read does not meet them again).
     """
 
     top: int
@@ -86,6 +87,7 @@ class InboxPage:
     acked: int
     entries: list[bytes] = field(default_factory=list)
     last: int = 0
+    expired: int = 0
 
     @property
     def complete(self) -> bool:
@@ -308,6 +310,7 @@ class MemoryInbox(Inbox):
         start = since if since is not None else acked
         now = self._clock()
         entries: list[bytes] = []
+        dead: list[_Entry] = []
         last, rows = start, 0
         for seq, entry in box.entries.items():
             if seq <= start:
@@ -318,9 +321,15 @@ class MemoryInbox(Inbox):
             last = seq
             if not entry.expires or entry.expires > now:
                 entries.append(entry.push)
+            else:
+                dead.append(entry)
         else:
             last = max(last, box.seq)
-        return InboxPage(box.seq, box.epoch, box.read, acked, entries, last)
+        for entry in dead:  # dropped as the script drops them: counted once
+            del box.entries[entry.seq]
+            if entry.collapse_key and box.keys.get(entry.collapse_key) == entry.seq:
+                del box.keys[entry.collapse_key]
+        return InboxPage(box.seq, box.epoch, box.read, acked, entries, last, len(dead))
 
     async def ack(self, user: str, device: str, seq: int) -> int:
         box = self._live(user)
@@ -378,13 +387,16 @@ def _read_push(cursor: int, epoch: str) -> bytes:
 
 # -- Redis ------------------------------------------------------------------------------------
 
-# Read: the top seq, epoch, cursors and entries after a seq, creating nothing.
+# Read: the top seq, epoch, cursors and entries after a seq, creating nothing. An entry whose
+# ttl has passed is deleted as it is met (and its collapse key forgotten) and counted in the
+# reply, so each expired entry is counted once, by the read or the notify that drops it.
 _READ = """
--- KEYS[1] stream, KEYS[2] meta, KEYS[3] acks; ARGV[1] since ("" = the device's cursor),
--- ARGV[2] device ("" none), ARGV[3] limit. Returns {top, epoch, read, acked, last, entries}.
+-- KEYS[1] stream, KEYS[2] meta, KEYS[3] acks, KEYS[4] collapse keys; ARGV[1] since ("" =
+-- the device's cursor), ARGV[2] device ("" none), ARGV[3] limit.
+-- Returns {top, epoch, read, acked, last, entries, expired}.
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
-  return {0, '', 0, 0, 0, {}}
+  return {0, '', 0, 0, 0, {}, 0}
 end
 local top = tonumber(redis.call('HGET', KEYS[2], 'seq'))
 local read = tonumber(redis.call('HGET', KEYS[2], 'read'))
@@ -401,10 +413,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[3])
 local rows = redis.call('XRANGE', KEYS[1], string.format('%d-0', since + 1), '+',
   'COUNT', limit + 1)
-local out, last = {}, since
+local out, last, expired = {}, since, 0
 for i, row in ipairs(rows) do
   if i > limit then
-    return {top, epoch, read, acked, last, out}
+    return {top, epoch, read, acked, last, out, expired}
   end
   last = tonumber(string.match(row[1], '^(%d+)'))
   local f = {}
@@ -414,12 +426,18 @@ for i, row in ipairs(rows) do
   local x = tonumber(f['x'])
   if x == 0 or x > now then
     out[#out + 1] = f['e']
+  else
+    expired = expired + redis.call('XDEL', KEYS[1], row[1])
+    local k = f['k'] or ''
+    if k ~= '' and redis.call('HGET', KEYS[4], k) == tostring(last) then
+      redis.call('HDEL', KEYS[4], k)
+    end
   end
 end
 if top > last then
   last = top
 end
-return {top, epoch, read, acked, last, out}
+return {top, epoch, read, acked, last, out, expired}
 """
 
 # Ack: move a device's cursor forward (never past the top), and the user's "any device" mark.
@@ -671,13 +689,19 @@ class RedisInbox(Inbox):
     async def read(
         self, user: str, since: int | None = None, *, device: str | None = None, limit: int = 100
     ) -> InboxPage:
-        stream, meta, *_, acks = self.keys(user)
+        stream, meta, _, _, ckeys, acks = self.keys(user)
         args = ["" if since is None else since, device or "", max(1, limit)]
-        top, epoch, read, acked, last, entries = await self._run(
-            user, READ_SCRIPT, [stream, meta, acks], args
+        top, epoch, read, acked, last, entries, expired = await self._run(
+            user, READ_SCRIPT, [stream, meta, acks, ckeys], args
         )
         return InboxPage(
-            int(top), _text(epoch), int(read), int(acked), [bytes(e) for e in entries], int(last)
+            int(top),
+            _text(epoch),
+            int(read),
+            int(acked),
+            [bytes(e) for e in entries],
+            int(last),
+            int(expired),
         )
 
     async def ack(self, user: str, device: str, seq: int) -> int:

@@ -178,7 +178,9 @@ class InboxMetrics:
             "collapsed", "Entries replaced by a newer notify with their collapse key."
         )
         self.expired = counter(
-            "expired", "Entries whose ttl had passed, dropped by a later notify's trimming."
+            "expired",
+            "Entries whose ttl had passed, dropped by the notify or read that met them first"
+            " (each counted once per deployment).",
         )
         self.length = Histogram(
             "hub_inbox_length",
@@ -423,7 +425,13 @@ class Notifications:
             raise ReplyError("inbox unavailable, try again", ErrorCode.UNAVAILABLE) from None
 
     async def _read(self, user: str, since: int | None, device: str | None = None) -> InboxPage:
-        return await self._store(self.store.read(user, since, device=device, limit=PAGE))
+        return self._met(await self._store(self.store.read(user, since, device=device, limit=PAGE)))
+
+    def _met(self, page: InboxPage) -> InboxPage:
+        """Count the expired entries a read dropped (the store drops each once)."""
+        if page.expired:
+            self.metrics.expired.inc(page.expired)
+        return page
 
     def _entries(self, page: InboxPage) -> list[dict[str, Any]]:
         """The page's entries as pushes, checked (the store is in Redis: a trust boundary)."""
@@ -497,7 +505,9 @@ class Notifications:
                     continue
                 f.again = False
                 try:
-                    page = await self.store.read(user, f.last if f.epoch else 0, limit=PAGE)
+                    page = self._met(
+                        await self.store.read(user, f.last if f.epoch else 0, limit=PAGE)
+                    )
                 except Exception as exc:  # Redis away or loading: again, for as long as it is open
                     if not isinstance(exc, (RedisError, OSError, HubUnavailable)):
                         log.exception("inbox read of %r failed", user[:100])
@@ -567,7 +577,7 @@ class Notifications:
     ) -> dict[str, Any]:
         """A page of ``user``'s inbox for a backend (``/api/inbox``)."""
         try:
-            page = await self.store.read(user, since, device=device, limit=limit)
+            page = self._met(await self.store.read(user, since, device=device, limit=limit))
         except (RedisError, OSError) as exc:
             raise HubUnavailable(f"redis unavailable: {exc}") from exc
         entries = []

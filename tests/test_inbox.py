@@ -550,3 +550,35 @@ def test_metrics_get_api_and_a_cursor_ahead_of_the_inbox(hubs: Callable[..., Any
                 assert [p["data"] for p in await pushes(c, 2)] == [2, 3]
 
     run(main)
+
+
+def test_expired_entries_are_counted_once_by_whoever_drops_them(
+    hubs: Callable[..., Any],
+) -> None:
+    """``hub_inbox_expired_total``: entries whose ttl passed are counted where they are first
+    met, by a catch-up or an API read as by a notify's trimming, once across the hubs."""
+
+    async def main() -> None:
+        async with hubs() as (a, b):
+            for n in range(3):
+                await notify(a, "u", f"brief {n}", ttl=0.05)
+            await notify(a, "u", "kept")
+            await asyncio.sleep(0.1)
+            async with client(b, user="u") as c:
+                await open_inbox(c)
+                assert [p["data"] for p in await pushes(c, 1)] == ["kept"]
+            async with client(a, user="u") as c:  # another reader, the other hub
+                await open_inbox(c)
+                assert [p["data"] for p in await pushes(c, 1)] == ["kept"]
+            status, _, raw = await http(a, "GET", "/api/inbox?user=u")
+            assert status == 200 and len(json.loads(raw)["result"]["entries"]) == 1
+            await notify(a, "u", "short", ttl=0.05)
+            await asyncio.sleep(0.1)
+            status, _, raw = await http(b, "GET", "/api/inbox?user=u&since=4")
+            assert status == 200 and json.loads(raw)["result"]["entries"] == []
+            await notify(a, "u", "after")  # its trimming finds nothing left to count
+            hubs_seen = {id(h): h for h in (a, b)}.values()
+            counts = [metric(await scrape(h), "hub_inbox_expired_total") for h in hubs_seen]
+            assert sum(counts) == 4, counts
+
+    run(main)

@@ -386,3 +386,27 @@ def test_notify_reports_collapses_expiries_and_the_inbox_length(check: Callable[
         assert dup.duplicate and dup.length == known.length == 2
 
     check(body)
+
+
+def test_a_read_drops_the_expired_entries_it_meets_and_counts_each_once(
+    check: Callable[..., None],
+) -> None:
+    async def body(store: Store) -> None:
+        inbox = store.inbox
+        await inbox.notify("alice", envelope("kept"))
+        await inbox.notify("alice", envelope("badge 1"), collapse_key="badge", ttl=0.05)
+        await inbox.notify("alice", envelope("soon gone"), ttl=0.05)
+        await inbox.notify("alice", envelope("last"))
+        await asyncio.sleep(0.1)  # the ttl of entries 2 and 3 passes
+        past = await inbox.read("alice", since=2)  # meets entry 3 only
+        assert [unpack(e)["data"] for e in past.entries] == ["last"] and past.expired == 1
+        first = await inbox.read("alice", since=0)
+        assert [unpack(e)["data"] for e in first.entries] == ["kept", "last"]
+        assert first.expired == 1 and first.last == 4  # entry 2; entry 3 was dropped already
+        again = await inbox.read("alice", since=0, device="phone")
+        assert again.expired == 0 and len(again.entries) == 2  # another reader: nothing again
+        # The expired entry's collapse key was forgotten with it: nothing left to replace.
+        badge = await inbox.notify("alice", envelope("badge 2"), collapse_key="badge")
+        assert (badge.collapsed, badge.expired, badge.length) == (False, 0, 3)
+
+    check(body)
