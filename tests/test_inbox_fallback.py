@@ -1,6 +1,7 @@
 """The offline fallback against a real local HTTP server (aiohttp) as the backend: entries no
 device acknowledged in time are POSTed, signed, once each across two hubs on one Redis; bad
-answers are retried or given up as they should be, and counted."""
+answers are retried or given up as they should be, and counted; a backend that answers 503
+every time gets each entry the set number of times, from one ``hub serve`` process only."""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import web
 from hubfix import api, client, eventually, make_settings, metric, running, scrape
+from prometheus_client.parser import text_string_to_metric_families
 from wshelp import run
 
+from hub.notify import FALLBACK_ATTEMPTS, FALLBACK_BACKOFF
+
 if TYPE_CHECKING:
+    from hubproc import HubProcess
     from redisfix import RedisServer
 
 pytest_plugins = ["redisfix"]
@@ -176,3 +182,89 @@ def test_fallback_settings_are_checked() -> None:
             assert named.startswith(("fallback_", "inbox_")), (overrides, exc)
         else:
             raise AssertionError(f"accepted {overrides}")
+
+
+async def process_metric(
+    session: aiohttp.ClientSession, hub: HubProcess, name: str, **labels: str
+) -> float:
+    """One sample of a ``hub serve`` process's ``/metrics`` (0 when absent)."""
+    async with session.get(hub.base + "/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def test_a_backend_answering_503_every_time_gets_each_entry_the_set_times_from_one_process(
+    hubs: Callable[..., HubProcess], redis_server: RedisServer
+) -> None:
+    """Two ``hub serve`` processes on one Redis, a backend answering 503 to every fallback of
+    one user: that entry is POSTed ``FALLBACK_ATTEMPTS`` times in all (by the process that
+    claimed it), then counted failed and never sent again; another user's fallback is taken,
+    and a client live on the other process gets its notifications meanwhile."""
+    backend = Backend(lambda body, attempt: 503 if body["user"] == "down" else 200)
+    toml = ""
+
+    async def main() -> None:
+        nonlocal toml
+        async with serving(backend), aiohttp.ClientSession() as session:
+            toml = (
+                f'fallback_url = "{backend.url}"\n'
+                f'fallback_secret = "{SECRET}"\n'
+                "fallback_after = 0.3\n"
+            )
+            a = await asyncio.to_thread(hubs, toml, redis_server.url)
+            b = await asyncio.to_thread(hubs, toml, redis_server.url)
+
+            async def notify(hub: HubProcess, body: dict[str, Any]) -> dict[str, Any]:
+                async with session.post(hub.base + "/api/notify", json=body) as response:
+                    assert response.status == 200, await response.text()
+                    return (await response.json())["result"]
+
+            async with session.ws_connect(
+                f"ws://127.0.0.1:{b.port}/ws?user=live&inbox=1", protocols=["hub.v1.json"]
+            ) as live:
+                opened = json.loads((await live.receive(timeout=10)).data)
+                assert opened["inbox"]["opened"]["seq"] == 0
+                await notify(a, {"user": "down", "data": "to the fallback"})
+                await notify(a, {"user": "fine", "data": "taken"})
+                got = []
+                for n in range(10):  # while the fallback is retried
+                    await notify(a, {"user": "live", "data": n, "fallback_after": 0})
+                    got.append(json.loads((await live.receive(timeout=10)).data))
+                    await asyncio.sleep(0.2)
+                    await live.send_str(json.dumps({"op": "ack", "id": n, "seq": n + 1}))
+                    reply = json.loads((await live.receive(timeout=10)).data)
+                    assert reply == {"id": n, "result": {"acked": n + 1}}, reply
+                assert [m["data"] for m in got] == list(range(10))
+
+                async def failed() -> float:
+                    counts = [
+                        await process_metric(
+                            session, h, "hub_inbox_fallbacks_total", result="failed"
+                        )
+                        for h in (a, b)
+                    ]
+                    return sum(counts)
+
+                # Backoff 0.5, 1, 2, 4 s (plus up to half again): about 11 s at most.
+                wait = FALLBACK_BACKOFF * (2 ** (FALLBACK_ATTEMPTS - 1)) * 1.5 + 10
+                await eventually(lambda: failed(), timeout=wait, interval=0.2)
+                await asyncio.sleep(2.5)  # more polls on each process: nothing comes again
+                assert backend.attempts[("down", 1)] == FALLBACK_ATTEMPTS
+                assert backend.attempts[("fine", 1)] == 1
+                assert ("live", 1) not in backend.attempts  # no fallback_after: none
+                assert await failed() == 1
+                sent = [
+                    await process_metric(session, h, "hub_inbox_fallbacks_total", result="sent")
+                    for h in (a, b)
+                ]
+                assert sum(sent) == 1
+                assert backend.bad_signatures == 0
+                await notify(a, {"user": "live", "data": "still live"})
+                assert json.loads((await live.receive(timeout=10)).data)["data"] == "still live"
+                assert a.ready() and b.ready()
+
+    run(main, timeout=90)

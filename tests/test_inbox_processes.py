@@ -1,8 +1,9 @@
 """Inboxes across real ``hub serve`` processes on a private Redis: a user offline for 500
-notifications connects to another process; and the chaos run (a publisher to 200 users
-non-stop, clients dropping and reconnecting at random, one hub SIGKILLed and restarted, Redis
-SIGKILLed and restarted with AOF on): every client ends with every notification exactly once,
-in order, after dropping repeats by ``seq`` as hub.js does."""
+notifications connects to another process; ``Publisher.notify`` and ``AsyncPublisher.notify``
+on a private Redis Cluster reach a hub process there live and by catch-up; and the chaos run (a
+publisher to 200 users non-stop, clients dropping and reconnecting at random, one hub SIGKILLed
+and restarted, Redis SIGKILLed and restarted with AOF on): every client ends with every
+notification exactly once, in order, after dropping repeats by ``seq`` as hub.js does."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
+import redis
 from hubproc import HubProcess
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from wshelp import run
 
+from hub.redis.publisher import AsyncPublisher, Publisher
+
 if TYPE_CHECKING:
-    from redisfix import RedisServer
+    from redisfix import LocalCluster, RedisServer
 
 pytest_plugins = ["redisfix"]
 
@@ -82,6 +86,109 @@ def test_500_missed_notifications_arrive_on_another_process_once_each_in_order(
         await ws.close()
 
     run(main, timeout=60)
+
+
+def one_user_per_shard(cluster: LocalCluster) -> list[str]:
+    """A user whose pub/sub name (and so whose inbox keys) each master owns."""
+    users: dict[int, str] = {}
+    n = 0
+    while len(users) < len(cluster.masters):
+        user = f"c{n}"
+        users.setdefault(cluster.owner(f"hub:user:{user}").port, user)
+        n += 1
+    return list(users.values())
+
+
+def shard_subscribers(cluster: LocalCluster, user: str) -> int:
+    name = f"hub:user:{user}"
+    with redis.Redis(port=cluster.owner(name).port, socket_timeout=5) as shard:
+        return int(shard.execute_command("PUBSUB", "SHARDNUMSUB", name)[1])
+
+
+def test_publisher_notify_on_a_cluster_reaches_a_hub_live_and_by_catch_up(
+    hubs: Callable[..., HubProcess], redis_cluster: LocalCluster
+) -> None:
+    """A ``hub serve`` process on a private 3-master cluster, one user per shard: the sync and
+    the async publisher's notify are stored on the user's shard and pushed live with
+    ``SPUBLISH``; what is notified while a client is away arrives when it asks again, in
+    order, and its fallback entries land in the deployment's one set."""
+    hub = hubs("", redis_cluster.url)
+    users = one_user_per_shard(redis_cluster)
+
+    async def main() -> None:
+        sockets = {user: await dial(hub, user) for user in users}
+        for user, ws in sockets.items():
+            reply = await open_retrying(ws)
+            assert reply["result"]["seq"] == 0, reply
+            await asyncio.wait_for(
+                asyncio.to_thread(
+                    lambda u=user: wait_for(lambda: shard_subscribers(redis_cluster, u) == 1)
+                ),
+                15,
+            )
+        with Publisher(redis_cluster.url) as sync:
+            for user in users:
+                done = await asyncio.to_thread(sync.notify, user, {"n": 1}, id=f"{user}-1")
+                assert (done.seq, done.receivers, done.duplicate) == (1, 1, False)
+        async with AsyncPublisher(redis_cluster.url) as apub:
+            sent = await asyncio.gather(*(apub.notify(u, {"n": n}) for n in (2, 3) for u in users))
+            assert all(d.receivers == 1 for d in sent)
+            again = await apub.notify(users[0], {"n": 1}, id=f"{users[0]}-1")
+            assert (again.seq, again.duplicate) == (1, True)
+        epochs = {}
+        for user, ws in sockets.items():
+            got = await pushes(ws, 3)
+            epochs[user] = got[0]["inbox"]["epoch"]
+            assert [p["data"]["n"] for p in got] == [1, 2, 3], user
+            assert [p["inbox"]["seq"] for p in got] == [1, 2, 3]
+            reply, _ = await command(ws, "ack", seq=3)
+            assert reply["result"] == {"acked": 3}
+            await ws.close()
+        async with AsyncPublisher(redis_cluster.url) as apub:
+            for user in users:  # offline now: stored for the catch-up
+                for n in (4, 5):
+                    done = await apub.notify(user, {"n": n}, fallback_after=600)
+                    assert done.seq == n and not done.duplicate
+        with Publisher(redis_cluster.url) as sync:
+            for user in users:
+                done = await asyncio.to_thread(sync.notify, user, {"n": 6}, fallback_after=600)
+                assert done.seq == 6
+        for user in users:
+            ws = await dial(hub, user)
+            result = (await open_retrying(ws))["result"]
+            assert (result["acked"], result["seq"], result["epoch"]) == (3, 6, epochs[user])
+            got = await pushes(ws, 3)
+            assert [p["data"]["n"] for p in got] == [4, 5, 6], user
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 0.3)
+            await ws.close()
+        fallback = "hub:inbox:fallback"
+        with redis.Redis(port=redis_cluster.owner(fallback).port, socket_timeout=5) as shard:
+            members = {m.decode() for m in shard.zrange(fallback, 0, -1)}
+        assert members == {f"{seq}:{user}" for user in users for seq in (4, 5, 6)}
+
+    run(main, timeout=90)
+
+
+async def open_retrying(ws: ClientConnection) -> dict[str, Any]:
+    """``inbox``, asked again while it answers "unavailable, try again" (as hub.js does): the
+    cluster broker is ready once the link to every shard it uses is up, and the first user on
+    a shard starts that shard's link."""
+    for _ in range(50):
+        reply, early = await command(ws, "inbox", device="phone")
+        assert early == []
+        if reply.get("error", {}).get("code") != 111:
+            return reply
+        await asyncio.sleep(0.1)
+    raise AssertionError("inbox still unavailable")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.02)
 
 
 USERS = 200
