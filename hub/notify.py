@@ -139,10 +139,22 @@ class Follower:
     """A connection that asked for its inbox: its device, what it was sent (epoch, highest
     ``seq``), the live pushes held while it catches up, and its acknowledgement as last known."""
 
-    __slots__ = ("acked", "again", "device", "epoch", "held", "last", "overflow", "syncing")
+    __slots__ = (
+        "acked",
+        "again",
+        "backlog",
+        "device",
+        "epoch",
+        "held",
+        "last",
+        "overflow",
+        "syncing",
+    )
 
     def __init__(self, device: str) -> None:
         self.device = device
+        #: Stored entries written since the inbox was opened, until it first goes live.
+        self.backlog: int | None = 0
         self.epoch = ""
         self.last = 0
         self.acked = 0
@@ -193,7 +205,7 @@ class InboxMetrics:
         )
         self.backlog = Histogram(
             "hub_inbox_catch_up_entries",
-            "Stored entries a connection got when it asked for its inbox.",
+            "Stored entries a connection got after asking for its inbox, before it went live.",
             buckets=(0, 1, 5, 10, 50, 100, 500, 1000, 5000),
             registry=r,
         )
@@ -357,7 +369,6 @@ class Notifications:
         if reset:
             result["reset"] = True
             self.metrics.resets.inc()
-        self.metrics.backlog.observe(len(page.entries))
 
         def go_live() -> None:
             if self._followers.get(session) is not f:
@@ -473,6 +484,8 @@ class Notifications:
         finally:
             if written:
                 self.metrics.redelivered.inc(written)
+                if f.backlog is not None:
+                    f.backlog += written
         f.last = max(f.last, page.last)
         return page.complete
 
@@ -480,6 +493,9 @@ class Notifications:
         """Go live: the held pushes the follower does not have yet, then every push as it
         comes."""
         held, f.held = f.held or [], None
+        if f.backlog is not None:  # the catch-up the inbox command asked for is over
+            self.metrics.backlog.observe(f.backlog)
+            f.backlog = None
         for obj in held:
             n = self._admit(session, f, obj, self._push_type(obj))
             if n:

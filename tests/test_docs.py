@@ -149,6 +149,30 @@ def test_every_metric_is_in_the_table() -> None:
         assert name in documented, f"metric {name} undocumented in the README"
 
 
+def test_every_inbox_metric_is_in_docs_inbox_and_operations() -> None:
+    """The inbox's metrics live on the node's registry (``hub.notify.InboxMetrics``), not in
+    the README's table: docs/inbox.md says what each counts, operations.md what to watch."""
+    from types import SimpleNamespace
+
+    from hub.notify import InboxMetrics
+
+    metrics = Metrics()
+    InboxMetrics(SimpleNamespace(metrics=metrics))  # type: ignore[arg-type]
+    inbox = (ROOT / "docs" / "inbox.md").read_text()
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    names = [
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in metrics.registry.collect()
+        if family.name.startswith("hub_inbox_")
+    ]
+    assert len(names) >= 14
+    for name in names:
+        short = name.removeprefix("hub_inbox_")
+        assert f"`{short}" in inbox or f"`{name}`" in inbox, f"{name} undocumented in inbox.md"
+        assert f"`{name}" in operations, f"{name} undocumented in operations.md"
+    assert "`hub_inbox_*`" in section("Metrics")
+
+
 def test_the_files_the_readme_points_to_exist() -> None:
     for path in re.findall(r"`((?:docs|deploy|scripts|tests|bench)/[\w./-]+)`", README):
         assert (ROOT / path).exists(), path

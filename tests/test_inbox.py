@@ -366,6 +366,11 @@ def test_offline_user_gets_500_in_order_on_another_hub_and_acked_ones_stay_acked
                     await c.push(timeout=0.3)
             samples = await scrape(b)
             assert metric(samples, "hub_inbox_redelivered_total") == 500
+            # the whole catch-up, over several pages and drain waits: one observation of 500
+            assert metric(samples, "hub_inbox_catch_up_entries_count") == 1
+            assert metric(samples, "hub_inbox_catch_up_entries_sum") == 500
+            samples = await scrape(a)
+            assert metric(samples, "hub_inbox_catch_up_entries_sum") == 250
 
     run(main, timeout=40)
 
