@@ -15,6 +15,7 @@ import msgpack
 import orjson
 
 from .errors import BadRequest
+from .rules import user_problem
 
 __all__ = [
     "CODECS",
@@ -98,8 +99,9 @@ def check_sender(sender: Any) -> dict[str, Any]:
     if unknown:
         raise BadRequest(f"from has unknown fields: {', '.join(sorted(map(str, unknown)))}"[:100])
     user, client = sender.get("user"), sender.get("client", "")
-    if type(user) is not str or not 0 < len(user) <= 200:
-        raise BadRequest("from.user must be a string of 1 to 200 characters")
+    problem = user_problem(user)
+    if problem is not None:
+        raise BadRequest(f"from.{problem}")
     if type(client) is not str or len(client) > 200:
         raise BadRequest("from.client must be a string of at most 200 characters")
     check_data(sender.get("info"))

@@ -32,6 +32,7 @@ from .rules import (
     history_limit,
     history_result,
     parse_history,
+    user_problem,
 )
 from .ws import Headers, MultipleValuesError, Request, Response
 
@@ -376,14 +377,21 @@ class HttpApi:
             await self.node.broadcast(self._field(body, "data"))
         return {}
 
+    def _user(self, body: dict[str, Any]) -> str:
+        """The body's ``user``, checked by the one user-id rule (``rules.user_problem``)."""
+        problem = user_problem(self._field(body, "user"))
+        if problem is not None:
+            raise ApiError(400, f"invalid field: user ({problem})")
+        return body["user"]
+
     async def _send(self, body: dict[str, Any]) -> dict[str, Any]:
-        user = self._field(body, "user", str)
+        user = self._user(body)
         with _data_refused():
             await self.node.send_to_user(user, self._field(body, "data"))
         return {}
 
     async def _disconnect(self, body: dict[str, Any]) -> dict[str, Any]:
-        user = self._field(body, "user")
+        user = self._user(body)
         code = body.get("code", DISCONNECT_CODE)
         reason = body.get("reason", "")
         problem = disconnect_problem(user, code, reason)

@@ -36,6 +36,7 @@ from .history import new_epoch
 from .redis.cluster import Router
 from .redis.script import Script
 from .redis.wire import DEFAULT_PREFIX, Names, pack_message
+from .rules import user_problem
 
 __all__ = [
     "NOTIFY_SCRIPT",
@@ -122,8 +123,9 @@ def notify_problem(
 ) -> str | None:
     """What is wrong with a notification's fields, or None: the one rule for the HTTP API, the
     CLI and the publishers."""
-    if not isinstance(user, str) or not user:
-        return "user must be a non-empty string"
+    problem = user_problem(user)
+    if problem is not None:
+        return problem
     for name, value in (("id", id), ("collapse_key", collapse_key)):
         if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_KEY):
             return f"{name} must be a string of 1 to {MAX_KEY} characters"

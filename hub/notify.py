@@ -50,6 +50,7 @@ from .errors import BadEnvelope, BadRequest, ErrorCode, HubUnavailable, ReplyErr
 from .fanout import REPLAY_POLL, Push
 from .inbox import Due, Inbox, InboxPage, MemoryInbox, Notified, notify_problem
 from .redis.wire import inbox_mark, unpack
+from .rules import check_user
 
 if TYPE_CHECKING:
     from .node import Node
@@ -723,9 +724,7 @@ async def notify_api(service: Notifications, body: dict[str, Any]) -> dict[str, 
 def inbox_read_args(body: dict[str, Any]) -> tuple[str, int | None, str | None, int]:
     """``user``, ``since``, ``device`` and ``limit`` (1 to 1000, 100 by default) of an inbox
     read (``/api/inbox``)."""
-    user = body.get("user")
-    if not isinstance(user, str) or not user:
-        raise BadRequest("user must be a non-empty string")
+    user = check_user(body.get("user"))
     since = _seq(body, "since", required=False)
     device = body.get("device")
     if device is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from .errors import BadRequest, CloseCode
 
 if TYPE_CHECKING:
@@ -21,15 +23,20 @@ if TYPE_CHECKING:
 __all__ = [
     "DISCONNECT_CODE",
     "MAX_EPOCH_LENGTH",
+    "MAX_INFO_BYTES",
     "MAX_REASON_BYTES",
+    "MAX_USER_LENGTH",
     "MIN_SECRET_BYTES",
     "check_channel",
+    "check_user",
     "close_problem",
     "disconnect_problem",
     "history_limit",
     "history_result",
+    "info_problem",
     "parse_history",
     "parse_since",
+    "user_problem",
 ]
 
 _CHANNEL = re.compile(r"[A-Za-z0-9_\-.:@/=,+]+")
@@ -44,6 +51,13 @@ MIN_SECRET_BYTES = 32
 MAX_REASON_BYTES = 120
 #: Epochs the hub makes have 8 characters; ``since.epoch`` from clients may have up to 64.
 MAX_EPOCH_LENGTH = 64
+#: Characters of a user id: a token's ``sub``, a connect proxy's ``user``, the HTTP API's and
+#: the publishers' ``user``, a publication's ``from.user``. It names Redis channels and keys and
+#: is copied into presence and every ``from``, so it stays short.
+MAX_USER_LENGTH = 200
+#: Bytes (msgpack) of a connection's or subscriber's ``info``: it is copied into presence, every
+#: join/leave and the ``from`` of each publication, so one backend answer cannot make them huge.
+MAX_INFO_BYTES = 4096
 
 
 def check_channel(channel: Any, max_length: int) -> str:
@@ -57,12 +71,37 @@ def check_channel(channel: Any, max_length: int) -> str:
     return channel
 
 
+def user_problem(user: Any) -> str | None:
+    """What is wrong with a user id, or None: the one rule of every surface that takes one."""
+    if not isinstance(user, str) or not 0 < len(user) <= MAX_USER_LENGTH:
+        return f"user must be a string of 1 to {MAX_USER_LENGTH} characters"
+    return None
+
+
+def check_user(user: Any) -> str:
+    """``user`` if it is a valid user id, else :class:`BadRequest` saying why."""
+    problem = user_problem(user)
+    if problem is not None:
+        raise BadRequest(problem)
+    return user
+
+
+def info_problem(info: Any) -> str | None:
+    """What is wrong with an ``info`` (a token's claim, a connect or subscribe proxy's answer),
+    or None: it must cross Redis (msgpack) and fit ``MAX_INFO_BYTES``."""
+    try:
+        size = len(msgpack.packb(info, use_bin_type=True))
+    except (OverflowError, TypeError, ValueError):
+        return "info cannot be encoded"
+    if size > MAX_INFO_BYTES:
+        return f"info is over {MAX_INFO_BYTES} bytes"
+    return None
+
+
 def disconnect_problem(user: Any, code: Any, reason: Any) -> str | None:
     """What is wrong with a disconnect's fields, or None: the one rule for the HTTP API (400),
     the publishers (``ValueError``) and the hub reading a control message (dropped)."""
-    if not isinstance(user, str) or not user:
-        return "user must be a non-empty string"
-    return close_problem(code, reason)
+    return user_problem(user) or close_problem(code, reason)
 
 
 def close_problem(code: Any, reason: Any) -> str | None:

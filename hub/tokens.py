@@ -18,8 +18,8 @@ from typing import Any
 
 import jwt
 
-from .codec import check_data
-from .errors import HubError, ReplyError
+from .errors import HubError
+from .rules import MAX_USER_LENGTH, info_problem, user_problem
 
 __all__ = ["Credentials", "TokenError", "TokenExpired", "TokenVerifier", "mint_token"]
 
@@ -156,19 +156,15 @@ def _patterns(claims: dict[str, Any], name: str) -> tuple[str, ...] | None:
 
 def _credentials(claims: dict[str, Any]) -> Credentials:
     user = claims.get("sub")
-    if not isinstance(user, str) or not user:
-        raise TokenError("invalid token: sub must be a non-empty string")
-    if len(user) > 200:
-        raise TokenError("invalid token: sub is longer than 200 characters")
+    if user_problem(user) is not None:
+        raise TokenError(f"invalid token: sub must be a string of 1 to {MAX_USER_LENGTH} chars")
     exp = claims.get("exp")
     if exp is not None and not (_number(exp) and -MAX_EXP <= exp <= MAX_EXP):
         raise TokenError("invalid token: exp is out of range")
     info = claims.get("info")
-    try:
-        # info reaches every subscriber in presence, join/leave and "from": it must encode.
-        check_data(info)
-    except ReplyError:
-        raise TokenError("invalid token: info cannot be encoded") from None
+    problem = info_problem(info)  # it reaches every subscriber in presence, join/leave, "from"
+    if problem is not None:
+        raise TokenError(f"invalid token: {problem}")
     device = claims.get("device")
     if device is not None and (
         not isinstance(device, str) or not 0 < len(device) <= 64 or not device.isprintable()

@@ -31,6 +31,8 @@ from hubfix import (
 from wshelp import run
 
 from hub.app import Hub
+from hub.redis.publisher import Publisher
+from hub.rules import MAX_USER_LENGTH
 from hub.tokens import mint_token
 
 
@@ -468,3 +470,47 @@ def test_metrics_count_a_protocol_failure_under_the_code_sent() -> None:
             assert closed == {"1009": 1.0}
 
     run(main)
+
+
+def test_one_user_id_rule_on_every_surface() -> None:
+    """A user id of 1 to 200 characters (rules.MAX_USER_LENGTH), whoever names it: the HTTP
+    API's send, disconnect and ``from`` answer 400 (counted), a token is refused, the
+    publishers raise before sending anything."""
+    long_user = "u" * (MAX_USER_LENGTH + 1)
+    bodies = [
+        ("/api/send", {"user": long_user, "data": 1}),
+        ("/api/send", {"user": "", "data": 1}),
+        ("/api/send", {"user": ["alice"], "data": 1}),
+        ("/api/disconnect", {"user": long_user}),
+        ("/api/disconnect", {"user": 12}),
+        ("/api/publish", {"channel": "news", "data": 1, "from": {"user": long_user}}),
+    ]
+
+    async def main() -> None:
+        async with running(keyed_settings()) as hub:
+            before = metric(await scrape(hub), "hub_http_errors_total", status="400")
+            for path, body in bodies:
+                status, answer = await api(hub, path, body)
+                assert status == 400, (path, body)
+                message = error_message(answer)
+                assert "user must be a string of 1 to 200 characters" in message, message
+            after = metric(await scrape(hub), "hub_http_errors_total", status="400")
+            assert after == before + len(bodies)
+            longest = "u" * MAX_USER_LENGTH
+            assert (await api(hub, "/api/send", {"user": longest, "data": 1}))[0] == 200
+            assert (await api(hub, "/api/disconnect", {"user": longest}))[0] == 200
+            secret = hub.settings.token_secret
+            async with client(hub, JSON_PROTO, token=mint_token(long_user, secret)) as c:
+                assert (await c.closed_with())[0] == 4500
+            async with client(hub, JSON_PROTO, token=mint_token(longest, secret)) as c:
+                await c.ok("subscribe", channel="news")
+
+    run(main)
+    publisher = Publisher("redis://127.0.0.1:1")  # nothing listens: the rule fails first
+    for call in (
+        lambda: publisher.send_to_user(long_user, 1),
+        lambda: publisher.send_to_users([("alice", 1), (long_user, 2)]),
+        lambda: publisher.disconnect(long_user),
+    ):
+        with pytest.raises(ValueError, match="user must be a string of 1 to 200 characters"):
+            call()

@@ -36,6 +36,7 @@ from .cluster import Router, SlotMap, is_cluster_url, parse_cluster_url
 
 if TYPE_CHECKING:
     from ..inbox import Notified
+from ..rules import user_problem
 from .resp import pack_command, pack_publish
 from .wire import (
     DEFAULT_PREFIX,
@@ -49,6 +50,13 @@ from .wire import (
 )
 
 __all__ = ["AsyncPublisher", "HistoryPage", "Published", "Publisher"]
+
+
+def _user(user: Any) -> str:
+    problem = user_problem(user)
+    if problem is not None:
+        raise ValueError(problem)
+    return user
 
 
 def _non_empty(name: str, value: Any) -> str:
@@ -192,7 +200,7 @@ class Publisher(_Publishing):
         return HistoryPage.from_reply(self._read_script(keys=args[1:3], args=args[3:]), entry)
 
     def send_to_user(self, user: str, data: Any) -> int:
-        name = self.names.user(_non_empty("user", user))
+        name = self.names.user(_user(user))
         return int(self._send(name, pack_message(data)))
 
     def send_to_users(self, messages: Iterable[tuple[str, Any]]) -> list[int]:
@@ -204,7 +212,7 @@ class Publisher(_Publishing):
         """
         payloads = []
         for user, data in messages:
-            name = self.names.user(_non_empty("user", user))
+            name = self.names.user(_user(user))
             payloads.append((name, seal(self._key, name.encode(), pack_message(data))))
         if isinstance(self.client, redis.RedisCluster):  # each user channel has its own shard
             return [int(self._publish_raw(name, payload)) for name, payload in payloads]
@@ -378,25 +386,24 @@ class AsyncPublisher(_Publishing):
         return HistoryPage.from_reply(await self._router.script(name, READ_SCRIPT, args), entry)
 
     async def send_to_user(self, user: str, data: Any) -> int:
-        return await self._publish(self.names.user(_non_empty("user", user)), pack_message(data))
+        return await self._publish(self.names.user(_user(user)), pack_message(data))
 
     async def send_to_users(self, messages: Iterable[tuple[str, Any]]) -> list[int]:
         """Send each ``(user, data)`` pair, in order, pipelined in one write; returns, per
         message, how many hub processes received it. See :meth:`Publisher.send_to_users`."""
         user = self.names.user
         if self._router.sharded:  # routed one by one, each to its shard's pipeline
-            payloads = [(user(_non_empty("user", u)), pack_message(d)) for u, d in messages]
+            payloads = [(user(_user(u)), pack_message(d)) for u, d in messages]
             return list(await asyncio.gather(*(self._publish(n, p) for n, p in payloads)))
         key = self._key
         if key is None:
             commands = [
-                pack_publish(b"PUBLISH", user(_non_empty("user", u)), pack_message(d))
-                for u, d in messages
+                pack_publish(b"PUBLISH", user(_user(u)), pack_message(d)) for u, d in messages
             ]
         else:
             commands = []
             for u, d in messages:
-                name = user(_non_empty("user", u))
+                name = user(_user(u))
                 payload = seal(key, name.encode(), pack_message(d))
                 commands.append(pack_publish(b"PUBLISH", name, payload))
         replies = await self._router.execute_many(commands)
