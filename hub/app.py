@@ -344,9 +344,9 @@ class Hub:
             connection.close_now(exc.code, exc.reason)
             return
         except ProxyFailed as exc:
-            # The backend is down or broken, not the client: 1011 says reconnect (with backoff).
+            # The backend is down or broken, not the client: 4004 says retry with backoff.
             self.node.metrics.handshake_failures.labels("connect_proxy").inc()
-            connection.close_now(CloseCode.INTERNAL, exc.message[:100])
+            connection.close_now(CloseCode.BACKEND_UNAVAILABLE, exc.message[:100])
             return
         except (TokenError, ProxyRefused) as exc:
             # Closed at once (no closing handshake to wait for), and the address's budget of

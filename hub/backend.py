@@ -14,8 +14,8 @@ import orjson
 
 from .codec import check_data
 from .config import Namespace, Settings
-from .errors import BadRequest, ErrorCode, HubUnavailable, ProxyFailed, ReplyError
-from .rules import check_channel
+from .errors import BadRequest, ErrorCode, HubUnavailable, ReplyError
+from .rules import check_channel, info_problem, user_problem
 from .tokens import MAX_EXP, Credentials, TokenError, TokenExpired
 
 if TYPE_CHECKING:
@@ -79,22 +79,24 @@ async def connect(
     assert settings.connect_proxy is not None
     result = await proxy.call("connect", settings.connect_proxy, body)
     user, info = result.get("user"), result.get("info")
-    if type(user) is not str or not 0 < len(user) <= 200:
-        raise ProxyFailed("connect answer needs a user of 1 to 200 characters", "malformed")
-    _check_backend_data(info, "connect answer's info")
+    problem = user_problem(user) or info_problem(info)
+    if problem is not None:
+        raise proxy.malformed("connect", f"connect answer: {problem}")
     expire_at = result.get("expire_at")
     if expire_at is not None:
         if type(expire_at) not in (int, float) or not 0 < expire_at <= MAX_EXP:
-            raise ProxyFailed("connect answer's expire_at must be unix seconds", "malformed")
+            raise proxy.malformed("connect", "connect answer's expire_at must be unix seconds")
         if expire_at <= time.time():
             raise TokenExpired("connect proxy: expired")
     channels = result.get("channels") or []
     if type(channels) is not list or len(channels) > max(settings.max_subscriptions, 1):
-        raise ProxyFailed("connect answer's channels must be a list within the limit", "malformed")
+        raise proxy.malformed(
+            "connect", "connect answer's channels must be a list within the limit"
+        )
     try:
         channels = [_channel(c, settings) for c in channels]
     except BadRequest:
-        raise ProxyFailed("connect answer names an invalid channel", "malformed") from None
+        raise proxy.malformed("connect", "connect answer names an invalid channel") from None
     credentials = Credentials(
         user,
         channels=tuple(channels) or None,
@@ -108,11 +110,11 @@ def _channel(channel: Any, settings: Settings) -> str:
     return check_channel(channel, settings.max_channel_length)
 
 
-def _check_backend_data(data: Any, what: str) -> None:
+def _check_backend_data(proxy: ProxyClient, kind: str, data: Any, what: str) -> None:
     try:
         check_data(data)
     except ReplyError:
-        raise ProxyFailed(f"{what} cannot be encoded", "malformed") from None
+        raise proxy.malformed(kind, f"{what} cannot be encoded") from None
 
 
 def _json(value: Any) -> None:
@@ -132,17 +134,35 @@ def _proxy(session: Session) -> ProxyClient:
 # -- subscribe and publish proxies --------------------------------------------------------------
 
 
-async def subscribe_allowed(session: Session, channel: str, ns: Namespace) -> dict[str, Any]:
-    """Ask the namespace's subscribe proxy; what to add to the subscribe reply (``data``)."""
+#: Marks a subscribe answer without ``info``: the subscriber keeps its connection's info.
+NO_INFO = object()
+
+
+async def subscribe_allowed(
+    session: Session, channel: str, ns: Namespace
+) -> tuple[dict[str, Any], Any]:
+    """Ask the namespace's subscribe proxy: what to add to the subscribe reply (``data``), and
+    the subscriber's ``info`` on this channel (presence, join/leave, ``from``), or NO_INFO."""
     assert ns.subscribe_proxy is not None
     body: dict[str, Any] = {"client": session.client_id, "user": session.user, "channel": channel}
     if session.credentials.info is not None:
         body["info"] = session.credentials.info
-    result = await _proxy(session).call("subscribe", ns.subscribe_proxy, body)
+    proxy = _proxy(session)
+    result = await proxy.call("subscribe", ns.subscribe_proxy, body)
+    info = result.get("info", NO_INFO)
+    if info is not NO_INFO:
+        problem = info_problem(info)
+        if problem is not None:
+            raise proxy.malformed("subscribe", f"subscribe answer: {problem}")
     if "data" not in result:
-        return {}
-    _check_backend_data(result["data"], "subscribe answer's data")
-    return {"data": result["data"]}
+        return {}, info
+    data = result["data"]
+    _check_backend_data(proxy, "subscribe", data, "subscribe answer's data")
+    try:
+        session.check_size(ns, data)
+    except ReplyError as exc:
+        raise proxy.malformed("subscribe", f"subscribe answer's {exc.message}") from None
+    return {"data": data}, info
 
 
 def with_extra(result: Any, extra: dict[str, Any]) -> Any:
@@ -159,11 +179,18 @@ async def publish_data(session: Session, channel: str, ns: Namespace, data: Any)
     assert ns.publish_proxy is not None
     _json(data)
     body = {"client": session.client_id, "user": session.user, "channel": channel, "data": data}
-    result = await _proxy(session).call("publish", ns.publish_proxy, body)
+    proxy = _proxy(session)
+    result = await proxy.call("publish", ns.publish_proxy, body)
     if "data" not in result:
         return data
-    _check_backend_data(result["data"], "publish answer's data")
-    return result["data"]
+    data = result["data"]
+    _check_backend_data(proxy, "publish", data, "publish answer's data")
+    try:
+        session.check_size(ns, data)  # what a client's publish obeys, with its error (110)
+    except ReplyError:
+        proxy.count_error("publish", "too_large")
+        raise
+    return data
 
 
 # -- commands -----------------------------------------------------------------------------------

@@ -106,10 +106,13 @@ class CloseCode(enum.IntEnum):
     PROTOCOL_ERROR = 1002  # a malformed frame: a broken client, reconnecting repeats it
     INVALID_DATA = 1007  # invalid UTF-8 in a text message
     MESSAGE_TOO_BIG = 1009  # a message over max_message_size
-    INTERNAL = 1011  # the hub failed, the connect proxy's backend did, or no pong came in time
+    INTERNAL = 1011  # the hub failed, or no pong came in time
     SLOW_CONSUMER = 4000  # could not keep up; reconnect and recover
     TOKEN_EXPIRED = 4002  # reconnect with a fresh token
     DISCONNECT_RECONNECT = 4003  # the backend disconnected this user, reconnect allowed
+    # The connect proxy's backend is down, too slow, answered 5xx / another status or outside
+    # the contract: the client is not at fault, so it retries with backoff (docs/proxy.md).
+    BACKEND_UNAVAILABLE = 4004
     UNAUTHORIZED = 4500  # no valid credentials (or the connect proxy refused them)
     BAD_REQUEST = 4502  # repeated protocol abuse
     DISCONNECTED = 4503  # the backend disconnected this user for good

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from .backend import NO_INFO
 from .errors import CloseCode, HubUnavailable, ProxyDisconnect, ProxyFailed, ProxyRefused
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class Expiry:
             ended = await session.node.unsubscribe(session, channel)
         except HubUnavailable:
             ended = True  # unsubscribed here; the broker catches up when it is back
+        session.set_channel_info(channel, NO_INFO)
         if ended:
             await session._reply({"channel": channel, "unsubscribed": {"reason": "token expired"}})
 

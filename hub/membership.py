@@ -39,7 +39,7 @@ class Member(Protocol):
     @property
     def client_id(self) -> str: ...
 
-    def presence_entry(self) -> dict[str, Any]: ...
+    def presence_entry(self, channel: str | None = None) -> dict[str, Any]: ...
 
 
 class Membership:
@@ -66,7 +66,7 @@ class Membership:
         """``member`` subscribed to ``channel``."""
         ns = self.settings.namespace(channel)
         if ns.presence or ns.join_leave:
-            entry = member.presence_entry()
+            entry = member.presence_entry(channel)
             if ns.presence:
                 await self.presence.add(channel, member.client_id, entry)
             if ns.join_leave:
@@ -76,7 +76,7 @@ class Membership:
         """Note the leave; the presence removal to await, if the namespace keeps presence."""
         ns = self.settings.namespace(channel)
         if ns.join_leave:
-            self._note(channel, member.presence_entry(), joined=False)
+            self._note(channel, member.presence_entry(channel), joined=False)
         if ns.presence:
             return self.presence.remove(channel, member.client_id)
         return None

@@ -66,6 +66,15 @@ class ProxyClient:
             )
         return session
 
+    def count_error(self, kind: str, reason: str) -> None:
+        self.metrics.proxy_errors.labels(kind, reason).inc()
+
+    def malformed(self, kind: str, message: str) -> ProxyFailed:
+        """An answer of the contract's shape whose content the hub refuses (a field of the
+        wrong type or over its limit): counted, to raise; nothing is done (never a yes)."""
+        self.count_error(kind, "malformed")
+        return ProxyFailed(message, "malformed")
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

@@ -37,6 +37,7 @@ def bucket(rate: float, burst: int) -> TokenBucket | None:
 
 class Session:
     __slots__ = (
+        "_channel_info",
         "_client_id",
         "_publish_buckets",
         "abuse",
@@ -69,6 +70,7 @@ class Session:
         self.bucket = bucket(settings.command_rate, settings.command_burst)
         self._publish_buckets: dict[str, TokenBucket | None] | None = None
         self._client_id = client_id
+        self._channel_info: dict[str, Any] | None = None  # the subscribe proxy's, by channel
         self.expiry = Expiry(self)  # the credentials' deadlines (hub.expiry)
 
     def __repr__(self) -> str:
@@ -83,9 +85,34 @@ class Session:
             cid = self._client_id = uuid.uuid4().hex
         return cid
 
-    def presence_entry(self) -> dict[str, Any]:
-        """What presence and join/leave pushes show of this connection."""
-        return {"user": self.user, "client": self.client_id, "info": self.credentials.info}
+    def presence_entry(self, channel: str | None = None) -> dict[str, Any]:
+        """What presence and join/leave pushes show of this connection (on ``channel``: the
+        subscribe proxy may have given it an info of its own there)."""
+        info = self.credentials.info
+        infos = self._channel_info
+        if infos is not None and channel in infos:
+            info = infos[channel]
+        return {"user": self.user, "client": self.client_id, "info": info}
+
+    def set_channel_info(self, channel: str, info: Any) -> None:
+        """The subscribe proxy's ``info`` for this connection on ``channel``
+        (``backend.NO_INFO``: none, the connection's own applies)."""
+        infos = self._channel_info
+        if info is backend.NO_INFO:
+            if infos is not None:
+                infos.pop(channel, None)
+            return
+        if infos is None:
+            infos = self._channel_info = {}
+        infos[channel] = info
+
+    def check_size(self, ns: Namespace, data: Any) -> None:
+        """``data`` fits the namespace's ``max_message_size`` as this client's codec encodes
+        it: the rule of a client's publish, and of what a backend publishes in its name."""
+        encoded = self.codec.encode({"data": data})
+        size = len(encoded.encode() if isinstance(encoded, str) else encoded)
+        if ns.max_message_size and size > ns.max_message_size:
+            raise ReplyError(f"data exceeds {ns.max_message_size} bytes", ErrorCode.TOO_LARGE)
 
     # -- outbound ------------------------------------------------------------------------------
 
@@ -175,10 +202,10 @@ class Session:
         self.node.metrics.rate_limited.labels(limit).inc()
         raise ReplyError("rate limit exceeded, slow down", ErrorCode.RATE_LIMITED)
 
-    def sender(self) -> dict[str, Any]:
+    def sender(self, channel: str | None = None) -> dict[str, Any]:
         """The ``from`` of this session's publications: what the server knows of the sender,
         never what the client claims (hub.codec.check_sender holds the shape)."""
-        return self.presence_entry()
+        return self.presence_entry(channel)
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -241,7 +268,11 @@ class Session:
         limit = self.node.settings.max_subscriptions
         if limit and len(registry.channels_of(self)) >= limit:
             raise ReplyError(f"subscription limit of {limit} reached", ErrorCode.LIMIT_EXCEEDED)
-        extra = await backend.subscribe_allowed(self, channel, ns) if ns.subscribe_proxy else {}
+        extra: dict[str, Any] = {}
+        info: Any = backend.NO_INFO
+        if ns.subscribe_proxy:
+            extra, info = await backend.subscribe_allowed(self, channel, ns)
+        self.set_channel_info(channel, info)  # before the join: presence shows it
         if granted is not None:
             self.expiry.set(channel, granted.expires_at)
         if not ns.history_size:
@@ -271,6 +302,7 @@ class Session:
         if not await self.node.unsubscribe(self, channel):
             raise ReplyError("not subscribed", ErrorCode.NOT_SUBSCRIBED)
         self.expiry.clear(channel)
+        self.set_channel_info(channel, backend.NO_INFO)
         return {}
 
     async def _publish(self, command: dict[str, Any]) -> dict[str, Any]:
@@ -278,15 +310,13 @@ class Session:
         if "data" not in command:
             raise BadRequest("publish needs data")
         ns = self._writable(channel)
-        encoded = self.codec.encode({"data": command["data"]})
-        size = len(encoded.encode() if isinstance(encoded, str) else encoded)
-        if ns.max_message_size and size > ns.max_message_size:
-            raise ReplyError(f"data exceeds {ns.max_message_size} bytes", ErrorCode.TOO_LARGE)
         data = command["data"]
+        self.check_size(ns, data)
         if ns.publish_proxy:
             data = await backend.publish_data(self, channel, ns, data)
+        sender = self.sender(channel)
         try:
-            await self.node.publish(channel, data, source="client", **{"from": self.sender()})
+            await self.node.publish(channel, data, source="client", **{"from": sender})
         except HubUnavailable:
             raise ReplyError("broker unavailable, try again", ErrorCode.UNAVAILABLE) from None
         return {}

@@ -37,6 +37,7 @@ class Backend:
         self.in_flight: dict[str, int] = {}  # by path
         self.most_in_flight: dict[str, int] = {}
         self.expire_in: float | None = None  # the connect answer's expire_at, from now
+        self.connect_fault: Answer | None = None  # what every connect call gets, if set
         self.lock = threading.Lock()
         self.routes: dict[str, Callable[[dict[str, Any]], Answer]] = {
             "/connect": self.connect,
@@ -113,9 +114,23 @@ class Backend:
     SESSIONS = {"s-alice": "alice", "s-bob": "bob"}
 
     def connect(self, body: dict[str, Any]) -> Answer:
+        if self.connect_fault is not None:
+            return self.connect_fault
         sid = body["cookies"].get("sid")
         if sid == "banned":
             return 200, b'{"disconnect": {"code": 4507, "reason": "banned"}}'
+        # A backend failing at connect, each way it can (the session cookie picks it).
+        if sid == "slow":
+            time.sleep(3)
+            return ok({"user": "slowpoke"})
+        if sid == "garbage":
+            return 200, b"{not json"
+        if sid == "status500":
+            return 500, b'{"result": {"user": "alice"}}'
+        if sid == "longuser":
+            return ok({"user": "x" * 201})
+        if sid == "biginfo":
+            return ok({"user": "alice", "info": {"bio": "x" * 5000}})
         user = self.SESSIONS.get(sid or "")
         if user is None:
             return error(401, "no such session")
@@ -127,10 +142,20 @@ class Backend:
         return ok(result)
 
     def subscribe(self, body: dict[str, Any]) -> Answer:
-        if body["channel"].endswith(":secret") and body["user"] != "alice":
+        channel = body["channel"]
+        if channel.endswith(":secret") and body["user"] != "alice":
             return error(403, "not a member")
-        if body["channel"].endswith(":kick"):
+        if channel.endswith(":kick"):
             return 200, b'{"disconnect": {"code": 4003, "reason": "kicked"}}'
+        if channel.endswith(":roles"):  # the subscriber's role in this room, for everyone to see
+            role = "host" if body["user"] == "alice" else "guest"
+            return ok({"info": {"role": role}, "data": {"welcome": body["user"]}})
+        if channel.endswith(":biginfo"):
+            return ok({"info": {"bio": "x" * 5000}})
+        if channel.endswith(":bigdata"):
+            return ok({"data": "x" * 70000})  # over the namespace's max_message_size
+        if channel.endswith(":wrongtype"):
+            return 200, b'{"result": ["yes"]}'
         return ok({"data": {"welcome": body["user"]}})
 
     def publish(self, body: dict[str, Any]) -> Answer:
@@ -139,6 +164,8 @@ class Backend:
             return error(403, "moderated")
         if data.get("text") == "flood":
             time.sleep(0.02)
+        if data.get("text") == "inflate":  # a backend answering more than a client may publish
+            return ok({"data": {"text": "x" * 70000}})
         with self.lock:
             number = len(self.calls)
         return ok({"data": {"text": data["text"].strip(), "id": number, "by": body["user"]}})

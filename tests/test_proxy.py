@@ -37,6 +37,7 @@ def config(app: Backend, personal: bool = False, **top: Any) -> str:
         "proxy_timeout": 1.5,
         "proxy_concurrency": 2,
         "proxy_headers": ["User-Agent", "X-Rooms"],
+        "join_leave_interval": 0.05,
         **top,
     }
     head = "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
@@ -45,6 +46,18 @@ def config(app: Backend, personal: bool = False, **top: Any) -> str:
         + f"""
 [namespaces.room]
 publish = true
+subscribe_proxy = "{app.url("/subscribe")}"
+publish_proxy = "{app.url("/publish")}"
+
+[namespaces.lounge]
+publish = true
+presence = true
+join_leave = true
+subscribe_proxy = "{app.url("/subscribe")}"
+
+[namespaces.capped]
+publish = true
+max_message_size = 1000
 subscribe_proxy = "{app.url("/subscribe")}"
 publish_proxy = "{app.url("/publish")}"
 
@@ -167,6 +180,56 @@ def test_connect_proxy_refusal_closes_with_4500(hub: ServedHub, app: Backend) ->
     run(main)
 
 
+@pytest.mark.parametrize(
+    ("sid", "reason", "message"),
+    [
+        ("slow", "timeout", "backend timeout (connect proxy)"),
+        ("status500", "status", "backend answered 500"),
+        ("garbage", "malformed", "backend answer is not json"),
+        ("longuser", "malformed", "connect answer: user must be a string of 1 to 200 characters"),
+        ("biginfo", "malformed", "connect answer: info is over 4096 bytes"),
+    ],
+)
+def test_a_failing_connect_proxy_closes_with_4004(
+    hub: ServedHub, sid: str, reason: str, message: str
+) -> None:
+    """The backend, not the client, failed: 4004 (retry with backoff), counted, and the
+    address's budget of failed authentications is not charged."""
+
+    async def main() -> None:
+        before = await scrape(hub)
+        async with client(hub, headers={"Cookie": f"sid={sid}"}) as c:
+            assert await c.closed_with() == (4004, message)
+        after = await scrape(hub)
+        for name, labels in (
+            ("hub_proxy_errors_total", {"proxy": "connect", "reason": reason}),
+            ("hub_handshake_failures_total", {"reason": "connect_proxy"}),
+        ):
+            assert metric(after, name, **labels) == metric(before, name, **labels) + 1, name
+        unauthorized = {"reason": "unauthorized"}
+        assert metric(after, "hub_handshake_failures_total", **unauthorized) == metric(
+            before, "hub_handshake_failures_total", **unauthorized
+        )
+
+    run(main)
+
+
+def test_a_connect_proxy_that_is_down_closes_with_4004(
+    app: Backend, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}/nobody-listens"
+    with hub_serve(tmp_path_factory.mktemp("down"), config(app, connect_proxy=down)) as served:
+
+        async def main() -> None:
+            async with alice(served) as a:
+                assert await a.closed_with() == (4004, "backend unavailable (connect proxy)")
+            samples = await scrape(served)
+            labels = {"proxy": "connect", "reason": "unavailable"}
+            assert metric(samples, "hub_proxy_errors_total", **labels) == 1
+
+        run(main)
+
+
 def test_a_token_is_still_checked_by_the_hub_not_the_backend(hub: ServedHub, app: Backend) -> None:
     async def main() -> None:
         before = len(app.calls_to("/connect"))
@@ -216,6 +279,110 @@ def test_publish_proxy_rewrites_or_refuses(hub: ServedHub, app: Backend) -> None
                 assert "result" in await m.call("subscribe", channel="room:lobby")
                 assert await m.error("publish", channel="room:lobby", data=b"\x00") == 107
             assert len(app.calls_to("/publish")) == calls
+
+    run(main)
+
+
+def test_subscribe_proxy_info_is_the_subscribers_on_that_channel(hub: ServedHub) -> None:
+    """The subscribe answer's ``info`` is the subscriber's on that channel only: in presence,
+    join/leave and the ``from`` of its publications there; its ``data`` is in the reply."""
+
+    async def main() -> None:
+        async with alice(hub) as a, client(hub, token=token("bob")) as b:
+            reply = await b.call("subscribe", channel="lounge:roles")
+            assert reply["result"] == {"data": {"welcome": "bob"}}
+            reply = await a.call("subscribe", channel="lounge:roles")
+            assert reply["result"] == {"data": {"welcome": "alice"}}
+            joined: dict[str, Any] = {}
+            while "alice" not in joined:
+                push = await b.push()
+                joined.update({e["user"]: e["info"] for e in push.get("join", [])})
+            assert joined == {"bob": {"role": "guest"}, "alice": {"role": "host"}}
+            clients = (await b.call("presence", channel="lounge:roles"))["result"]["clients"]
+            assert sorted((e["user"], e["info"]["role"]) for e in clients.values()) == [
+                ("alice", "host"),
+                ("bob", "guest"),
+            ]
+            await a.ok("publish", channel="lounge:roles", data="hi")
+            push = await b.push()
+            while "data" not in push:  # join notices may come first
+                push = await b.push()
+            assert push["from"]["info"] == {"role": "host"} and push["data"] == "hi"
+            # Elsewhere alice is what her connection is (the connect answer's info).
+            assert "result" in await a.call("subscribe", channel="room:elsewhere")
+            assert "result" in await b.call("subscribe", channel="room:elsewhere")
+            await a.ok("publish", channel="room:elsewhere", data={"text": "x"})
+            assert (await b.push())["from"]["info"] == {"ua": "t/1"}
+            # An unsubscribe forgets it: the leave still shows the channel's info.
+            await a.ok("unsubscribe", channel="lounge:roles")
+            push = await b.push()
+            while "leave" not in push:
+                push = await b.push()
+            assert push["leave"][0]["info"] == {"role": "host"}
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("channel", "message"),
+    [
+        ("room:biginfo", "subscribe answer: info is over 4096 bytes"),
+        ("capped:bigdata", "subscribe answer's data exceeds 1000 bytes"),
+        ("room:wrongtype", "backend result must be an object"),
+    ],
+)
+def test_a_subscribe_answer_over_the_limits_subscribes_nothing(
+    hub: ServedHub, channel: str, message: str
+) -> None:
+    async def main() -> None:
+        before = await scrape(hub)
+        async with client(hub, token=token("bob")) as b:
+            reply = await b.call("subscribe", channel=channel)
+            assert reply["error"] == {"code": 113, "message": message}
+            # Nothing subscribed: not a member, nothing delivered, and no second reply.
+            assert await b.error("history", channel=channel) == 103
+            assert await b.error("unsubscribe", channel=channel) == 109
+            status, _ = await api(hub, "/api/publish", {"channel": channel, "data": "marker"})
+            assert status == 200
+            assert (await b.call("rpc", method="echo", data=1))["result"] == {"data": 1}
+            assert not b.pushes
+        after = await scrape(hub)
+        labels = {"proxy": "subscribe", "reason": "malformed"}
+        assert metric(after, "hub_proxy_errors_total", **labels) == (
+            metric(before, "hub_proxy_errors_total", **labels) + 1
+        )
+
+    run(main)
+
+
+def test_a_publish_answer_over_the_size_limit_is_refused_as_a_client_is(
+    hub: ServedHub, app: Backend
+) -> None:
+    """Replacement data over the namespace's max_message_size gets the error a client's own
+    oversized publish gets (110), counted, and nothing is published."""
+
+    async def main() -> None:
+        before = await scrape(hub)
+        async with alice(hub) as a, client(hub, token=token("bob")) as b:
+            assert "result" in await b.call("subscribe", channel="capped:inflate")
+            assert "result" in await a.call("subscribe", channel="capped:inflate")
+            own = await a.call("publish", channel="capped:inflate", data={"text": "x" * 2000})
+            inflated = await a.call("publish", channel="capped:inflate", data={"text": "inflate"})
+            assert (
+                inflated["error"]
+                == own["error"]
+                == {
+                    "code": 110,
+                    "message": "data exceeds 1000 bytes",
+                }
+            )
+            await marker_next(hub, b, "capped:inflate")
+        after = await scrape(hub)
+        labels = {"proxy": "publish", "reason": "too_large"}
+        assert metric(after, "hub_proxy_errors_total", **labels) == (
+            metric(before, "hub_proxy_errors_total", **labels) + 1
+        )
+        assert not any(c["data"].get("text") == "x" * 2000 for c in app.calls_to("/publish"))
 
     run(main)
 
@@ -422,6 +589,9 @@ def test_subscription_token_refresh_or_unsubscribed(hub: ServedHub) -> None:
 def test_connect_proxy_is_asked_again_before_expire_at(
     app: Backend, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """A renewal is the connect call again, body for body (docs/proxy.md, Expiry): the
+    handshake's cookies and headers, since an open WebSocket carries no newer ones; a backend
+    that rotated the session answers ``disconnect`` 4003, and the client reconnects."""
     app.expire_in = 2
     try:
         with hub_serve(tmp_path_factory.mktemp("renew"), config(app)) as served:
@@ -434,10 +604,16 @@ def test_connect_proxy_is_asked_again_before_expire_at(
                     assert (await a.call("rpc", method="echo", data=2))["result"] == {"data": 2}
                     asked = [c for c in app.calls_to("/connect") if c["client"] == cid]
                     assert len(asked) >= 2
+                    assert all(body == asked[0] for body in asked)
+                    assert asked[0]["cookies"] == {"theme": "dark", "sid": "s-alice"}
+                    rotated = b'{"disconnect": {"code": 4003, "reason": "session rotated"}}'
+                    app.connect_fault = (200, rotated)
+                    assert await a.closed_with(timeout=5) == (4003, "session rotated")
 
             run(main)
     finally:
         app.expire_in = None
+        app.connect_fault = None
 
 
 # --- server-side subscriptions -------------------------------------------------------------------
@@ -485,7 +661,7 @@ def test_the_backend_refuses_a_hub_with_the_wrong_secret(
                 reply = await b.call("rpc", method="echo", data=1)
                 assert reply["error"] == {"code": 113, "message": "backend answered 403"}
             async with alice(served) as a:
-                assert await a.closed_with() == (1011, "backend answered 403")
+                assert await a.closed_with() == (4004, "backend answered 403")
 
         run(main)
         assert app.bad_signatures == before + 2
