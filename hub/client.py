@@ -2,7 +2,8 @@
 services, bots and tests. It behaves as hub.js does (docs/client-js.md): tokens, subscriptions
 renewed after every reconnect with recovery (``since``) on history channels, reconnects with
 backoff and jitter, the close-code rule of hub.errors.may_reconnect, gap and reload events, JSON
-or msgpack. API and events: docs/client-python.md.
+or msgpack, subscription tokens, and the channels the server subscribes it to. API and events:
+docs/client-python.md.
 
 The transport is the ``websockets`` client library (``pip install 'hub[client]'``); the server
 never imports this module. Everything the hub sends is treated as untrusted: a frame that does
@@ -18,7 +19,7 @@ import json
 import logging
 import random
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +46,14 @@ EVENTS = frozenset({"state", "message", "gap", "reload", "error"})
 Handler = Callable[[Any, "ClientError | None"], None]
 Listener = Callable[[dict[str, Any]], Any]
 TokenSource = Callable[[], "str | Awaitable[str]"]
+#: A subscription's token source: called with the channel's name.
+ChannelTokenSource = Callable[[str], "str | Awaitable[str]"]
 
 
 @dataclass(slots=True)
 class _Sub:
-    """A subscription kept across reconnects: where its history channel stands."""
+    """A subscription kept across reconnects: where its history channel stands, and its token
+    (``server``: the hub subscribes it on every connect, this client never does)."""
 
     offset: int | None = None
     epoch: str | None = None
@@ -58,12 +62,25 @@ class _Sub:
     pending: bool = False
     active: bool = False
     retries: int = 0
+    token: str | None = None
+    get_token: ChannelTokenSource | None = None
+    server: bool = False
 
 
 @dataclass(slots=True)
 class _Call:
     handler: Handler
     timer: asyncio.TimerHandle
+
+
+async def _call_source(source: Callable[..., Any], *args: Any) -> Any:
+    """A token from a token function (plain or coroutine); None means none."""
+    token = source(*args)
+    if inspect.isawaitable(token):
+        token = await token
+    if token is not None and not isinstance(token, str):
+        raise TypeError("get_token must return a string")
+    return token
 
 
 def _is_int(value: Any) -> bool:
@@ -84,7 +101,8 @@ class Client:
 
     Times are in seconds. ``connect_options`` go to ``websockets.asyncio.client.connect``
     (e.g. ``ssl``, ``proxy``, ``max_size``); the client sets ``subprotocols`` and the
-    ``Authorization`` header itself.
+    ``Authorization`` header itself; ``headers`` are added to the handshake (e.g. the
+    ``Cookie`` a connect proxy authenticates, docs/proxy.md).
     """
 
     def __init__(
@@ -94,6 +112,7 @@ class Client:
         token: str | None = None,
         get_token: TokenSource | None = None,
         user: str | None = None,
+        headers: Mapping[str, str] | None = None,
         encoding: str = "json",
         min_delay: float = 0.5,
         max_delay: float = 15.0,
@@ -111,6 +130,7 @@ class Client:
         self.token = token
         self.get_token = get_token
         self.user = user
+        self.headers = dict(headers or {})
         self.encoding = encoding
         self.min_delay = min_delay
         self.max_delay = max_delay
@@ -236,12 +256,7 @@ class Client:
     async def _token(self) -> str | None:
         if self.get_token is None:
             return self.token
-        token = self.get_token()
-        if inspect.isawaitable(token):
-            token = await token
-        if token is not None and not isinstance(token, str):
-            raise TypeError("get_token must return a string")
-        return token
+        return await _call_source(self.get_token)
 
     async def _connection(self) -> tuple[int, str]:
         """One connection attempt and its lifetime: the close code and reason it ended with."""
@@ -253,7 +268,7 @@ class Client:
         if self._stopped:
             return 1000, "client closing"
         url = self.urls[self._url_index % len(self.urls)]
-        headers = {}
+        headers = dict(self.headers)
         if token:
             headers["Authorization"] = f"Bearer {token}"
         elif self.user:
@@ -282,8 +297,9 @@ class Client:
         loop = asyncio.get_running_loop()
         self._stable = loop.call_later(self.stable_after, self._reset_attempts)
         self._set_state("connected")
-        for channel in list(self.subs):
-            self._spawn(self._send_subscribe(channel))
+        for channel, sub in list(self.subs.items()):
+            if not sub.server:  # the hub subscribes those again itself
+                self._spawn(self._send_subscribe(channel))
         try:
             async for raw in ws:
                 try:
@@ -379,14 +395,28 @@ class Client:
             fields["since"] = since
         return await self.call("history", fields)
 
-    async def subscribe(self, channel: str) -> Any:
+    async def subscribe(
+        self,
+        channel: str,
+        *,
+        token: str | None = None,
+        get_token: ChannelTokenSource | None = None,
+    ) -> Any:
         """Subscribe now or as soon as connected, and again after every reconnect (with
-        ``since`` on history channels, so nothing is lost). The first reply's result."""
+        ``since`` on history channels, so nothing is lost). The first reply's result.
+
+        In a ``subscribe = "token"`` namespace, ``token`` is the channel's subscription token,
+        or ``get_token(channel)`` (a function or coroutine function) gives one before every
+        subscribe and when the hub's refresh push for the channel says it runs out."""
         sub = self.subs.get(channel)
         if sub is not None and sub.active:
             return {"offset": sub.offset, "epoch": sub.epoch}
         if sub is None:
             sub = self.subs[channel] = _Sub()
+        if token is not None:
+            sub.token = token
+        if get_token is not None:
+            sub.get_token = get_token
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         sub.waiters.append(future)
         if self.state == "connected":
@@ -414,7 +444,7 @@ class Client:
         return None if sub is None else {"offset": sub.offset, "epoch": sub.epoch}
 
     @staticmethod
-    def _settle(sub: _Sub, result: Any = None, error: ClientError | None = None) -> None:
+    def _settle(sub: _Sub, result: Any = None, error: BaseException | None = None) -> None:
         waiters, sub.waiters = sub.waiters, []
         for future in waiters:
             if future.done():
@@ -433,6 +463,20 @@ class Client:
         since = sub.offset is not None and sub.epoch is not None
         if since:
             fields["since"] = {"offset": sub.offset, "epoch": sub.epoch}
+        if sub.get_token is not None:
+            try:
+                fields["token"] = await _call_source(sub.get_token, channel)
+            except Exception as exc:  # no token, no subscription: as a refusal is
+                if self.subs.get(channel) is sub:
+                    del self.subs[channel]
+                    self._settle(sub, error=exc)
+                    self._emit("error", {"channel": channel, "error": exc, "retrying": False})
+                return
+            if self.subs.get(channel) is not sub or self.state != "connected":
+                sub.pending = False
+                return
+        elif sub.token is not None:
+            fields["token"] = sub.token
 
         def handler(result: Any, error: ClientError | None) -> None:
             self._subscribed(channel, sub, since, result, error)
@@ -516,9 +560,34 @@ class Client:
             self._emit("message", detail)
             return
         channel = msg["channel"]
-        sub = self.subs.get(channel) if isinstance(channel, str) else None
+        if not isinstance(channel, str):
+            return
+        subscribed = msg.get("subscribed")
+        if isinstance(subscribed, dict) and subscribed.get("server") is True:
+            # Subscribed by the server (token claim, connect proxy): it does so again on every
+            # connect, so this client never sends a subscribe for it; its pushes are delivered.
+            sub = self.subs.get(channel)
+            if sub is None:
+                sub = self.subs[channel] = _Sub()
+            sub.server = sub.active = True
+            sub.pending = False
+            self._settle(sub, {})
+            return
+        sub = self.subs.get(channel)
         if sub is None:
-            return  # unsubscribed meanwhile (or nonsense)
+            return  # unsubscribed meanwhile
+        if "refresh" in msg:
+            self._spawn(self._refresh(channel))  # its subscription token runs out soon
+            return
+        if "unsubscribed" in msg:
+            # Its subscription token ran out unrenewed: the hub ended it.
+            del self.subs[channel]
+            reason = msg["unsubscribed"]
+            reason = reason.get("reason") if isinstance(reason, dict) else reason
+            error = ClientError("unsubscribed", str(reason))
+            self._settle(sub, error=error)
+            self._emit("error", {"channel": channel, "error": error, "retrying": False})
+            return
         if msg.get("gap"):
             self._on_gap(channel, sub)
             return
@@ -536,17 +605,25 @@ class Client:
         detail["push"] = msg
         self._emit("message", detail)
 
-    async def _refresh(self) -> None:
-        """Answer the hub's refresh push with ``get_token``'s token (docs/protocol.md, Tokens);
-        without ``get_token``, or if it fails, the hub closes with 4002 and the reconnect asks."""
-        if self.get_token is None:
-            return
+    async def _refresh(self, channel: str | None = None) -> None:
+        """Answer the hub's refresh push with ``get_token``'s token (docs/protocol.md, Tokens),
+        or for a channel its subscription's ``get_token``; without one, or if it fails, the hub
+        closes with 4002 (ends the subscription) at expiry, and the reconnect asks again."""
+        sub = None if channel is None else self.subs.get(channel)
         try:
-            token = await self._token()
-            if token:
-                await self.call("refresh", {"token": token})
+            if channel is None:
+                if self.get_token is None:
+                    return
+                token = await self._token()
+                if token:
+                    await self.call("refresh", {"token": token})
+                return
+            if sub is None or sub.get_token is None:
+                return
+            token = await _call_source(sub.get_token, channel)
+            await self.call("refresh", {"channel": channel, "token": token})
         except Exception as exc:
-            self._emit("error", {"channel": None, "error": exc, "retrying": False})
+            self._emit("error", {"channel": channel, "error": exc, "retrying": False})
 
     def _on_reply(self, msg: dict[str, Any]) -> None:
         cid = msg["id"]

@@ -14,12 +14,14 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import pytest
+from backendfix import backend
 from hubfix import API_KEY, SECRET
 from hubproc import HubProcess, SequencePublisher
 from procfix import free_port
@@ -52,6 +54,7 @@ api_key = "{API_KEY}"
 publish = true
 """
 KEY = {"X-API-Key": API_KEY}
+PROXY_SECRET = "client-proxy-secret-0123456789abcdef0123"
 FAST = {"min_delay": 0.05, "max_delay": 0.3}
 WAIT = 15.0
 
@@ -558,3 +561,139 @@ def test_close_is_prompt_while_waiting_to_reconnect_or_connecting() -> None:
             await server.wait_closed()
 
     run(main, timeout=30)
+
+
+TOKENS = f"""
+token_secret = "{SECRET}"
+api_key = "{API_KEY}"
+
+[namespaces.news]
+server_side = true
+
+[namespaces.user]
+personal = true
+server_side = true
+
+[namespaces.private]
+subscribe = "token"
+"""
+
+
+def test_subscription_tokens_are_sent_and_renewed(hubs: Callable[..., HubProcess]) -> None:
+    """A ``subscribe = "token"`` channel gets its token (given, or from the subscription's
+    ``get_token``); the hub's refresh push for it is answered with the next token, so the
+    subscription outlives its first token; a static token that runs out ends the
+    subscription (an ``unsubscribed`` error event), and a token for another channel is
+    refused."""
+    hub = hubs(TOKENS)
+    asked: list[str] = []
+
+    def sub_token(channel: str) -> str:
+        asked.append(channel)
+        return mint_token("fay", SECRET, channel=channel, ttl=3 if len(asked) == 1 else 3600)
+
+    async def main() -> None:
+        async with Client(ws(hub), token=mint_token("fay", SECRET, ttl=3600), **FAST) as client:
+            record = Recorder(client)
+            stream = client.messages()
+            assert await client.subscribe("private:r", get_token=sub_token) == {}
+            short = mint_token("fay", SECRET, channel="private:s", ttl=3)
+            assert await client.subscribe("private:s", token=short) == {}
+            with pytest.raises(ClientError) as refused:
+                other = mint_token("fay", SECRET, channel="private:x")
+                await client.subscribe("private:t", token=other)
+            assert refused.value.code == 103 and "private:t" not in client.subs
+            await until(lambda: len(asked) == 2, "the refresh of private:r", 10)
+
+            def ends() -> list[dict[str, Any]]:
+                return [e for e in record.of("error") if e["channel"] == "private:s"]
+
+            await until(ends, "the end of private:s", 10)
+            (ended,) = ends()
+            assert (ended["error"].code, ended["error"].message) == (
+                "unsubscribed",
+                "token expired",
+            )
+            assert [e["channel"] for e in record.of("error")] == ["private:t", "private:s"]
+            assert "private:s" not in client.subs
+            await asyncio.sleep(0.5)  # past private:r's first token too
+            for channel in ("private:s", "private:r"):
+                body = {"channel": channel, "data": channel}
+                await asyncio.to_thread(hub.post, "/api/publish", body, KEY)
+            message = await stream.get(WAIT)
+            assert (message["channel"], message["data"]) == ("private:r", "private:r")
+            assert client.connections == 1 and asked == ["private:r", "private:r"]
+
+    run(main, timeout=60)
+
+
+def test_server_side_subscriptions_are_delivered(hubs: Callable[..., HubProcess]) -> None:
+    """Channels the token's ``channels`` claim (and a personal server-side namespace) subscribe
+    the connection to are delivered as messages without a subscribe, after a reconnect too,
+    and never subscribed by the client itself."""
+    hub = hubs(TOKENS)
+    token = mint_token("gus", SECRET, channels=["news:daily"], ttl=3600)
+
+    async def main() -> None:
+        async with Client(ws(hub), token=token, **FAST) as client:
+            record = Recorder(client)
+            stream = client.messages()
+            for connection in (1, 2):
+                await until(
+                    lambda c=connection: (
+                        client.connections == c
+                        and all(client.subs.get(ch, _inactive).active for ch in SERVER_SIDE)
+                    ),
+                    "the server's subscriptions",
+                )
+                for channel in SERVER_SIDE:
+                    body = {"channel": channel, "data": connection}
+                    await asyncio.to_thread(hub.post, "/api/publish", body, KEY)
+                    message = await stream.get(WAIT)
+                    assert (message["channel"], message["data"]) == (channel, connection)
+                if connection == 1:
+                    body = {"user": "gus", "code": 4003}
+                    await asyncio.to_thread(hub.post, "/api/disconnect", body, KEY)
+            assert record.of("error") == []
+        # The client never subscribed them itself (it would have got 105, already subscribed).
+        assert 'hub_command_errors_total{code="105"}' not in await asyncio.to_thread(metrics, hub)
+
+    run(main, timeout=60)
+
+
+SERVER_SIDE = ("news:daily", "user:gus")
+_inactive = type("Inactive", (), {"active": False})()
+
+
+def metrics(hub: HubProcess) -> str:
+    with urllib.request.urlopen(hub.base + "/metrics", timeout=WAIT) as response:
+        return response.read().decode()
+
+
+def test_a_failing_connect_proxy_is_retried_with_backoff(hubs: Callable[..., HubProcess]) -> None:
+    """A connect proxy whose backend fails closes with 4004: hub.client retries with backoff
+    (unlike a refusal, 4500), and gets in once the backend answers again."""
+    with backend(PROXY_SECRET) as app:
+        app.connect_fault = (503, b"")
+        hub = hubs(
+            f"""
+            token_secret = "{SECRET}"
+            proxy_secret = "{PROXY_SECRET}"
+            connect_proxy = "{app.url("/connect")}"
+            """
+        )
+
+        async def main() -> None:
+            cookie = {"Cookie": "sid=s-alice"}
+            async with Client(ws(hub), headers=cookie, **FAST) as client:
+                record = Recorder(client)
+                await until(lambda: client.attempts >= 3, "retries")
+                app.connect_fault = None
+                await until(lambda: client.state == "connected", "the connection")
+                codes = [d["code"] for d in record.of("state") if d["state"] == "disconnected"]
+                assert len(codes) >= 2 and set(codes) == {CloseCode.BACKEND_UNAVAILABLE}
+                assert all(d["delay"] > 0 for d in record.of("state") if "delay" in d)
+                assert client.close_code == CloseCode.BACKEND_UNAVAILABLE
+            assert all(body["cookies"] == {"sid": "s-alice"} for body in app.calls_to("/connect"))
+
+        run(main, timeout=60)
