@@ -123,8 +123,6 @@ ADMIN_HEADERS = (
         "img-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
     ),
 )
-#: Longest user id a search accepts.
-MAX_USER_QUERY = 1000
 
 
 class HttpApi:
@@ -301,8 +299,11 @@ class HttpApi:
         if path == "/admin/api/user":
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
             users = query.get("user", [])
-            if len(users) != 1 or not users[0] or len(users[0]) > MAX_USER_QUERY:
-                raise ApiError(400, f"invalid query: user (one, of 1 to {MAX_USER_QUERY} chars)")
+            if len(users) != 1:
+                raise ApiError(400, "invalid query: user (exactly one)")
+            problem = user_problem(users[0])
+            if problem:
+                raise ApiError(400, f"invalid query: user ({problem})")
             found, everywhere = await admin.find_user(users[0])
             return {"user": users[0], "connections": found, "everywhere": everywhere}
         raise ApiError(404, "not found")

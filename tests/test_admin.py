@@ -109,7 +109,7 @@ def test_admin_api_refuses_without_the_right_key_and_answers_with_it() -> None:
                 status, headers, _ = await http_request(hub, "POST", path, headers=KEY_HEADER)
                 assert status == 405 and headers["Allow"] == "GET"
                 assert (await get_json(hub, path))[0] == 200
-            for bad in ("", "?user=", "?user=a&user=b", "?user=" + "x" * 1001):
+            for bad in ("", "?user=", "?user=a&user=b", "?user=" + "x" * 201):
                 status, answer = await get_json(hub, "/admin/api/user" + bad)
                 assert status == 400 and "invalid query: user" in answer["error"]["message"]
 
