@@ -2,7 +2,7 @@
 that missed 1,000 notifications catches up, and what a stored notification costs Redis.
 
 Why this exists: a notify is one script run (``hub/inbox.lua``: seq, idempotency and collapse
-bookkeeping, a stream append, trimming, five expiries, then the ``PUBLISH``) where a plain
+bookkeeping when asked, a stream append, trimming, expiries, then the ``PUBLISH``) where a plain
 per-user send is one ``PUBLISH``. The target is that notify keeps at least half the rate of the
 plain send. Catch-up is the other half: a client asking for its inbox gets what it missed ahead
 of the live stream.
@@ -10,9 +10,10 @@ of the live stream.
 Setup, all on 127.0.0.1: a private ``redis-server``, one ``hub serve --redis`` process, and one
 WebSocket client (its own process) of the measured user, which asked for its inbox, so every
 notify and every send is delivered to a hub process and on to a client, as in production. The
-backend is in this process: ``RedisInbox.notify`` (EVALSHA of the shipped script) against
-``AsyncPublisher.send_to_user``, each keeping ``--window`` calls in flight for ``--seconds``;
-the kinds alternate (``--rounds`` each) and the ratio is the median over the pairs. The client
+backend is in this process: ``AsyncPublisher.notify`` (EVALSHA of the shipped script) against
+``AsyncPublisher.send_to_user``, on the same kind of publisher (one pipelined connection, the
+same packing of data), each keeping ``--window`` calls in flight for ``--seconds``; the kinds
+alternate (``--rounds`` each) and the ratio is the median over the pairs. The client
 checks it got every number once and in order. The hub's ``outbound_buffer`` is 256 MiB, so a
 client process the machine starves for a moment is not closed as a slow consumer, and Redis
 has no output limit on pub/sub links, so a burst of plain sends that outruns the hub for a
@@ -199,9 +200,9 @@ class Bench:
         return RedisInbox(Router.from_url(self.redis_url))
 
     async def round(self, user: str, notify: bool) -> Json:
-        """Closed loop for ``--seconds`` with ``--window`` in flight; calls/s."""
-        import msgpack
-
+        """Closed loop for ``--seconds`` with ``--window`` in flight; calls/s. Both kinds go
+        through one ``AsyncPublisher`` (one pipelined connection, the same packing of data):
+        ``notify`` against ``send_to_user``."""
         from hub.redis.publisher import AsyncPublisher
 
         script = Path(__file__).resolve()
@@ -213,7 +214,6 @@ class Bench:
         ready = await asyncio.wait_for(sub.stdout.readline(), 15)
         if not ready.startswith(b'{"ready"'):
             raise BenchError(f"client failed: {ready!r}")
-        inbox = self.inbox()
         pub = AsyncPublisher(self.redis_url)
         seq = 0
         deadline = 0.0
@@ -224,7 +224,7 @@ class Bench:
                 data = {**PAYLOAD, "n": seq}
                 seq += 1
                 if notify:
-                    await inbox.notify(user, msgpack.packb({"data": data}))
+                    await pub.notify(user, data)
                 else:
                     await pub.send_to_user(user, data)
 
@@ -233,7 +233,6 @@ class Bench:
         await asyncio.gather(*(worker() for _ in range(self.args.window)))
         elapsed = time.perf_counter() - start
         await pub.aclose()
-        await inbox.close()
         sub.stdin.write(f"expect {seq}\n".encode())
         await sub.stdin.drain()
         report = json.loads(await asyncio.wait_for(sub.stdout.readline(), 60))

@@ -78,7 +78,11 @@ class Hub:
                 client_name=f"{settings.redis_prefix}-inbox",
             )
             inbox = RedisInbox(
-                router, settings.redis_prefix, settings.inbox_size, settings.inbox_ttl
+                router,
+                settings.redis_prefix,
+                settings.inbox_size,
+                settings.inbox_ttl,
+                signing_key=settings.redis_signing_key,
             )
         self.node = Node(settings, broker, presence=presence, inbox=inbox)
         self.admin: Admin | None = None

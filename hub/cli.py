@@ -156,7 +156,9 @@ def cmd_notify(args: argparse.Namespace) -> int:
         from .redis.publisher import Publisher
 
         try:
-            with Publisher(args.redis, prefix=settings.redis_prefix) as publisher:
+            with Publisher(
+                args.redis, prefix=settings.redis_prefix, signing_key=settings.redis_signing_key
+            ) as publisher:
                 fields = {k: v for k, v in body.items() if k not in ("user", "data")}
                 done = publisher.notify(
                     args.user,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HubError
+from .inbox import INBOX_SIZE, INBOX_TTL
 from .rules import MIN_SECRET_BYTES
 from .tokens import TokenVerifier
 
@@ -125,8 +126,8 @@ class Settings:
     drain_seconds: float = 10.0
     presence_ttl: float = 60.0
     join_leave_interval: float = 0.5
-    inbox_size: int = 1000
-    inbox_ttl: float = 604800.0
+    inbox_size: int = INBOX_SIZE
+    inbox_ttl: float = INBOX_TTL
     fallback_url: str | None = None
     fallback_secret: str | None = None
     fallback_after: float = 0.0

@@ -22,7 +22,9 @@ all processes, so a webhook is sent at most once per entry.
 from __future__ import annotations
 
 import abc
+import base64
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,15 +32,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+from redis.exceptions import NoScriptError
 
 from .codec import unpack_msgpack
+from .errors import BadSignature
 from .history import new_epoch
 from .redis.cluster import Router
+from .redis.resp import pack_command, pack_publish
 from .redis.script import Script
-from .redis.wire import DEFAULT_PREFIX, Names, pack_message
+from .redis.wire import DEFAULT_PREFIX, Envelopes, Names, check_signing_key, pack_message, seal
 from .rules import user_problem
 
 __all__ = [
+    "INBOX_SIZE",
+    "INBOX_TTL",
     "NOTIFY_SCRIPT",
     "Due",
     "Inbox",
@@ -50,6 +57,11 @@ __all__ = [
 ]
 
 NOTIFY_SCRIPT = Script.shipped("inbox.lua")
+
+#: The defaults of ``inbox_size`` (entries kept per user) and ``inbox_ttl`` (seconds), for the
+#: settings, both stores and the publishers: one pair, so a backend and the hubs agree.
+INBOX_SIZE = 1000
+INBOX_TTL = 7 * 86400.0
 
 #: Devices whose acknowledgement cursor is kept per user; past this the one furthest behind
 #: is forgotten (it then catches up from the oldest entry still kept, at least once).
@@ -106,6 +118,9 @@ class Due:
     push: bytes | None
 
 
+#: Opens entries of a store that signs nothing (the memory store).
+_UNSIGNED = Envelopes()
+
 #: Longest backend ``id`` and ``collapse_key``.
 MAX_KEY = 200
 
@@ -143,7 +158,7 @@ def _mark(push: bytes) -> dict[str, Any]:
 class Inbox(abc.ABC):
     """The interface both stores implement."""
 
-    def __init__(self, size: int = 1000, ttl: float = 7 * 86400.0) -> None:
+    def __init__(self, size: int = INBOX_SIZE, ttl: float = INBOX_TTL) -> None:
         if not isinstance(size, int) or size < 1:
             raise ValueError("inbox size must be a positive integer")
         if ttl <= 0:
@@ -188,6 +203,11 @@ class Inbox(abc.ABC):
     async def close(self) -> None:  # noqa: B027 (most stores hold nothing)
         """Release what the store holds (connections)."""
 
+    def open(self, user: str, push: bytes) -> dict[str, Any]:
+        """A stored or pushed entry of ``user`` as a map (``data``, ``inbox``); raises
+        ``BadEnvelope`` (``BadSignature``) for one to drop."""
+        return _UNSIGNED.open(b"", push)
+
     @abc.abstractmethod
     async def claim_due(self, now: float | None = None, limit: int = 100) -> list[Due]:
         """Take the fallbacks due by ``now``: each is returned to one caller only, and only if
@@ -225,8 +245,8 @@ class MemoryInbox(Inbox):
 
     def __init__(
         self,
-        size: int = 1000,
-        ttl: float = 7 * 86400.0,
+        size: int = INBOX_SIZE,
+        ttl: float = INBOX_TTL,
         *,
         publish: Callable[[str, bytes], int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -390,11 +410,12 @@ def _read_push(cursor: int, epoch: str) -> bytes:
 # -- Redis ------------------------------------------------------------------------------------
 
 # Read: the top seq, epoch, cursors and entries after a seq, creating nothing. An entry whose
-# ttl has passed is deleted as it is met (and its collapse key forgotten) and counted in the
-# reply, so each expired entry is counted once, by the read or the notify that drops it.
+# ttl has passed is deleted as it is met and counted in the reply, so each expired entry is
+# counted once, by the read or the notify that drops it (its collapse key is forgotten later,
+# see inbox.lua).
 _READ = """
--- KEYS[1] stream, KEYS[2] meta, KEYS[3] acks, KEYS[4] collapse keys; ARGV[1] since ("" =
--- the device's cursor), ARGV[2] device ("" none), ARGV[3] limit.
+-- KEYS[1] stream, KEYS[2] meta, KEYS[3] acks; ARGV[1] since ("" = the device's cursor),
+-- ARGV[2] device ("" none), ARGV[3] limit, ARGV[4] inbox size.
 -- Returns {top, epoch, read, acked, last, entries, expired}.
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -409,6 +430,15 @@ end
 local since = acked
 if ARGV[1] ~= '' then
   since = tonumber(ARGV[1])
+end
+-- The notify trims by whole stream nodes: entries past the newest "size" are not the inbox's.
+local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[4])
+if excess > 0 then
+  local cut = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess + 1)
+  local low = tonumber(string.match(cut[#cut][1], '^(%d+)'))
+  if since < low - 1 then
+    since = low - 1
+  end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -430,10 +460,6 @@ for i, row in ipairs(rows) do
     out[#out + 1] = f['e']
   else
     expired = expired + redis.call('XDEL', KEYS[1], row[1])
-    local k = f['k'] or ''
-    if k ~= '' and redis.call('HGET', KEYS[4], k) == tostring(last) then
-      redis.call('HDEL', KEYS[4], k)
-    end
   end
 end
 if top > last then
@@ -478,28 +504,33 @@ return cursor
 
 # Read cursor: move it forward and tell every connection of the user.
 _MARK_READ = """
--- KEYS[1..] the user's keys (KEYS[2] meta); ARGV[1] seq, ARGV[2] pub/sub channel,
--- ARGV[3] "1" SPUBLISH, ARGV[4] inbox TTL ms.
+-- KEYS[1..] the user's keys (KEYS[2] meta); ARGV[1] seq, ARGV[2] pub/sub channel ("": the
+-- caller publishes, signed), ARGV[3] "1" SPUBLISH, ARGV[4] inbox TTL ms.
+-- Returns {read, epoch, moved}.
 local top = redis.call('HGET', KEYS[2], 'seq')
 if not top then
-  return 0
+  return {0, '', 0}
 end
 local seq = math.min(tonumber(ARGV[1]), tonumber(top))
 local read = tonumber(redis.call('HGET', KEYS[2], 'read') or '0')
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+local moved = 0
 if seq > read then
-  read = seq
+  read, moved = seq, 1
   redis.call('HSET', KEYS[2], 'read', read)
-  local push = cmsgpack.pack({inbox = {read = read, epoch = redis.call('HGET', KEYS[2], 'epoch')}})
-  if ARGV[3] == '1' then
-    redis.call('SPUBLISH', ARGV[2], push)
-  else
-    redis.call('PUBLISH', ARGV[2], push)
+  if ARGV[2] ~= '' then
+    local push = cmsgpack.pack({inbox = {read = read, epoch = epoch}})
+    if ARGV[3] == '1' then
+      redis.call('SPUBLISH', ARGV[2], push)
+    else
+      redis.call('PUBLISH', ARGV[2], push)
+    end
   end
 end
 for _, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ARGV[4])
 end
-return read
+return {read, epoch, moved}
 """
 
 # Claim: take up to N due fallbacks out of the deployment's sorted set; whoever removes a
@@ -515,11 +546,19 @@ return due
 
 # One entry and whether any device acknowledged it (for a claimed fallback).
 _ENTRY = """
--- KEYS[1] stream, KEYS[2] meta; ARGV[1] seq. Returns {acked, push or false}.
+-- KEYS[1] stream, KEYS[2] meta; ARGV[1] seq, ARGV[2] inbox size. Returns {acked, push or
+-- false}.
 local acked = tonumber(redis.call('HGET', KEYS[2], 'acked') or '-1')
 local row = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-0', ARGV[1] .. '-0')[1]
 if not row then
   return {acked, false}
+end
+local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2])
+if excess > 0 then  -- past the size (trimmed by whole stream nodes): gone
+  local cut = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess + 1)
+  if tonumber(ARGV[1]) < tonumber(string.match(cut[#cut][1], '^(%d+)')) then
+    return {acked, false}
+  end
 end
 local f = {}
 for j = 1, #row[2], 2 do
@@ -549,6 +588,33 @@ def inbox_keys(names: Names, user: str) -> list[str]:
     return [base, *(f"{base}:{part}" for part in ("meta", "ids", "idt", "keys", "acks"))]
 
 
+class _Epochs:
+    """Epoch candidates for the notify script (8 characters, 48 random bits each), cut from
+    one ``os.urandom`` read per 512: a notify sends one every call and almost never uses it."""
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def reset(self) -> None:
+        """A forked child must not hand out its parent's candidates."""
+        self._pool, self._at = b"", 0
+
+    def next(self) -> bytes:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = base64.urlsafe_b64encode(os.urandom(6 * 512)), 0
+        self._at = at + 8
+        return self._pool[at : at + 8]
+
+
+_epochs = _Epochs()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_epochs.reset)
+
+
 def notify_args(
     names: Names,
     user: str,
@@ -557,9 +623,10 @@ def notify_args(
     id: str | None = None,
     collapse_key: str | None = None,
     ttl: float | None = None,
-    size: int = 1000,
-    inbox_ttl: float = 7 * 86400.0,
+    size: int = INBOX_SIZE,
+    inbox_ttl: float = INBOX_TTL,
     sharded: bool = False,
+    epoch: bytes | None = None,
 ) -> list[Any]:
     """What follows the sha in ``EVALSHA`` of ``inbox.lua`` for one notify: the key count,
     KEYS and ARGV (docs/inbox.md, "Redis wire format")."""
@@ -574,9 +641,67 @@ def notify_args(
         _ms(ttl) if ttl else 0,
         size,
         _ms(inbox_ttl),
-        new_epoch(),
+        _epochs.next() if epoch is None else epoch,
         1 if sharded else 0,
     ]
+
+
+class NotifyCommands:
+    """``EVALSHA`` of ``inbox.lua`` packed in RESP in one format step: a notify is a hot path,
+    and the general packer costs more per call than the script's common case in Redis. The
+    parts that depend only on the inbox settings are packed once."""
+
+    __slots__ = ("_tail", "inbox_ttl", "sharded", "size")
+
+    _HEAD = b"*17\r\n$7\r\nEVALSHA\r\n$40\r\n" + NOTIFY_SCRIPT.sha_bytes + b"\r\n$1\r\n5\r\n"
+    _BODY = (
+        _HEAD
+        + b"$%d\r\n{%b}:inbox\r\n"
+        + b"".join(
+            b"$%%d\r\n{%%b}:inbox:%s\r\n" % part for part in (b"meta", b"ids", b"idt", b"keys")
+        )
+        + b"$%d\r\n%b\r\n" * 5
+        + b"%b$8\r\n%b\r\n%b"
+    )
+
+    def __init__(self, size: int, inbox_ttl: float, sharded: bool) -> None:
+        self.size, self.inbox_ttl, self.sharded = size, inbox_ttl, sharded
+        tail = [b"%d" % size, b"%d" % _ms(inbox_ttl)]
+        self._tail = b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in tail)
+
+    def packed(
+        self,
+        name: bytes,
+        envelope: bytes,
+        id: str | None = None,
+        collapse_key: str | None = None,
+        ttl: float | None = None,
+    ) -> tuple[bytes, bytes]:
+        """The packed command for user channel ``name`` and its epoch candidate."""
+        epoch = _epochs.next()
+        n = len(name) + 8  # "{" name "}:inbox"
+        ident = id.encode() if id else b""
+        ckey = collapse_key.encode() if collapse_key else b""
+        life = b"%d" % _ms(ttl) if ttl else b"0"
+        command = self._BODY % (
+            n, name, n + 5, name, n + 4, name, n + 4, name, n + 5, name,
+            len(name), name, len(envelope), envelope, len(ident), ident, len(ckey), ckey,
+            len(life), life, self._tail, epoch, b"$1\r\n1\r\n" if self.sharded else b"$1\r\n0\r\n",
+        )  # fmt: skip
+        return command, epoch
+
+
+async def run_notify(
+    router: Router, name: str, command: bytes, args: Callable[[], list[Any]]
+) -> Notified:
+    """Send a packed notify; on ``NOSCRIPT`` (it did not run) ``EVAL`` it with ``args()``."""
+    try:
+        reply = await router.execute_packed(name, command)
+    except NoScriptError:
+        reply = await router.execute_packed(
+            name, pack_command(b"EVAL", NOTIFY_SCRIPT.text_bytes, *args())
+        )
+    return notified(reply)
 
 
 def publisher_notify_args(
@@ -591,17 +716,12 @@ def publisher_notify_args(
     inbox_size: int,
     inbox_ttl: float,
     sharded: bool,
+    signing_key: bytes | None = None,
 ) -> list[Any]:
     """A publisher's notify, its fields checked (``ValueError`` saying what is wrong): the
-    arguments of :func:`notify_args`."""
-    problem = notify_problem(user, id, collapse_key, ttl, fallback_after)
-    if problem is not None:
-        raise ValueError(problem)
-    if not isinstance(inbox_size, int) or inbox_size < 1:
-        raise ValueError("inbox_size must be a positive integer")
-    if not _number(inbox_ttl) or inbox_ttl <= 0:
-        raise ValueError("inbox_ttl must be a positive number of seconds")
-    envelope = pack_message(data)
+    arguments of :func:`notify_args`, the envelope signed with ``signing_key``."""
+    check_notify(user, id, collapse_key, ttl, fallback_after, inbox_size, inbox_ttl)
+    envelope = seal(signing_key, names.user(user).encode(), pack_message(data))
     return notify_args(
         names,
         user,
@@ -613,6 +733,25 @@ def publisher_notify_args(
         inbox_ttl=inbox_ttl,
         sharded=sharded,
     )
+
+
+def check_notify(
+    user: Any,
+    id: Any,
+    collapse_key: Any,
+    ttl: Any,
+    fallback_after: Any,
+    inbox_size: Any,
+    inbox_ttl: Any,
+) -> None:
+    """A publisher's notify fields and inbox settings, or ``ValueError`` saying what is wrong."""
+    problem = notify_problem(user, id, collapse_key, ttl, fallback_after)
+    if problem is not None:
+        raise ValueError(problem)
+    if not isinstance(inbox_size, int) or inbox_size < 1:
+        raise ValueError("inbox_size must be a positive integer")
+    if not _number(inbox_ttl) or inbox_ttl <= 0:
+        raise ValueError("inbox_ttl must be a positive number of seconds")
 
 
 def fallback_entry(names: Names, user: str, seq: int, due: float) -> tuple[str, str, int]:
@@ -642,19 +781,29 @@ class RedisInbox(Inbox):
     of them expire ``ttl`` seconds after the user's last notify, ack or read. Fallbacks wait in
     one sorted set, ``<prefix>:inbox:fallback`` (member ``<seq>:<user>``, score the due time in
     ms), which expires ``ttl`` after its last write.
+
+    With ``signing_key`` (the hubs' ``redis_signing_key``) every push it makes is signed, and
+    :meth:`open` takes only signed entries (docs/publish-api.md, "Signed payloads"); entries
+    it refuses are counted in ``bad_signatures`` (``hub_bridge_bad_signatures_total``).
     """
 
     def __init__(
         self,
         router: Router,
         prefix: str = DEFAULT_PREFIX,
-        size: int = 1000,
-        ttl: float = 7 * 86400.0,
+        size: int = INBOX_SIZE,
+        ttl: float = INBOX_TTL,
+        *,
+        signing_key: bytes | str | None = None,
     ) -> None:
         super().__init__(size, ttl)
         self._router = router
         self.names = Names(prefix)
         self.fallback_key = f"{prefix}:inbox:fallback"
+        self._key = check_signing_key(signing_key)
+        self._envelopes = Envelopes(self._key)
+        self._commands = NotifyCommands(size, ttl, router.sharded)
+        self.bad_signatures = 0
 
     async def close(self) -> None:
         await self._router.close()
@@ -662,6 +811,16 @@ class RedisInbox(Inbox):
     def keys(self, user: str) -> list[str]:
         """stream, meta, ids, idt, collapse keys, acks: in that order."""
         return inbox_keys(self.names, user)
+
+    def open(self, user: str, push: bytes) -> dict[str, Any]:
+        """A stored or pushed entry of ``user`` as a map (``data``, ``inbox``), its signature
+        checked when this store has a key; a refused one raises ``BadEnvelope`` (and counts
+        in ``bad_signatures`` when it is a signature)."""
+        try:
+            return self._envelopes.open(self.names.user(user).encode(), push)
+        except BadSignature:
+            self.bad_signatures += 1
+            raise
 
     async def _run(self, user: str, script: Script, keys: list[str], args: list[Any]) -> Any:
         return await self._router.script(keys[0], script, [len(keys), *keys, *args])
@@ -675,26 +834,35 @@ class RedisInbox(Inbox):
         collapse_key: str | None = None,
         ttl: float | None = None,
     ) -> Notified:
-        args = notify_args(
-            self.names,
-            user,
-            envelope,
-            id=id,
-            collapse_key=collapse_key,
-            ttl=ttl,
-            size=self.size,
-            inbox_ttl=self.ttl,
-            sharded=self._router.sharded,
-        )
-        return notified(await self._router.script(str(args[1]), NOTIFY_SCRIPT, args))
+        name = self.names.user(user)
+        raw = name.encode()
+        if self._key is not None:
+            envelope = seal(self._key, raw, envelope)
+        command, epoch = self._commands.packed(raw, envelope, id, collapse_key, ttl)
+
+        def args() -> list[Any]:
+            return notify_args(
+                self.names,
+                user,
+                envelope,
+                id=id,
+                collapse_key=collapse_key,
+                ttl=ttl,
+                size=self.size,
+                inbox_ttl=self.ttl,
+                sharded=self._router.sharded,
+                epoch=epoch,
+            )
+
+        return await run_notify(self._router, "{" + name + "}:inbox", command, args)
 
     async def read(
         self, user: str, since: int | None = None, *, device: str | None = None, limit: int = 100
     ) -> InboxPage:
-        stream, meta, _, _, ckeys, acks = self.keys(user)
-        args = ["" if since is None else since, device or "", max(1, limit)]
+        stream, meta, *_, acks = self.keys(user)
+        args = ["" if since is None else since, device or "", max(1, limit), self.size]
         top, epoch, read, acked, last, entries, expired = await self._run(
-            user, READ_SCRIPT, [stream, meta, acks, ckeys], args
+            user, READ_SCRIPT, [stream, meta, acks], args
         )
         return InboxPage(
             int(top),
@@ -713,9 +881,20 @@ class RedisInbox(Inbox):
         return int(await self._run(user, ACK_SCRIPT, keys, args))
 
     async def mark_read(self, user: str, seq: int) -> int:
-        sharded = 1 if self._router.sharded else 0
-        args = [int(seq), self.names.user(user), sharded, _ms(self.ttl)]
-        return int(await self._run(user, MARK_READ_SCRIPT, self.keys(user), args))
+        sharded = self._router.sharded
+        name = self.names.user(user)
+        # Signed, the push is published here (Lua has no HMAC); unsigned, by the script.
+        channel = "" if self._key is not None else name
+        args = [int(seq), channel, 1 if sharded else 0, _ms(self.ttl)]
+        read, epoch, moved = await self._run(user, MARK_READ_SCRIPT, self.keys(user), args)
+        if int(moved) and self._key is not None:
+            raw = name.encode()
+            push = seal(self._key, raw, _read_push(int(read), _text(epoch)))
+            command = b"SPUBLISH" if sharded else b"PUBLISH"
+            reply = await self._router.execute_packed(name, pack_publish(command, name, push))
+            if isinstance(reply, Exception):
+                raise reply
+        return int(read)
 
     async def schedule_fallback(self, user: str, seq: int, due: float) -> None:
         key, member, score = fallback_entry(self.names, user, seq, due)
@@ -731,7 +910,7 @@ class RedisInbox(Inbox):
             seq_text, _, user = _text(member).partition(":")
             seq = int(seq_text)
             stream, meta = self.keys(user)[:2]
-            acked, push = await self._run(user, ENTRY_SCRIPT, [stream, meta], [seq])
+            acked, push = await self._run(user, ENTRY_SCRIPT, [stream, meta], [seq, self.size])
             if int(acked) < 0 or int(acked) >= seq:
                 continue  # the inbox is gone, or a device has the entry
             claimed.append(Due(user, seq, bytes(push) if push else None))

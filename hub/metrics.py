@@ -215,12 +215,17 @@ class Metrics:
             else:
                 self._sampled.append((gauge, function))
 
-    def track_counters(self, owner: object) -> None:
-        """Expose the counters a broker or presence store keeps as plain attributes."""
+    def track_counters(self, *owners: object) -> None:
+        """Expose the counters a broker, presence or inbox store keeps as plain attributes
+        (one counter per name, the sum over the owners that keep it)."""
         for attr, name, doc in BROKER_COUNTERS:
-            if getattr(owner, attr, None) is not None:
+            keeping = [owner for owner in owners if getattr(owner, attr, None) is not None]
+            if keeping:
                 counter = Counter(name, doc, registry=self.registry)
-                self.pull(counter, lambda attr=attr: getattr(owner, attr))
+                self.pull(
+                    counter,
+                    lambda attr=attr, keeping=keeping: sum(getattr(o, attr) for o in keeping),
+                )
 
     def pull(self, counter: Counter, read: Callable[[], float]) -> None:
         """Feed ``counter`` from a plain number its owner increments on a hot path.

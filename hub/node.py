@@ -50,8 +50,6 @@ class Node:
         self.presence = presence or MemoryPresence()
         self.metrics = metrics or Metrics()
         self.registry: Registry[Session] = Registry()
-        self.metrics.track_counters(self.broker)
-        self.metrics.track_counters(self.presence)
         self.metrics.track(
             lambda: len(self.registry),
             lambda: self.registry.subscription_count,
@@ -64,6 +62,8 @@ class Node:
         self.admin: Admin | None = None
         #: Per-user inboxes (hub.notify): notify, the inbox/ack/read commands, the fallback.
         self.inbox = Notifications(self, inbox)
+        # The inbox store checks the signatures of what it reads back (hub_bridge_bad_signatures).
+        self.metrics.track_counters(self.broker, self.presence, self.inbox.store)
         #: The backend's proxies (hub.proxy) and the token verifier, set by the Hub.
         self.proxy: ProxyClient | None = None
         self.verifier: TokenVerifier | None = None

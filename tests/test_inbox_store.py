@@ -410,3 +410,65 @@ def test_a_read_drops_the_expired_entries_it_meets_and_counts_each_once(
         assert (badge.collapsed, badge.expired, badge.length) == (False, 0, 3)
 
     check(body)
+
+
+def test_trimming_by_stream_nodes_never_shows_more_than_the_size(
+    redis_server: RedisServer,
+) -> None:
+    """The notify trims whole stream nodes, so the stream may hold a few more entries than the
+    size: reads, catch-up pages and fallbacks see only the newest ``size``."""
+
+    async def main() -> None:
+        async with redis_store(redis_server.url, 5, 3600) as store:
+            inbox = store.inbox
+            assert store.redis is not None
+            for n in range(300):
+                await inbox.notify("alice", envelope(n), collapse_key=f"k{n}")
+            assert store.redis.xlen("{hub:user:alice}:inbox") >= 5
+            page = await inbox.read("alice", since=0)
+            assert [unpack(e)["data"] for e in page.entries] == [295, 296, 297, 298, 299]
+            first = await inbox.read("alice", since=0, limit=2)
+            assert [unpack(e)["data"] for e in first.entries] == [295, 296]
+            oldest = int(store.redis.xrange("{hub:user:alice}:inbox", count=1)[0][0].split(b"-")[0])
+            await inbox.schedule_fallback("alice", oldest, time.time() - 1)
+            await inbox.schedule_fallback("alice", 300, time.time() - 1)
+            due = {d.seq: d.push for d in await inbox.claim_due()}
+            assert due.keys() == {oldest, 300}
+            assert (oldest == 296) == (due[oldest] is not None)  # kept only if in the newest 5
+            assert due[300] is not None and unpack(due[300])["data"] == 299
+            # Collapse keys of trimmed entries are forgotten past twice the size (plus a node).
+            assert store.redis.hlen("{hub:user:alice}:inbox:keys") <= 2 * 5 + 256 + 1
+
+    run(main)
+
+
+def test_a_signing_store_signs_its_pushes_and_opens_only_signed_entries(
+    redis_server: RedisServer,
+) -> None:
+    from hub.errors import BadSignature
+    from hub.redis.wire import seal
+
+    key = b"k" * 32
+
+    async def main() -> None:
+        router = Router.from_url(redis_server.url)
+        inbox = RedisInbox(router, size=10, ttl=60, signing_key=key)
+        try:
+            done = await inbox.notify("alice", envelope("signed"), id="i")
+            (raw,) = (await inbox.read("alice")).entries
+            assert raw[0] == 0x93  # [envelope, mac, {"inbox": ...}]
+            opened = inbox.open("alice", raw)
+            assert opened == {"data": "signed", "inbox": {"seq": 1, "epoch": done.epoch, "id": "i"}}
+            with pytest.raises(BadSignature):
+                inbox.open("bob", raw)  # signed for alice's channel only
+            with pytest.raises(BadSignature):
+                inbox.open("alice", msgpack.packb({"data": "unsigned", "inbox": {"seq": 2}}))
+            other = seal(b"o" * 32, b"hub:user:alice", envelope("x"))
+            with pytest.raises(BadSignature):
+                inbox.open("alice", other)
+            assert inbox.bad_signatures == 3
+            assert await inbox.mark_read("alice", 1) == 1
+        finally:
+            await router.close()
+
+    run(main)

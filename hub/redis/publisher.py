@@ -16,7 +16,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -32,11 +32,21 @@ from ..history import (
     publish_args,
     read_args,
 )
-from .cluster import Router, SlotMap, is_cluster_url, parse_cluster_url
-
-if TYPE_CHECKING:
-    from ..inbox import Notified
+from ..inbox import (
+    INBOX_SIZE,
+    INBOX_TTL,
+    NOTIFY_SCRIPT,
+    Notified,
+    NotifyCommands,
+    check_notify,
+    fallback_entry,
+    notified,
+    notify_args,
+    publisher_notify_args,
+    run_notify,
+)
 from ..rules import user_problem
+from .cluster import Router, SlotMap, is_cluster_url, parse_cluster_url
 from .resp import pack_command, pack_publish
 from .wire import (
     DEFAULT_PREFIX,
@@ -230,8 +240,8 @@ class Publisher(_Publishing):
         collapse_key: str | None = None,
         ttl: float | None = None,
         fallback_after: float | None = None,
-        inbox_size: int = 1000,
-        inbox_ttl: float = 7 * 86400.0,
+        inbox_size: int = INBOX_SIZE,
+        inbox_ttl: float = INBOX_TTL,
     ) -> Notified:
         """Store ``data`` in ``user``'s inbox and push it to the user's connections that asked
         for their inbox, in one script run (``hub/inbox.lua``, docs/inbox.md); pass the hubs'
@@ -239,9 +249,9 @@ class Publisher(_Publishing):
         pushes nothing and answers the first one's ``seq`` (``duplicate``), so a retry is
         safe. ``collapse_key``: replaces the user's older entry with that key; ``ttl``:
         seconds after which it is never delivered; ``fallback_after``: seconds after which an
-        entry no device acknowledged goes to the hubs' ``fallback_url``."""
-        from ..inbox import NOTIFY_SCRIPT, fallback_entry, notified, publisher_notify_args
-
+        entry no device acknowledged goes to the hubs' ``fallback_url``. With a
+        ``signing_key`` the push is signed (the script adds its seq and epoch beside the
+        signed bytes)."""
         args = publisher_notify_args(
             self.names,
             user,
@@ -253,6 +263,7 @@ class Publisher(_Publishing):
             inbox_size=inbox_size,
             inbox_ttl=inbox_ttl,
             sharded=self._sharded,
+            signing_key=self._key,
         )
         try:
             done = notified(self.client.evalsha(NOTIFY_SCRIPT.sha, *args))
@@ -331,6 +342,7 @@ class AsyncPublisher(_Publishing):
         else:
             raise ValueError("give a redis url or a client")
         self._commands = PublishCommands()
+        self._notify_commands: dict[tuple[int, float, bool], NotifyCommands] = {}
 
     async def _publish(self, name: str, payload: bytes) -> int:
         """PUBLISH (SPUBLISH) ``payload``, signed first when there is a key."""
@@ -418,26 +430,39 @@ class AsyncPublisher(_Publishing):
         collapse_key: str | None = None,
         ttl: float | None = None,
         fallback_after: float | None = None,
-        inbox_size: int = 1000,
-        inbox_ttl: float = 7 * 86400.0,
+        inbox_size: int = INBOX_SIZE,
+        inbox_ttl: float = INBOX_TTL,
     ) -> Notified:
         """See :meth:`Publisher.notify`; notifies made concurrently share round trips, and
         those of one task to one user arrive in order."""
-        from ..inbox import NOTIFY_SCRIPT, fallback_entry, notified, publisher_notify_args
+        check_notify(user, id, collapse_key, ttl, fallback_after, inbox_size, inbox_ttl)
+        sharded = self._router.sharded
+        name = self.names.user(user)
+        raw = name.encode()
+        envelope = seal(self._key, raw, pack_message(data))
+        commands = self._notify_commands.get((inbox_size, inbox_ttl, sharded))
+        if commands is None:
+            if len(self._notify_commands) >= 64:
+                self._notify_commands.clear()
+            commands = NotifyCommands(inbox_size, inbox_ttl, sharded)
+            self._notify_commands[(inbox_size, inbox_ttl, sharded)] = commands
+        command, epoch = commands.packed(raw, envelope, id, collapse_key, ttl)
 
-        args = publisher_notify_args(
-            self.names,
-            user,
-            data,
-            id=id,
-            collapse_key=collapse_key,
-            ttl=ttl,
-            fallback_after=fallback_after,
-            inbox_size=inbox_size,
-            inbox_ttl=inbox_ttl,
-            sharded=self._router.sharded,
-        )
-        done = notified(await self._router.script(str(args[1]), NOTIFY_SCRIPT, args))
+        def args() -> list[Any]:
+            return notify_args(
+                self.names,
+                user,
+                envelope,
+                id=id,
+                collapse_key=collapse_key,
+                ttl=ttl,
+                size=inbox_size,
+                inbox_ttl=inbox_ttl,
+                sharded=sharded,
+                epoch=epoch,
+            )
+
+        done = await run_notify(self._router, "{" + name + "}:inbox", command, args)
         if fallback_after and not done.duplicate:
             key, member, score = fallback_entry(
                 self.names, user, done.seq, time.time() + fallback_after

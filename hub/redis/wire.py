@@ -21,7 +21,8 @@ msgpack bytes of the map as before and ``mac`` is HMAC-SHA256 with the shared ke
 ``<length of the Redis channel name in decimal> ":" <Redis channel name> <envelope>``. Binding the
 name keeps a signed message from being replayed on another channel (a channel publication as a
 per-user push, say). The history script turns ``[envelope, mac]`` into
-``[envelope, mac, {"offset": n, "epoch": e}]`` without touching the signed bytes. A hub with a key
+``[envelope, mac, {"offset": n, "epoch": e}]`` without touching the signed bytes, and the inbox
+script into ``[envelope, mac, {"inbox": {"seq": n, "epoch": e}}]``. A hub with a key
 accepts only payloads whose mac checks out; a hub without one accepts both forms unchecked, so
 publishers can start signing before the hubs require it.
 """
@@ -77,7 +78,7 @@ MIN_SIGNING_KEY = MIN_SECRET_BYTES
 _MAX_OFFSET = (1 << 63) - 1
 _MAC_SIZE = 32
 _SIGNED = 0x92  # fixarray of 2: [envelope, mac]
-_SIGNED_STORED = 0x93  # fixarray of 3: [envelope, mac, {"offset", "epoch"}]
+_SIGNED_STORED = 0x93  # fixarray of 3: [envelope, mac, {"offset", "epoch"} or {"inbox"}]
 
 #: msgpack as the hub reads it (the options live in ``hub.codec``).
 unpack = unpack_msgpack
@@ -218,9 +219,13 @@ class Envelopes:
             raise BadSignature("wrong signature")
         envelope = _map(inner)
         if len(parts) == 3:
+            # What a script adds around the signed bytes: history's offset and epoch, or an
+            # inbox's {"inbox": {seq, epoch[, id]}} (checked by inbox_mark).
             stored = parts[2]
-            if type(stored) is not dict or set(stored) != {"offset", "epoch"}:
-                raise BadEnvelope("the history part is a map of offset and epoch")
+            if type(stored) is not dict or (
+                set(stored) != {"offset", "epoch"} and set(stored) != {"inbox"}
+            ):
+                raise BadEnvelope("the third part is a map of offset and epoch, or of inbox")
             envelope.update(stored)
         return envelope
 
