@@ -68,9 +68,12 @@ def test_signed_notifies_reach_clients_and_unsigned_or_forged_ones_nobody(
     url = redis_server.url
 
     async def main() -> None:
+        with Publisher(url, signing_key=KEY) as signed:
+            signed.notify("u", "first")  # the inbox and its epoch exist: no catch-up below
         ws = await dial(b, "u")
         reply, _ = await command(ws, "inbox", device="phone")
-        assert reply["result"]["seq"] == 0
+        assert reply["result"]["seq"] == 1
+        assert [p["data"] for p in await pushes(ws, 1)] == ["first"]
         with Publisher(url, signing_key=KEY) as signed, Publisher(url) as unsigned:
             assert signed.notify("u", "blocking").receivers == 1
             assert unsigned.notify("u", "unsigned").receivers == 1  # published, then dropped
@@ -78,7 +81,7 @@ def test_signed_notifies_reach_clients_and_unsigned_or_forged_ones_nobody(
             await apub.notify("u", "async", id="a-1")
         async with AsyncPublisher(url, signing_key=OTHER) as forger:
             await forger.notify("u", "other key")
-        assert a.post("/api/notify", {"user": "u", "data": "http"})["result"]["seq"] == 5
+        assert a.post("/api/notify", {"user": "u", "data": "http"})["result"]["seq"] == 6
         cli = [sys.executable, "-m", "hub.cli", "notify", "u", '"cli"', "--redis", url]
         done = subprocess.run(
             [*cli, "--config", str(a.config)], capture_output=True, text=True, timeout=30
@@ -86,18 +89,18 @@ def test_signed_notifies_reach_clients_and_unsigned_or_forged_ones_nobody(
         assert done.returncode == 0, done.stderr
         got = await pushes(ws, 4)
         assert [(p["data"], p["inbox"]["seq"]) for p in got] == [
-            ("blocking", 1),
-            ("async", 3),
-            ("http", 5),
-            ("cli", 6),
+            ("blocking", 2),
+            ("async", 4),
+            ("http", 6),
+            ("cli", 7),
         ]
         assert got[1]["inbox"]["id"] == "a-1"
         epoch = got[0]["inbox"]["epoch"]
         # The read cursor a client moves on one hub reaches its connections on the others.
         other = await dial(a, "u")
-        reply, _ = await command(other, "read", seq=5)
-        assert reply["result"] == {"read": 5}
-        assert await pushes(ws, 1) == [{"inbox": {"read": 5, "epoch": epoch}}]
+        reply, _ = await command(other, "read", seq=6)
+        assert reply["result"] == {"read": 6}
+        assert await pushes(ws, 1) == [{"inbox": {"read": 6, "epoch": epoch}}]
         wait_until(lambda: bad_signatures(b) == 2, 10, "two live notifies dropped by hub b")
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(ws.recv(), 0.3)  # nothing else came live
@@ -108,12 +111,12 @@ def test_signed_notifies_reach_clients_and_unsigned_or_forged_ones_nobody(
         forge(redis_server, "forged unsigned", None)
         forge(redis_server, "forged mac", OTHER)
         with Publisher(url, signing_key=KEY) as signed:
-            assert signed.notify("u", "after").seq == 9
+            assert signed.notify("u", "after").seq == 10
         late = await dial(b, "u")
         reply, _ = await command(late, "inbox", device="tablet")
-        assert reply["result"]["seq"] == 9
-        got = await pushes(late, 5)
-        assert [p["data"] for p in got] == ["blocking", "async", "http", "cli", "after"]
+        assert reply["result"]["seq"] == 10
+        got = await pushes(late, 6)
+        assert [p["data"] for p in got] == ["first", "blocking", "async", "http", "cli", "after"]
         # 2 live + the two dropped notifies and the two forged entries on catch-up.
         wait_until(lambda: bad_signatures(b) == 6, 10, "stored bad entries counted")
         with pytest.raises(TimeoutError):
@@ -121,7 +124,8 @@ def test_signed_notifies_reach_clients_and_unsigned_or_forged_ones_nobody(
         await late.close()
         # The backend's read of the inbox skips them too (and counts them, on hub a).
         page = a.post("/api/inbox", {"user": "u"})["result"]
-        assert [e["data"] for e in page["entries"]] == ["blocking", "async", "http", "cli", "after"]
+        expected = ["first", "blocking", "async", "http", "cli", "after"]
+        assert [e["data"] for e in page["entries"]] == expected
         assert bad_signatures(a) == 4
 
     run(main, timeout=60)

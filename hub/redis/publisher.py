@@ -435,17 +435,25 @@ class AsyncPublisher(_Publishing):
     ) -> Notified:
         """See :meth:`Publisher.notify`; notifies made concurrently share round trips, and
         those of one task to one user arrive in order."""
-        check_notify(user, id, collapse_key, ttl, fallback_after, inbox_size, inbox_ttl)
         sharded = self._router.sharded
-        name = self.names.user(user)
-        raw = name.encode()
-        envelope = seal(self._key, raw, pack_message(data))
-        commands = self._notify_commands.get((inbox_size, inbox_ttl, sharded))
-        if commands is None:
+        settings = (inbox_size, inbox_ttl, sharded)
+        commands = self._notify_commands.get(settings)
+        if commands is None:  # settings not seen yet: checked, then kept
+            check_notify(user, id, collapse_key, ttl, fallback_after, inbox_size, inbox_ttl)
             if len(self._notify_commands) >= 64:
                 self._notify_commands.clear()
-            commands = NotifyCommands(inbox_size, inbox_ttl, sharded)
-            self._notify_commands[(inbox_size, inbox_ttl, sharded)] = commands
+            commands = self._notify_commands[settings] = NotifyCommands(*settings)
+        elif (
+            type(user) is not str
+            or not user
+            or not (id is None and collapse_key is None and ttl is None and fallback_after is None)
+        ):
+            check_notify(user, id, collapse_key, ttl, fallback_after, inbox_size, inbox_ttl)
+        name = self.names.user(user)
+        raw = name.encode()
+        envelope = pack_message(data)
+        if self._key is not None:
+            envelope = seal(self._key, raw, envelope)
         command, epoch = commands.packed(raw, envelope, id, collapse_key, ttl)
 
         def args() -> list[Any]:
