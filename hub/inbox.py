@@ -918,9 +918,7 @@ class RedisInbox(Inbox):
             raw = name.encode()
             push = seal(self._key, raw, _read_push(int(read), _text(epoch)))
             command = b"SPUBLISH" if sharded else b"PUBLISH"
-            reply = await self._router.execute_packed(name, pack_publish(command, name, push))
-            if isinstance(reply, Exception):
-                raise reply
+            await self._router.execute_packed(name, pack_publish(command, name, push))
         return int(read)
 
     async def schedule_fallback(self, user: str, seq: int, due: float) -> None:
