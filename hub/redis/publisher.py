@@ -443,10 +443,8 @@ class AsyncPublisher(_Publishing):
             if len(self._notify_commands) >= 64:
                 self._notify_commands.clear()
             commands = self._notify_commands[settings] = NotifyCommands(*settings)
-        elif (
-            type(user) is not str
-            or not user
-            or not (id is None and collapse_key is None and ttl is None and fallback_after is None)
+        elif user_problem(user) is not None or not (
+            id is None and collapse_key is None and ttl is None and fallback_after is None
         ):
             check_notify(user, id, collapse_key, ttl, fallback_after, inbox_size, inbox_ttl)
         name = self.names.user(user)
