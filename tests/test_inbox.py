@@ -587,3 +587,53 @@ def test_expired_entries_are_counted_once_by_whoever_drops_them(
             assert sum(counts) == 4, counts
 
     run(main)
+
+
+def test_publisher_notify_many_pipelines_a_batch_checked_whole(redis_server: RedisServer) -> None:
+    from hub.redis.publisher import AsyncPublisher, Publisher
+
+    def calls() -> int:
+        return int(
+            redis_server.client().info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        )
+
+    async def main() -> None:
+        async with running(make_settings(redis_url=redis_server.url)) as hub:
+            async with client(hub, user="b1") as one, client(hub, user="b2") as two:
+                await open_inbox(one)
+                await open_inbox(two)
+                batch = [
+                    {"user": "b1", "data": 1, "id": "x"},
+                    {"user": "b2", "data": 2, "fallback_after": 600},
+                    {"user": "b1", "data": 3, "collapse_key": "c", "ttl": 60},
+                    {"user": "b1", "data": 4, "id": "x"},  # a retry inside the batch
+                ]
+                with Publisher(redis_server.url) as publisher:
+                    redis_server.client().script_flush()  # NOSCRIPT: loaded, the batch again
+                    done = await asyncio.to_thread(publisher.notify_many, batch)
+                    assert [(d.seq, d.duplicate) for d in done] == [
+                        (1, False),
+                        (1, False),
+                        (2, False),
+                        (1, True),
+                    ]
+                    for bad in ([{"user": "b1"}], [{"user": "b1", "data": 1, "to": 2}], [1]):
+                        with pytest.raises(ValueError):
+                            publisher.notify_many(bad)
+                    with pytest.raises(ValueError, match="ttl"):  # one bad item: none is sent
+                        publisher.notify_many([{"user": "b1", "data": 9}, {**batch[2], "ttl": 0}])
+                    assert publisher.notify_many([]) == []
+                assert [p["data"] for p in await pushes(one, 2)] == [1, 3]
+                assert (await two.push())["data"] == 2
+                fallbacks = redis_server.client().zrange("hub:inbox:fallback", 0, -1)
+                assert fallbacks == [b"1:b2"]
+                before = calls()
+                async with AsyncPublisher(redis_server.url) as apub:
+                    sent = await apub.notify_many([{"user": "b2", "data": n} for n in range(3, 23)])
+                    assert [d.seq for d in sent] == list(range(2, 22))
+                    with pytest.raises(ValueError):
+                        await apub.notify_many([{"user": "b2", "data": 1}, {"user": "", "data": 2}])
+                assert calls() - before == 20  # the bad batch sent nothing
+                assert [p["data"] for p in await pushes(two, 20)] == list(range(3, 23))
+
+    run(main, timeout=60)

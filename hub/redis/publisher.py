@@ -92,6 +92,20 @@ def _limit(since: int | None, limit: int | None) -> None:
         raise ValueError("limit must be a non-negative integer")
 
 
+_NOTIFY_FIELDS = ("id", "collapse_key", "ttl", "fallback_after")
+
+
+def _notification(item: Any) -> tuple[str, Any, dict[str, Any]]:
+    """One item of ``notify_many``: user, data and the optional fields (``ValueError`` for an
+    item that is not a map with ``user`` and ``data``, or names another field)."""
+    if not isinstance(item, Mapping) or "user" not in item or "data" not in item:
+        raise ValueError("each notification is a map with user and data")
+    unknown = set(item) - {"user", "data", *_NOTIFY_FIELDS}
+    if unknown:
+        raise ValueError(f"unknown notification field: {sorted(map(str, unknown))[0][:40]}")
+    return item["user"], item["data"], {k: item.get(k) for k in _NOTIFY_FIELDS}
+
+
 class _Publishing:
     """What both publishers share: the names, the signing key, and the checked arguments of a
     history read (the blocking and the asyncio one differ only in how they reach Redis)."""
@@ -276,6 +290,73 @@ class Publisher(_Publishing):
             self.client.zadd(key, {member: score})
             self.client.pexpire(key, max(1, round(inbox_ttl * 1000)))
         return done
+
+    def notify_many(
+        self,
+        notifications: Iterable[Mapping[str, Any]],
+        *,
+        inbox_size: int = INBOX_SIZE,
+        inbox_ttl: float = INBOX_TTL,
+    ) -> list[Notified]:
+        """Several notifications, each a map with ``user`` and ``data`` and optionally ``id``,
+        ``collapse_key``, ``ttl`` and ``fallback_after`` (the fields of :meth:`notify` and of
+        ``POST /api/notify``), in order, pipelined in one round trip (one per shard on a
+        cluster); every one is checked before any is sent. Returns what each notify did."""
+        items = [_notification(n) for n in notifications]
+        calls = [
+            publisher_notify_args(
+                self.names,
+                user,
+                data,
+                **fields,
+                inbox_size=inbox_size,
+                inbox_ttl=inbox_ttl,
+                sharded=self._sharded,
+                signing_key=self._key,
+            )
+            for user, data, fields in items
+        ]
+        if not calls:
+            return []
+        if isinstance(self.client, redis.RedisCluster):  # each user has its own shard
+            replies = [self._evalsha(args) for args in calls]
+        else:
+            replies = self._evalsha_many(calls)
+        done = [notified(reply) for reply in replies]
+        due = []
+        now = time.time()
+        for (user, _, fields), sent in zip(items, done, strict=True):
+            after = fields["fallback_after"]
+            if after and not sent.duplicate:
+                due.append(fallback_entry(self.names, user, sent.seq, now + after))
+        if due:
+            key = due[0][0]
+            self.client.zadd(key, {member: score for _, member, score in due})
+            self.client.pexpire(key, max(1, round(inbox_ttl * 1000)))
+        return done
+
+    def _evalsha(self, args: list[Any]) -> Any:
+        try:
+            return self.client.evalsha(NOTIFY_SCRIPT.sha, *args)
+        except NoScriptError:
+            return self.client.eval(NOTIFY_SCRIPT.text, *args)
+
+    def _evalsha_many(self, calls: list[list[Any]]) -> list[Any]:
+        """The notifies in one pipeline; if Redis did not know the script (none of them ran:
+        NOSCRIPT), it is loaded and the lot sent once more."""
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for args in calls:
+                pipe.evalsha(NOTIFY_SCRIPT.sha, *args)
+            replies = pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                self.client.script_load(NOTIFY_SCRIPT.text)
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return list(replies)
+        raise AssertionError("unreachable")
 
     def broadcast(self, data: Any) -> int:
         return int(self._send(self.names.all, pack_message(data)))
@@ -481,6 +562,24 @@ class AsyncPublisher(_Publishing):
                 if isinstance(reply, Exception):
                     raise reply
         return done
+
+    async def notify_many(
+        self,
+        notifications: Iterable[Mapping[str, Any]],
+        *,
+        inbox_size: int = INBOX_SIZE,
+        inbox_ttl: float = INBOX_TTL,
+    ) -> list[Notified]:
+        """See :meth:`Publisher.notify_many`: every one checked first, then all sent together
+        (pipelined on the connection of each shard), in order per user."""
+        items = [_notification(n) for n in notifications]
+        for user, _, fields in items:
+            check_notify(user, **fields, inbox_size=inbox_size, inbox_ttl=inbox_ttl)
+        calls = (
+            self.notify(user, data, **fields, inbox_size=inbox_size, inbox_ttl=inbox_ttl)
+            for user, data, fields in items
+        )
+        return list(await asyncio.gather(*calls))
 
     async def broadcast(self, data: Any) -> int:
         return await self._publish(self.names.all, pack_message(data))
