@@ -12,6 +12,7 @@ credentials is closed with 4002, a subscription is ended with an ``unsubscribed`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -43,8 +44,11 @@ class Expiry:
     def __init__(self, session: Session, renew: Renew | None = None) -> None:
         self.session = session
         self.renew = renew
-        self._timers: dict[str | None, tuple[asyncio.TimerHandle, asyncio.TimerHandle]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Made on first use: most sessions never have a deadline, and all of them are idle.
+        self._timers: dict[str | None, tuple[asyncio.TimerHandle, asyncio.TimerHandle]] | None = (
+            None
+        )
+        self._tasks: set[asyncio.Task[None]] | None = None
 
     def set(self, key: str | None, expires_at: float | None) -> None:
         """(Re)arm the deadline of ``key``; ``None`` clears it."""
@@ -57,22 +61,30 @@ class Expiry:
         at = loop.time() + left
         notice = loop.call_at(at - lead, self._notice, key, expires_at)
         end = loop.call_at(at, self._expire, key)
+        if self._timers is None:
+            self._timers = {}
         self._timers[key] = (notice, end)
 
     def clear(self, key: str | None) -> None:
-        timers = self._timers.pop(key, None)
+        timers = self._timers.pop(key, None) if self._timers else None
         if timers is not None:
             for timer in timers:
                 timer.cancel()
 
     def close(self) -> None:
-        for key in list(self._timers):
+        """Cancel every deadline and task, and let go of the session: the two refer to each
+        other, and a cycle would keep a closed connection until the collector runs."""
+        for key in list(self._timers or ()):
             self.clear(key)
-        for task in self._tasks:
+        for task in self._tasks or ():
             task.cancel()
+        with contextlib.suppress(AttributeError):  # closed before
+            del self.session
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -86,7 +98,8 @@ class Expiry:
         self._spawn(self.session._reply(notice))
 
     def _expire(self, key: str | None) -> None:
-        self._timers.pop(key, None)
+        if self._timers:
+            self._timers.pop(key, None)
         session = self.session
         if key is None:
             session.close_soon(CloseCode.TOKEN_EXPIRED, "token expired")

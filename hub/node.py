@@ -26,6 +26,7 @@ from .notify import Notifications
 from .presence import MemoryPresence, Presence
 from .registry import Registry
 from .rules import DISCONNECT_CODE
+from .runtime import MemoryReturn
 
 if TYPE_CHECKING:
     from .admin import Admin
@@ -56,6 +57,7 @@ class Node:
             lambda: self.registry.channel_count,
         )
         self._started = False
+        self.memory = MemoryReturn()  # gives memory back after a mass disconnect
         self.fanout = Fanout(self.registry, self.settings, self.metrics)
         self.membership = Membership(self.settings, self.broker, self.presence)
         #: The admin page's view (``admin = true``), which takes the admin control messages.
@@ -78,6 +80,7 @@ class Node:
 
     async def close(self) -> None:
         self._started = False
+        self.memory.cancel()
         await self.membership.close()
         await self.presence.close()
         await self.inbox.close()
@@ -140,7 +143,9 @@ class Node:
 
     async def add_session(self, session: Session) -> None:
         self.metrics.connections_accepted.inc()
-        if self.registry.add(session, session.user):
+        first = self.registry.add(session, session.user)
+        self.memory.seen(len(self.registry))
+        if first:
             await self.broker.subscribe_user(session.user)
 
     async def remove_session(self, session: Session) -> None:
@@ -149,6 +154,7 @@ class Node:
         self.fanout.untrack_all(session, channels)
         self.fanout.forget(session)
         last_user, emptied = self.registry.remove(session, session.user)
+        self.memory.seen(len(self.registry))
         self.metrics.connections_closed.labels(str(session.connection.closing_code)).inc()
         if emptied:
             await self.broker.unsubscribe(emptied)

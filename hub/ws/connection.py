@@ -718,7 +718,12 @@ class ServerConnection(asyncio.Protocol):
                 exc = protocol.close_exc
                 if iterating and isinstance(exc, ConnectionClosedOK):
                     raise StopAsyncIteration
-                raise exc
+                try:
+                    raise exc
+                finally:
+                    # The traceback holds this frame: without the local, the frame, the
+                    # exception and the connection are no cycle, and go when the caller is done.
+                    del exc
             self._recv_busy = True
             waiter = self._recv_waiter = self.server.loop.create_future()
             try:

@@ -529,7 +529,9 @@ class ServerProtocol:
             self.send_response(response)
         except EOFError as exc:  # TCP ended mid-frame or without a closing handshake
             self.parser = None
-            self.close_exc_override = exc
+            # Kept without its traceback, which says nothing here and whose frames hold this
+            # protocol and its connection: a cycle that only the collector would free.
+            self.close_exc_override = exc.with_traceback(None)
             self.send_eof()
         except InvalidUTF8 as exc:
             self._fail_with(CloseCode.INVALID_DATA, exc)
