@@ -883,7 +883,10 @@ PARTS = (
             "asyncio/runners.py",
         ),
     ),
-    ("session", ("hub/session.py", "hub/limits.py", "hub/tokens.py", "hub/codec.py")),
+    (
+        "session",
+        ("hub/session.py", "hub/expiry.py", "hub/limits.py", "hub/tokens.py", "hub/codec.py"),
+    ),
     ("registry entries", ("hub/registry.py", "hub/node.py", "hub/presence.py")),
     ("redis bridge: the user's subscription", ("hub/bridge.py", "hub/resp.py", "redis/")),
 )
