@@ -710,14 +710,42 @@ class NotifyCommands:
 
 
 async def run_notify(
-    router: Router, name: str, command: bytes, args: Callable[[], list[Any]]
+    router: Router,
+    names: Names,
+    commands: NotifyCommands,
+    signing_key: bytes | None,
+    user: str,
+    envelope: bytes,
+    id: str | None,
+    collapse_key: str | None,
+    ttl: float | None,
 ) -> Notified:
-    """Send a packed notify; on ``NOSCRIPT`` (it did not run) ``EVAL`` it with ``args()``."""
+    """One notify of checked fields, as the hub's store and the async publisher send it: the
+    envelope signed with ``signing_key``, the packed ``EVALSHA`` of ``commands``; on
+    ``NOSCRIPT`` (it did not run) the same call as ``EVAL``."""
+    name = names.user(user)
+    raw = name.encode()
+    if signing_key is not None:
+        envelope = seal(signing_key, raw, envelope)
+    command, epoch = commands.packed(raw, envelope, id, collapse_key, ttl)
+    key = "{" + name + "}:inbox"
     try:
-        reply = await router.execute_packed(name, command)
+        reply = await router.execute_packed(key, command)
     except NoScriptError:
+        args = notify_args(
+            names,
+            user,
+            envelope,
+            id=id,
+            collapse_key=collapse_key,
+            ttl=ttl,
+            size=commands.size,
+            inbox_ttl=commands.inbox_ttl,
+            sharded=commands.sharded,
+            epoch=epoch,
+        )
         reply = await router.execute_packed(
-            name, pack_command(b"EVAL", NOTIFY_SCRIPT.text_bytes, *args())
+            key, pack_command(b"EVAL", NOTIFY_SCRIPT.text_bytes, *args)
         )
     return notified(reply)
 
@@ -861,27 +889,17 @@ class RedisInbox(Inbox):
         collapse_key: str | None = None,
         ttl: float | None = None,
     ) -> Notified:
-        name = self.names.user(user)
-        raw = name.encode()
-        if self._key is not None:
-            envelope = seal(self._key, raw, envelope)
-        command, epoch = self._commands.packed(raw, envelope, id, collapse_key, ttl)
-
-        def args() -> list[Any]:
-            return notify_args(
-                self.names,
-                user,
-                envelope,
-                id=id,
-                collapse_key=collapse_key,
-                ttl=ttl,
-                size=self.size,
-                inbox_ttl=self.ttl,
-                sharded=self._router.sharded,
-                epoch=epoch,
-            )
-
-        return await run_notify(self._router, "{" + name + "}:inbox", command, args)
+        return await run_notify(
+            self._router,
+            self.names,
+            self._commands,
+            self._key,
+            user,
+            envelope,
+            id,
+            collapse_key,
+            ttl,
+        )
 
     async def read(
         self, user: str, since: int | None = None, *, device: str | None = None, limit: int = 100

@@ -41,7 +41,6 @@ from ..inbox import (
     check_notify,
     fallback_entry,
     notified,
-    notify_args,
     publisher_notify_args,
     run_notify,
 )
@@ -528,28 +527,10 @@ class AsyncPublisher(_Publishing):
             id is None and collapse_key is None and ttl is None and fallback_after is None
         ):
             check_notify(user, id, collapse_key, ttl, fallback_after, inbox_size, inbox_ttl)
-        name = self.names.user(user)
-        raw = name.encode()
         envelope = pack_message(data)
-        if self._key is not None:
-            envelope = seal(self._key, raw, envelope)
-        command, epoch = commands.packed(raw, envelope, id, collapse_key, ttl)
-
-        def args() -> list[Any]:
-            return notify_args(
-                self.names,
-                user,
-                envelope,
-                id=id,
-                collapse_key=collapse_key,
-                ttl=ttl,
-                size=inbox_size,
-                inbox_ttl=inbox_ttl,
-                sharded=sharded,
-                epoch=epoch,
-            )
-
-        done = await run_notify(self._router, "{" + name + "}:inbox", command, args)
+        done = await run_notify(
+            self._router, self.names, commands, self._key, user, envelope, id, collapse_key, ttl
+        )
         if fallback_after and not done.duplicate:
             key, member, score = fallback_entry(
                 self.names, user, done.seq, time.time() + fallback_after
