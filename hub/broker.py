@@ -66,6 +66,16 @@ class Broker(abc.ABC):
         """True while the broker can deliver (``/readyz``)."""
         return self.handler is not None
 
+    def ready_for(self, channel: str) -> bool:
+        """True while publications to ``channel`` reach this process: what a history
+        subscription needs before it recovers (or it could leave a hole). A cluster answers for
+        the channel's own shard, so one dead shard does not refuse every channel."""
+        return self.ready
+
+    def ready_for_user(self, user: str) -> bool:
+        """The same for pushes to ``user`` (an inbox opens only while they arrive)."""
+        return self.ready
+
     @abc.abstractmethod
     async def subscribe(self, channels: Iterable[str]) -> None: ...
 

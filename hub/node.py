@@ -193,7 +193,7 @@ class Node:
         tracker = self.fanout.track(channel, session)
         try:
             await self.subscribe(session, channel)  # live at the broker from here on
-            if not self.broker.ready:
+            if not self.broker.ready_for(channel):
                 # A broker that is down subscribes later (and reports a gap then): not live yet,
                 # so recovering now could leave a hole. The client retries.
                 raise HubUnavailable("broker unavailable")

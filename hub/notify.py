@@ -343,7 +343,7 @@ class Notifications:
         device = self._device(session, command)
         if session in self._followers:
             raise ReplyError("inbox already open", ErrorCode.ALREADY_SUBSCRIBED)
-        if not self.node.broker.ready:
+        if not self.node.broker.ready_for_user(session.user):
             raise ReplyError("broker unavailable, try again", ErrorCode.UNAVAILABLE)
         f = self._followers[session] = Follower(device)  # holding live pushes from here on
         user = session.user

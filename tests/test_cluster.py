@@ -9,9 +9,10 @@ Channels are picked so that every shard owns some, and the owning shard is asked
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -376,3 +377,81 @@ def test_a_replica_takes_over_a_killed_master(tmp_path: Path) -> None:
         run(main)
     finally:
         cluster.close()
+
+
+def one_user_per_shard(cluster: LocalCluster) -> dict[int, str]:
+    """A user name whose inbox (and user channel) each master owns, by port."""
+    users: dict[int, str] = {}
+    for i in itertools.count():
+        users.setdefault(cluster.owner(f"hub:user:u{i}").port, f"u{i}")
+        if len(users) == len(cluster.masters):
+            return users
+    raise AssertionError("unreachable")
+
+
+async def open_inbox(c: Any, timeout: float = 15) -> dict[str, Any]:
+    """``inbox``, asked again while it answers 111 (unavailable, try again), as hub.js does."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        reply = await c.call("inbox", device="d")
+        if reply.get("error", {}).get("code") != 111:
+            assert "result" in reply, reply
+            return reply["result"]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"inbox still unavailable: {reply}")
+        await asyncio.sleep(0.1)
+
+
+HISTORY = """
+[namespaces.room]
+history_size = 10
+"""
+
+
+def test_a_dead_shard_answers_unavailable_only_for_what_it_owns(
+    redis_cluster: LocalCluster,
+) -> None:
+    """With one master killed, the inbox and history subscriptions of users and channels on
+    the other shards open and go on live; only what the dead shard owns answers 111, and it
+    opens once the shard is back."""
+    victim = pick_victim(redis_cluster)[0]
+    rooms = {port: names[0] for port, names in by_shard(redis_cluster, 1, "room:r").items()}
+    users = one_user_per_shard(redis_cluster)
+    dead_user, live_users = users[victim.port], [u for p, u in users.items() if p != victim.port]
+
+    async def main() -> None:
+        settings = make_settings(HISTORY, redis_url=redis_cluster.url)
+        async with (
+            running(settings) as h,
+            AsyncPublisher(redis_cluster.url) as pub,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            # One connection per user with its inbox open: every shard's link is up and stays.
+            for user in users.values():
+                await open_inbox(await stack.enter_async_context(client(h, user=user)))
+            await eventually(lambda: h.node.broker.ready, 15)
+            victim.kill()
+            await eventually(lambda: not h.node.broker.ready, 5)
+            conns = {u: await stack.enter_async_context(client(h, user=u)) for u in users.values()}
+            for user in live_users:
+                result = (await conns[user].call("inbox", device="d"))["result"]
+                assert result["seq"] == 0, result
+                assert (await pub.notify(user, {"to": user})).receivers == 1
+                push = await conns[user].push()
+                assert push["data"] == {"to": user} and push["inbox"]["seq"] == 1, push
+            assert await conns[dead_user].error("inbox", device="d") == 111
+            room = conns[live_users[0]]
+            for port, channel in rooms.items():
+                if port == victim.port:
+                    assert await room.error("subscribe", channel=channel) == 111
+                else:
+                    reply = await room.call("subscribe", channel=channel)
+                assert reply["result"]["offset"] == 0, reply
+
+            victim.start()
+            result = await open_inbox(conns[dead_user], 20)
+            assert result["seq"] == 0, result
+            assert (await pub.notify(dead_user, {"to": dead_user})).receivers == 1
+            assert (await conns[dead_user].push())["data"] == {"to": dead_user}
+
+    run(main, timeout=90)

@@ -171,9 +171,9 @@ def test_publisher_notify_on_a_cluster_reaches_a_hub_live_and_by_catch_up(
 
 
 async def open_retrying(ws: ClientConnection) -> dict[str, Any]:
-    """``inbox``, asked again while it answers "unavailable, try again" (as hub.js does): the
-    cluster broker is ready once the link to every shard it uses is up, and the first user on
-    a shard starts that shard's link."""
+    """``inbox``, asked again while it answers "unavailable, try again" (as hub.js does): an
+    inbox opens once the link to the user's shard is up, and the first user on a shard starts
+    that shard's link."""
     for _ in range(50):
         reply, early = await command(ws, "inbox", device="phone")
         assert early == []

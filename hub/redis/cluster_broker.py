@@ -38,7 +38,8 @@ class RedisClusterBroker(RedisBroker):
     shard's link (and get a gap notice once subscribed there). When Redis drops the
     subscriptions of a slot that left a shard (the end of a migration), only that slot's
     channels move, the same way (:meth:`_slot_left`); the link goes on. ``ready`` means every
-    link is up.
+    link is up; ``ready_for`` a channel (and ``ready_for_user``) that the link of its own
+    shard is, so a dead shard refuses only what it owns.
     """
 
     def _setup(self) -> None:
@@ -97,6 +98,18 @@ class RedisClusterBroker(RedisBroker):
     def ready(self) -> bool:
         links = self._links.values()
         return self.handler is not None and bool(links) and all(link.up for link in links)
+
+    def ready_for(self, channel: str) -> bool:
+        return self._carried(self._ch + channel.encode())
+
+    def ready_for_user(self, user: str) -> bool:
+        return self._carried(self._user + user.encode())
+
+    def _carried(self, name: bytes) -> bool:
+        """``name`` is wanted and routed to a link that is up (subscribed: ``want`` returns
+        once Redis confirmed)."""
+        link = self._route_of.get(name)
+        return self.handler is not None and link is not None and link.up and name in self._wanted
 
     # -- routing -------------------------------------------------------------------------------
 
