@@ -59,6 +59,7 @@ from benchlib import (
     fmt_num,
     format_table,
     git_rev,
+    proc_cpu_s,
     run_timed,
     write_json,
 )
@@ -70,6 +71,8 @@ PAYLOAD = {"title": "New message", "from": "alice", "unread": 3}
 #: The client reads in another process that the machine may starve: a big outbound buffer, so
 #: the rounds measure the backend and the hub, not a slow-consumer close.
 HUB_TOML = "outbound_buffer = 268435456\n"
+#: Where the CPU of a call goes, each process's user + sys over the round, per call.
+CPU_PARTS = ("backend", "redis", "hub", "client")
 
 
 def free_port() -> int:
@@ -133,6 +136,7 @@ class Bench:
         self.procs: list[asyncio.subprocess.Process] = []
         self.redis_url = ""
         self.port = 0
+        self.pids: dict[str, int] = {}
         self.results: Json = {"send": [], "notify": [], "catch_up": [], "memory": {}}
         self.errors: list[str] = []
 
@@ -156,7 +160,7 @@ class Bench:
         argv = [exe, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
         # A burst of plain sends can outrun the hub's reading: no output limit on its link.
         argv += ["--client-output-buffer-limit", "pubsub 0 0 0"]
-        await self.spawn("redis", *argv)
+        self.pids["redis"] = (await self.spawn("redis", *argv)).pid
         self.redis_url = f"redis://{HOST}:{port}"
         client = redis.Redis.from_url(self.redis_url, socket_timeout=1)
         for _ in range(100):
@@ -171,9 +175,10 @@ class Bench:
         cmd = [sys.executable, "-m", "hub.cli", "serve", "--host", HOST, "--port", str(self.port)]
         config = self.tmp / "hub.toml"
         config.write_text(HUB_TOML)
-        await self.spawn(
+        hub = await self.spawn(
             "hub", *cmd, "--redis", self.redis_url, "--insecure", "--config", str(config)
         )
+        self.pids["hub"] = hub.pid
         for _ in range(200):
             with contextlib.suppress(OSError):
                 _r, w = await asyncio.open_connection(HOST, self.port)
@@ -228,6 +233,8 @@ class Bench:
                 else:
                     await pub.send_to_user(user, data)
 
+        pids = {**self.pids, "backend": os.getpid(), "client": sub.pid}
+        cpu_before = {part: sum(proc_cpu_s(pid)) for part, pid in pids.items()}
         start = time.perf_counter()
         deadline = start + self.args.seconds
         await asyncio.gather(*(worker() for _ in range(self.args.window)))
@@ -236,12 +243,18 @@ class Bench:
         sub.stdin.write(f"expect {seq}\n".encode())
         await sub.stdin.drain()
         report = json.loads(await asyncio.wait_for(sub.stdout.readline(), 60))
+        # Up to the client's report: the hub and the client may still be delivering after the
+        # backend's last call; their CPU for this round's calls is counted all the same.
+        cpu = {
+            f"cpu_us_{part}": round((sum(proc_cpu_s(pid)) - cpu_before[part]) / seq * 1e6, 1)
+            for part, pid in pids.items()
+        }
         await sub.wait()
         self.procs.remove(sub)
         missing = seq - report["received"]
         if missing or report["errors"]:
             self.errors.append(f"{user}: {missing} missing, {report['errors']} out of order")
-        return {"rate": seq / elapsed, "sent": seq, "seconds": elapsed, **report}
+        return {"rate": seq / elapsed, "sent": seq, "seconds": elapsed, **cpu, **report}
 
     async def catch_up(self, i: int) -> Json:
         import msgpack
@@ -288,7 +301,10 @@ class Bench:
                 for name, notify in (("send", False), ("notify", True)):
                     res = await self.round(f"{name}{r}", notify)
                     self.results[name].append(res)
-                    self.progress(f"round {r + 1} {name}: {res['rate']:,.0f}/s")
+                    cpu = ", ".join(f"{p} {res['cpu_us_' + p]:g}" for p in CPU_PARTS)
+                    self.progress(
+                        f"round {r + 1} {name}: {res['rate']:,.0f}/s; CPU us per call: {cpu}"
+                    )
             for i in range(self.args.catch_ups):
                 self.results["catch_up"].append(await self.catch_up(i))
             self.results["memory"] = await self.memory()
@@ -298,6 +314,10 @@ class Bench:
             await self.stop()
         if not self.errors:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def cpu_median(rounds: list[Json], part: str) -> float:
+    return round(statistics.median(r[f"cpu_us_{part}"] for r in rounds), 1)
 
 
 def summarize(results: Json) -> tuple[list[tuple[str, ...]], Json]:
@@ -327,6 +347,15 @@ def summarize(results: Json) -> tuple[list[tuple[str, ...]], Json]:
             fmt_num(asked_p50),
             "",
             "",
+        ),
+        *(
+            (
+                f"CPU us per call in {part}: send / notify (median)",
+                f"{cpu_median(results['send'], part):g} / {cpu_median(results['notify'], part):g}",
+                "",
+                "",
+            )
+            for part in CPU_PARTS
         ),
         ("Redis memory per stored notification, bytes", fmt_num(memory["bytes_per_entry"]), "", ""),
         ("  (its envelope, bytes)", str(memory["envelope_bytes"]), "", ""),

@@ -18,7 +18,8 @@
 -- ARGV[6]  inbox size: entries kept per user (the stream is trimmed by whole nodes, so it
 --          may hold a few more; readers skip those)
 -- ARGV[7]  inbox TTL in milliseconds: entries older than this are dropped, and the keys
---          expire this long after the user's last notify, ack or read
+--          expire this long after the user's last ack or read, and between this long and
+--          1/64 longer after the last notify (see "renew" below)
 -- ARGV[8]  epoch to use if the user has none yet (a fresh random string)
 -- ARGV[9]  "1": SPUBLISH (Redis Cluster, sharded pub/sub), else PUBLISH
 -- Returns {seq, epoch, receivers, duplicate, collapsed, expired, length}: duplicate is 1 when
@@ -27,7 +28,8 @@
 -- entries this call dropped because their own ttl had passed; length is the inbox's entries.
 --
 -- The common notify (no id, no collapse key) is a handful of calls: the id and collapse-key
--- bookkeeping, and the expiry of their keys, run only when the notify names one.
+-- bookkeeping, and the expiry of their keys, run only when the notify names one. Each call
+-- costs Redis about a microsecond on top of its work, which is most of what a notify costs.
 local stream, meta = KEYS[1], KEYS[2]
 local id, ckey = ARGV[3], ARGV[4]
 local size, inbox_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -35,13 +37,16 @@ local clock = redis.call('TIME')
 local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
 
 -- meta "due": no entry at the head of the stream dies (its own ttl, or older than the inbox
--- TTL) before this ms, so until then the head is not looked at.
-local got = redis.call('HMGET', meta, 'epoch', 'due')
-local epoch, due = got[1], tonumber(got[2]) or 0
+-- TTL) before this ms, so until then the head is not looked at. meta "renewed": when a notify
+-- last set the stream's and meta's TTL (to inbox_ttl + slack); an ack or a read clears it.
+local slack = math.floor(inbox_ttl / 64)
+local got = redis.call('HMGET', meta, 'epoch', 'due', 'renewed')
+local epoch, due, renewed = got[1], tonumber(got[2]) or 0, tonumber(got[3])
 if not epoch then
   -- A new (or lost) inbox: a new epoch, and nothing left over from an old one.
   epoch = ARGV[8]
   due = now + inbox_ttl
+  renewed = nil
   redis.call('DEL', stream, KEYS[3], KEYS[4], KEYS[5])
   redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'read', 0, 'acked', 0, 'due', due)
 elseif id ~= '' then
@@ -59,11 +64,13 @@ local sid = string.format('%d-0', seq)
 -- signed [envelope, mac] gets it as a third element, the signed bytes untouched.
 local env = ARGV[2]
 local head = string.byte(env, 1) or 0
-local mark = {seq = seq, epoch = epoch}
+-- "inbox" then the map {seq, epoch[, id]}, written out: one pack call, no table.
+local tail
 if id ~= '' then
-  mark['id'] = id
+  tail = '\165inbox\131\163seq' .. cmsgpack.pack(seq, 'epoch', epoch, 'id', id)
+else
+  tail = '\165inbox\130\163seq' .. cmsgpack.pack(seq, 'epoch', epoch)
 end
-local tail = cmsgpack.pack('inbox') .. cmsgpack.pack(mark)
 if head == 0x92 then
   env = '\147' .. string.sub(env, 2) .. '\129' .. tail
 elseif head >= 0x80 and head <= 0x8e then
@@ -175,8 +182,15 @@ elseif expires ~= 0 and expires < due then
 end
 local length = math.min(redis.call('XLEN', stream), size)
 
-redis.call('PEXPIRE', stream, inbox_ttl)
-redis.call('PEXPIRE', meta, inbox_ttl)
+-- renew: the stream and meta live at least inbox_ttl past this notify. Setting their TTL on
+-- every notify costs two calls; set to inbox_ttl + slack, it needs renewing only once slack
+-- has gone by, so the inbox expires between inbox_ttl and inbox_ttl + slack after the last
+-- notify. An ack or a read sets it to inbox_ttl and clears "renewed", so the next notify renews.
+if not renewed or renewed + slack <= now or renewed > now then
+  redis.call('PEXPIRE', stream, inbox_ttl + slack)
+  redis.call('PEXPIRE', meta, inbox_ttl + slack)
+  redis.call('HSET', meta, 'renewed', now)
+end
 local receivers
 if ARGV[9] == '1' then
   receivers = redis.call('SPUBLISH', ARGV[1], env)

@@ -499,6 +499,7 @@ end
 for _, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ARGV[4])
 end
+redis.call('HDEL', KEYS[2], 'renewed')  -- the next notify sets the TTL again (inbox.lua)
 return cursor
 """
 
@@ -530,6 +531,7 @@ end
 for _, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ARGV[4])
 end
+redis.call('HDEL', KEYS[2], 'renewed')  -- the next notify sets the TTL again (inbox.lua)
 return {read, epoch, moved}
 """
 
@@ -833,9 +835,10 @@ class RedisInbox(Inbox):
     """Inboxes in Redis (or a Redis Cluster), shared by every hub process of a deployment.
 
     A user's keys (see ``inbox.lua``) share the hash slot of ``<prefix>:user:<user>``, and all
-    of them expire ``ttl`` seconds after the user's last notify, ack or read. Fallbacks wait in
-    one sorted set, ``<prefix>:inbox:fallback`` (member ``<seq>:<user>``, score the due time in
-    ms), which expires ``ttl`` after its last write.
+    of them expire ``ttl`` seconds after the user's last ack or read, and between ``ttl`` and
+    1/64 more after the last notify (``inbox.lua``, "renew"). Fallbacks wait in one sorted
+    set, ``<prefix>:inbox:fallback`` (member ``<seq>:<user>``, score the due time in ms), which
+    expires ``ttl`` after its last write.
 
     With ``signing_key`` (the hubs' ``redis_signing_key``) every push it makes is signed, and
     :meth:`open` takes only signed entries (docs/publish-api.md, "Signed payloads"); entries

@@ -320,6 +320,46 @@ def test_reads_of_unknown_users_create_nothing_and_every_key_expires(
     run(main)
 
 
+def test_the_inbox_ttl_is_renewed_once_per_slack_and_never_cut_short(
+    redis_server: RedisServer,
+) -> None:
+    """A notify sets the stream's and meta's TTL to ``inbox_ttl`` + 1/64 and later notifies
+    leave it until that 1/64 has gone by, so the inbox lives between ``inbox_ttl`` and 1/64
+    longer past the last notify; an ack or a read sets it to ``inbox_ttl`` and the next notify
+    renews it again, so it is never shorter than ``inbox_ttl`` past any of them."""
+    ttl_ms, slack_ms = 6400, 100
+
+    async def main() -> None:
+        async with redis_store(redis_server.url, 10, ttl_ms / 1000) as store:
+            inbox, r = store.inbox, store.redis
+            assert r is not None
+            stream, meta = "{hub:user:alice}:inbox", "{hub:user:alice}:inbox:meta"
+
+            def ttls() -> list[int]:
+                return [r.pttl(stream), r.pttl(meta)]
+
+            await inbox.notify("alice", envelope(1))
+            assert all(ttl_ms < t <= ttl_ms + slack_ms for t in ttls())
+            await asyncio.sleep(0.05)
+            await inbox.notify("alice", envelope(2))  # within the slack: not renewed
+            assert all(t <= ttl_ms + slack_ms - 40 for t in ttls())
+            assert all(t > ttl_ms - 40 for t in ttls())  # still past inbox_ttl of the notify
+            await asyncio.sleep(0.1)
+            await inbox.notify("alice", envelope(3))  # the slack has gone by: renewed
+            assert all(ttl_ms + slack_ms - 20 < t <= ttl_ms + slack_ms for t in ttls())
+            await inbox.ack("alice", "phone", 1)
+            assert all(ttl_ms - 20 < t <= ttl_ms for t in ttls())
+            await inbox.notify("alice", envelope(4))  # after an ack: renewed at once
+            assert all(ttl_ms < t <= ttl_ms + slack_ms for t in ttls())
+            await inbox.mark_read("alice", 2)
+            await inbox.notify("alice", envelope(5))  # after a read too
+            assert all(ttl_ms < t <= ttl_ms + slack_ms for t in ttls())
+            page = await inbox.read("alice", since=0)
+            assert [unpack(e)["data"] for e in page.entries] == [1, 2, 3, 4, 5]
+
+    run(main)
+
+
 def test_a_user_lives_on_one_cluster_shard(redis_cluster: LocalCluster) -> None:
     """Every key of a user is in the slot of the user's pub/sub name, so the scripts run (no
     CROSSSLOT) and SPUBLISH reaches that shard's subscribers."""

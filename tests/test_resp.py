@@ -79,7 +79,7 @@ def test_a_failing_command_in_a_batch_fails_alone(redis_server: RedisServer) -> 
             with pytest.raises(ResponseError, match="wrong number of arguments"):
                 await pipeline.execute_many([("SET", "a", "1"), ("PUBLISH", "x"), ("GET", "a")])
             assert await pipeline.execute_many([("GET", "a"), ("PING",)]) == [b"1", b"PONG"]
-            assert pipeline._resp is not None  # the fast path was the one exercised
+            assert pipeline._link is not None and pipeline._link.resp is not None  # the fast path
         finally:
             await pipeline.close()
             await pool.disconnect()
