@@ -40,16 +40,29 @@ WRITE_BUFFER_LIMIT = 1 << 20
 class _Link:
     """One connection of a pipeline and the callers written on it whose replies are due."""
 
-    __slots__ = ("checking", "connection", "incoming", "reader", "resp", "sent", "stream")
+    __slots__ = ("checking", "connection", "incoming", "pack", "reader", "resp", "sent", "stream")
 
     def __init__(self, connection: AbstractConnection) -> None:
+        # redis-py's asyncio connections (5 to 8) keep their streams here once connected;
+        # writes go straight to the stream, as hub.redis.resp reads straight from it.
+        stream = getattr(connection, "_writer", None)
+        incoming = getattr(connection, "_reader", None)
+        if not isinstance(stream, asyncio.StreamWriter) or incoming is None:
+            raise RedisConnectionError("redis-py connection without its streams")
         self.connection = connection
         self.resp = RespStream.of(connection)  # replies read past redis-py (hub.redis.resp)
-        self.stream: asyncio.StreamWriter | None = getattr(connection, "_writer", None)
-        self.incoming: asyncio.StreamReader | None = getattr(connection, "_reader", None)
+        # Without hiredis (no RespStream) redis-py reads the replies, and packs the commands.
+        self.pack: Callable[..., bytes] = (
+            pack_command if self.resp is not None else self._packed_by_redis_py
+        )
+        self.stream: asyncio.StreamWriter = stream
+        self.incoming: asyncio.StreamReader = incoming
         self.sent: deque[_Waiting] = deque()
         self.reader: asyncio.Task[None] | None = None
         self.checking = False  # the writer task is looking for an EOF on it (idle)
+
+    def _packed_by_redis_py(self, *args: Any) -> bytes:
+        return b"".join(self.connection.pack_command(*args))
 
     def busy(self) -> bool:
         return bool(self.sent) or self.reader is not None
@@ -57,14 +70,12 @@ class _Link:
     def writable(self) -> bool:
         """Up as far as the transport knows (no EOF from the peer, as the writer task checks
         on an idle connection) and its socket takes more now."""
-        stream, incoming = self.stream, self.incoming
+        transport = self.stream.transport
         return (
-            stream is not None
-            and incoming is not None
-            and not self.checking
-            and not incoming.at_eof()
-            and not stream.transport.is_closing()
-            and stream.transport.get_write_buffer_size() < WRITE_BUFFER_LIMIT
+            not self.checking
+            and not self.incoming.at_eof()
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() < WRITE_BUFFER_LIMIT
         )
 
 
@@ -88,7 +99,6 @@ class Pipeline:
         # whether that future takes the list of replies (execute_many) or the one reply.
         self._queue: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
-        self._sends: set[asyncio.Task[None]] = set()  # writes without a stream writer
         self._closed = False
 
     async def execute(self, *args: Any) -> Any:
@@ -147,10 +157,10 @@ class Pipeline:
         connection = self._make_connection()
         try:
             await connection.connect()
+            link = self._link = _Link(connection)
         except BaseException:
             await connection.disconnect(nowait=True)
             raise
-        link = self._link = _Link(connection)
         return link
 
     async def _run(self) -> None:
@@ -167,11 +177,10 @@ class Pipeline:
                             future.set_exception(exc)
                     continue
                 self._write(link)
-                if link.stream is not None:
-                    try:
-                        await link.stream.drain()
-                    except Exception as exc:
-                        await self._broken(link, exc)
+                try:
+                    await link.stream.drain()
+                except Exception as exc:
+                    await self._broken(link, exc)
         finally:
             self._writer = None
 
@@ -179,11 +188,8 @@ class Pipeline:
         """Write queued callers on ``link``, in order, until its socket holds about
         ``WRITE_BUFFER_LIMIT`` (at least one caller), and have a reader take the replies; what
         is left waits for the writer task, which waits for the socket to drain."""
-        queue = self._queue
-        connection, sent = link.connection, link.sent
-        room = WRITE_BUFFER_LIMIT
-        if link.stream is not None:
-            room -= link.stream.transport.get_write_buffer_size()
+        queue, sent, pack = self._queue, link.sent, link.pack
+        room = WRITE_BUFFER_LIMIT - link.stream.transport.get_write_buffer_size()
         chunks: list[bytes] = []
         taken = 0
         for waiting in queue:
@@ -191,15 +197,7 @@ class Pipeline:
                 break
             taken += 1
             try:
-                if link.resp is not None:
-                    packed = b"".join(
-                        c if type(c) is bytes else pack_command(*c) for c in waiting[0]
-                    )
-                else:
-                    packed = b"".join(
-                        c if type(c) is bytes else b"".join(connection.pack_command(*c))
-                        for c in waiting[0]
-                    )
+                packed = b"".join(c if type(c) is bytes else pack(*c) for c in waiting[0])
             except Exception as exc:  # this caller's arguments: it fails alone
                 if not waiting[1].done():
                     waiting[1].set_exception(exc)
@@ -212,21 +210,9 @@ class Pipeline:
             self._writer = asyncio.get_running_loop().create_task(self._run())
         if not chunks:
             return
-        loop = asyncio.get_running_loop()
-        if link.stream is not None:
-            link.stream.write(b"".join(chunks))
-        else:  # a connection without a stream writer: redis-py's own (async) send
-            task = loop.create_task(self._send_slow(link, chunks))
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
+        link.stream.write(b"".join(chunks))
         if link.reader is None:
-            link.reader = loop.create_task(self._read(link))
-
-    async def _send_slow(self, link: _Link, chunks: list[bytes]) -> None:
-        try:
-            await link.connection.send_packed_command(chunks, check_health=False)
-        except Exception as exc:
-            await self._broken(link, exc)
+            link.reader = asyncio.get_running_loop().create_task(self._read(link))
 
     @staticmethod
     async def _reply(connection: AbstractConnection) -> Any:
@@ -258,7 +244,6 @@ class Pipeline:
                 else:
                     future.set_result(replies if many else replies[0])
         except Exception as exc:
-            link.reader = None
             await self._broken(link, exc)
         except BaseException:  # cancelled (close): the replies can no longer be matched
             for _, future, _ in sent:
