@@ -360,6 +360,32 @@ def test_the_inbox_ttl_is_renewed_once_per_slack_and_never_cut_short(
     run(main)
 
 
+def test_a_forged_renewed_mark_cannot_hold_off_the_ttl(redis_server: RedisServer) -> None:
+    """Meta ``renewed`` is read back by every notify: garbage, a time in the future or a
+    negative one (someone else writing the hash) makes the notify renew the TTL, never skip it,
+    and the notify still stores and pushes."""
+    ttl_ms, slack_ms = 6400, 100
+
+    async def main() -> None:
+        async with redis_store(redis_server.url, 10, ttl_ms / 1000) as store:
+            inbox, r = store.inbox, store.redis
+            assert r is not None
+            stream, meta = "{hub:user:alice}:inbox", "{hub:user:alice}:inbox:meta"
+            await inbox.notify("alice", envelope(0))
+            for n, forged in enumerate((b"garbage", b"", b"1e300", b"-5", b"99999999999999"), 1):
+                r.hset(meta, "renewed", forged)
+                r.pexpire(stream, 1000)
+                r.pexpire(meta, 1000)
+                done = await inbox.notify("alice", envelope(n))
+                assert done.seq == n + 1
+                assert all(ttl_ms < r.pttl(k) <= ttl_ms + slack_ms for k in (stream, meta)), forged
+            page = await inbox.read("alice", since=0)
+            assert [unpack(e)["data"] for e in page.entries] == list(range(6))
+            assert len(await store.pushed(6)) == 6
+
+    run(main)
+
+
 def test_a_user_lives_on_one_cluster_shard(redis_cluster: LocalCluster) -> None:
     """Every key of a user is in the slot of the user's pub/sub name, so the scripts run (no
     CROSSSLOT) and SPUBLISH reaches that shard's subscribers."""
