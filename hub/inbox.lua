@@ -113,12 +113,12 @@ end
 -- Past the size, whole stream nodes go (no deleted entries left for the next read to walk).
 -- Arguments that are already strings are passed as they are: Redis formats a Lua number
 -- argument as a double, which costs more than the rest of the argument.
-local expires, x = 0, '0'
+local expires = 0
 if ARGV[5] ~= '0' then
   expires = now + tonumber(ARGV[5])
-  x = expires
 end
-redis.call('XADD', stream, 'MAXLEN', '~', ARGV[6], sid, 'e', env, 't', now, 'x', x)
+redis.call('XADD', stream, 'MAXLEN', '~', ARGV[6], sid, 'e', env, 't', now, 'x',
+  expires == 0 and '0' or expires)
 
 if id ~= '' then
   local ids, idt = KEYS[3], KEYS[4]

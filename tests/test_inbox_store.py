@@ -478,6 +478,34 @@ def test_a_read_drops_the_expired_entries_it_meets_and_counts_each_once(
     check(body)
 
 
+def test_a_stored_entry_keeps_its_times_as_integer_milliseconds(
+    redis_server: RedisServer,
+) -> None:
+    """Each stream entry holds ``t`` (ms stored, Redis's clock) and ``x`` (ms it expires,
+    "0": never) as plain integers, whatever the script passes them as, and the stream is cut
+    by the size it was given (whole nodes: at most one node of 100 more)."""
+
+    async def main() -> None:
+        async with redis_store(redis_server.url, 150, 3600) as store:
+            inbox, r = store.inbox, store.redis
+            assert r is not None
+            stream = "{hub:user:alice}:inbox"
+            before = int(time.time() * 1000) - 5
+            await inbox.notify("alice", envelope("forever"))
+            await inbox.notify("alice", envelope("short"), ttl=2.5)
+            after = int(time.time() * 1000) + 5
+            (_, plain), (_, timed) = r.xrange(stream)
+            assert plain[b"x"] == b"0" and timed[b"x"].isdigit()
+            for fields in (plain, timed):
+                assert fields[b"t"].isdigit() and before <= int(fields[b"t"]) <= after
+            assert int(timed[b"x"]) == int(timed[b"t"]) + 2500
+            for n in range(400):
+                await inbox.notify("alice", envelope(n))
+            assert 150 <= r.xlen(stream) <= 250
+
+    run(main)
+
+
 def test_trimming_by_stream_nodes_never_shows_more_than_the_size(
     redis_server: RedisServer,
 ) -> None:
