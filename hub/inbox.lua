@@ -4,35 +4,49 @@
 -- that owns the user (Redis Cluster) and its publish reaches that user's hubs.
 --
 -- KEYS[1]  stream  {<prefix>:user:<user>}:inbox       entry IDs "<seq>-0"; fields:
---                  e = the push (msgpack), t = ms stored, x = ms it expires ("0": never)
--- KEYS[2]  meta    {<prefix>:user:<user>}:inbox:meta  hash: seq, epoch, read, acked
+--                  e = the push (msgpack), t = ms stored, x = ms it expires (none: never)
+--                  the pub/sub channel is the name between the braces: <prefix>:user:<user>
+-- KEYS[2]  meta    {<prefix>:user:<user>}:inbox:meta  hash: seq, epoch, read, acked, ...
 -- KEYS[3]  ids     {<prefix>:user:<user>}:inbox:ids   hash: backend id -> seq
 -- KEYS[4]  idt     {<prefix>:user:<user>}:inbox:idt   sorted set: backend id by ms stored
 -- KEYS[5]  keys    {<prefix>:user:<user>}:inbox:keys  hash: collapse key -> seq
--- ARGV[1]  the pub/sub channel <prefix>:user:<user>
--- ARGV[2]  the envelope: a msgpack map {"data": ...} without "inbox", or its signed form
+--          KEYS[3..5] are needed only by a notify with an id or a collapse key
+-- ARGV[1]  the envelope: a msgpack map {"data": ...} without "inbox", or its signed form
 --          [envelope, mac] (two bin values, docs/publish-api.md "Signed payloads")
--- ARGV[3]  the backend's id ("": none); a second notify with a known id stores nothing
--- ARGV[4]  collapse key ("": none); the entry replaces the user's older one with that key
--- ARGV[5]  the entry's time to live in milliseconds ("0": as long as the inbox keeps it)
--- ARGV[6]  inbox size: entries kept per user (the stream is trimmed by whole nodes, so it
+-- ARGV[2]  inbox size: entries kept per user (the stream is trimmed by whole nodes, so it
 --          may hold a few more; readers skip those)
--- ARGV[7]  inbox TTL in milliseconds: entries older than this are dropped, and the keys
+-- ARGV[3]  inbox TTL in milliseconds: entries older than this are dropped, and the keys
 --          expire this long after the user's last ack or read, and between this long and
 --          1/64 longer after the last notify (see "renew" below)
--- ARGV[8]  epoch to use if the user has none yet (a fresh random string)
--- ARGV[9]  "1": SPUBLISH (Redis Cluster, sharded pub/sub), else PUBLISH
+-- ARGV[4]  epoch to use if the user has none yet (a fresh random string)
+-- ARGV[5]  "1": SPUBLISH (Redis Cluster, sharded pub/sub), else PUBLISH
+-- ARGV[6]  the backend's id ("" or left out: none); a second notify with a known id stores
+--          nothing
+-- ARGV[7]  collapse key ("" or left out: none); the entry replaces the user's older one with
+--          that key
+-- ARGV[8]  the entry's time to live in milliseconds ("0" or left out: as long as the inbox
+--          keeps it)
 -- Returns {seq, epoch, receivers, duplicate, collapsed, expired, length}: duplicate is 1 when
 -- the id was known (seq is then the first notify's, and nothing was stored or pushed);
 -- collapsed is 1 when an older entry with the collapse key was replaced; expired counts the
 -- entries this call dropped because their own ttl had passed; length is the inbox's entries.
 --
--- The common notify (no id, no collapse key) is a handful of calls: the id and collapse-key
--- bookkeeping, and the expiry of their keys, run only when the notify names one. Each call
--- costs Redis about a microsecond on top of its work, which is most of what a notify costs.
+-- The common notify (no id, no collapse key, no ttl) is a handful of calls and 2 keys and 5
+-- arguments: the id and collapse-key bookkeeping, and the expiry of their keys, run only when
+-- the notify names one. Each call costs Redis about as much as a small command, and each
+-- argument about a quarter of one: together, most of what a notify costs.
 local stream, meta = KEYS[1], KEYS[2]
-local id, ckey = ARGV[3], ARGV[4]
-local size, inbox_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local env, id, ckey = ARGV[1] or '', ARGV[6] or '', ARGV[7] or ''
+local size, inbox_ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+-- What is wrong with the call is refused before anything is written.
+local head = string.byte(env, 1) or 0
+if head ~= 0x92 and head ~= 0xde and (head < 0x80 or head > 0x8f) then
+  return redis.error_reply('ERR envelope must be a msgpack map or a signed [envelope, mac]')
+elseif not size or not inbox_ttl or not ARGV[5] then
+  return redis.error_reply('ERR inbox size and ttl must be integers (docs/inbox.md)')
+elseif (id ~= '' or ckey ~= '') and not KEYS[5] then
+  return redis.error_reply('ERR a notify with an id or a collapse key needs 5 keys')
+end
 local clock = redis.call('TIME')
 local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
 
@@ -44,11 +58,21 @@ local got = redis.call('HMGET', meta, 'epoch', 'due', 'renewed')
 local epoch, due, renewed = got[1], tonumber(got[2]) or 0, tonumber(got[3])
 if not epoch then
   -- A new (or lost) inbox: a new epoch, and nothing left over from an old one.
-  epoch = ARGV[8]
+  epoch = ARGV[4]
   due = now + inbox_ttl
   renewed = nil
-  redis.call('DEL', stream, KEYS[3], KEYS[4], KEYS[5])
-  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'read', 0, 'acked', 0, 'due', due)
+  if KEYS[5] then
+    redis.call('DEL', stream, KEYS[3], KEYS[4], KEYS[5])
+    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'read', 0, 'acked', 0, 'due', due)
+  else
+    -- Ids and collapse keys of a lost epoch (its meta evicted, say) may be left: "sweep"
+    -- has the first notify that names one delete them before it looks.
+    redis.call('DEL', stream)
+    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'read', 0, 'acked', 0, 'due', due,
+      'sweep', 1)
+  end
+elseif KEYS[5] and (id ~= '' or ckey ~= '') and redis.call('HDEL', meta, 'sweep') == 1 then
+  redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 elseif id ~= '' then
   local known = redis.call('HGET', KEYS[3], id)
   if known then
@@ -62,8 +86,6 @@ local sid = string.format('%d-0', seq)
 
 -- The push: the envelope with "inbox" = {seq, epoch[, id]} appended, data left as it is. A
 -- signed [envelope, mac] gets it as a third element, the signed bytes untouched.
-local env = ARGV[2]
-local head = string.byte(env, 1) or 0
 -- "inbox" then the map {seq, epoch[, id]}, written out: one pack call, no table.
 local tail
 if id ~= '' then
@@ -80,8 +102,6 @@ elseif head == 0x8f then
 elseif head == 0xde then
   local n = string.byte(env, 2) * 256 + string.byte(env, 3) + 1
   env = string.char(0xde, math.floor(n / 256), n % 256) .. string.sub(env, 4) .. tail
-else
-  return redis.error_reply('ERR envelope must be a msgpack map or a signed [envelope, mac]')
 end
 
 local collapsed = 0
@@ -112,13 +132,16 @@ end
 
 -- Past the size, whole stream nodes go (no deleted entries left for the next read to walk).
 -- Arguments that are already strings are passed as they are: Redis formats a Lua number
--- argument as a double, which costs more than the rest of the argument.
+-- argument as a double, which costs more than the rest of the argument. An entry without a
+-- ttl has no "x".
 local expires = 0
-if ARGV[5] ~= '0' then
-  expires = now + tonumber(ARGV[5])
+local life = ARGV[8]
+if life and life ~= '0' then
+  expires = now + tonumber(life)
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], sid, 'e', env, 't', now, 'x', expires)
+else
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], sid, 'e', env, 't', now)
 end
-redis.call('XADD', stream, 'MAXLEN', '~', ARGV[6], sid, 'e', env, 't', now, 'x',
-  expires == 0 and '0' or expires)
 
 if id ~= '' then
   local ids, idt = KEYS[3], KEYS[4]
@@ -194,10 +217,10 @@ if not renewed or renewed + slack <= now or renewed > now then
   redis.call('PEXPIRE', meta, inbox_ttl + slack)
   redis.call('HSET', meta, 'renewed', now)
 end
-local receivers
-if ARGV[9] == '1' then
-  receivers = redis.call('SPUBLISH', ARGV[1], env)
+local channel, receivers = string.sub(stream, 2, -8), nil
+if ARGV[5] == '1' then
+  receivers = redis.call('SPUBLISH', channel, env)
 else
-  receivers = redis.call('PUBLISH', ARGV[1], env)
+  receivers = redis.call('PUBLISH', channel, env)
 end
 return {seq, epoch, receivers, 0, collapsed, expired, length}

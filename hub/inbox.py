@@ -455,7 +455,7 @@ for i, row in ipairs(rows) do
   for j = 1, #row[2], 2 do
     f[row[2][j]] = row[2][j + 1]
   end
-  local x = tonumber(f['x'])
+  local x = tonumber(f['x']) or 0  -- no x: no ttl
   if x == 0 or x > now then
     out[#out + 1] = f['e']
   else
@@ -568,7 +568,7 @@ for j = 1, #row[2], 2 do
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local x = tonumber(f['x'])
+local x = tonumber(f['x']) or 0  -- no x: no ttl
 if x ~= 0 and x <= now then
   return {acked, false}
 end
@@ -630,38 +630,34 @@ def notify_args(
     epoch: bytes | None = None,
 ) -> list[Any]:
     """What follows the sha in ``EVALSHA`` of ``inbox.lua`` for one notify: the key count,
-    KEYS and ARGV (docs/inbox.md, "Redis wire format")."""
-    keys = inbox_keys(names, user)[:5]
-    return [
-        len(keys),
-        *keys,
-        names.user(user),
+    KEYS and ARGV (docs/inbox.md, "Redis wire format"). The stream and meta keys, and the
+    ids, idt and collapse-key keys only when the notify names an id or a collapse key; the
+    three optional arguments (id, collapse key, ttl) only when one of them is given."""
+    keys = inbox_keys(names, user)[: 5 if id or collapse_key else 2]
+    args: list[Any] = [
         envelope,
-        id or "",
-        collapse_key or "",
-        _ms(ttl) if ttl else 0,
         size,
         _ms(inbox_ttl),
         _epochs.next() if epoch is None else epoch,
         1 if sharded else 0,
     ]
+    if id or collapse_key or ttl:
+        args += [id or "", collapse_key or "", _ms(ttl) if ttl else 0]
+    return [len(keys), *keys, *args]
 
 
 class NotifyCommands:
     """``EVALSHA`` of ``inbox.lua`` packed in RESP: a notify is a hot path, and the general
     packer costs more per call than the script's common case in Redis. What depends only on
-    the user (keys, channel) is packed once per user and kept, what depends only on the inbox
-    settings once."""
+    the user (keys) is packed once per user and kept, what depends only on the inbox settings
+    once. The common notify (no id, no collapse key, no ttl) is 2 keys and 5 arguments."""
 
     __slots__ = ("_tail", "_users", "inbox_ttl", "sharded", "size")
 
     LIMIT = 10_000  # users remembered; the cache starts over beyond that
-    _HEAD = b"*17\r\n$7\r\nEVALSHA\r\n$40\r\n" + NOTIFY_SCRIPT.sha_bytes + b"\r\n$1\r\n5\r\n"
-    _USER = (
-        b"$%d\r\n{%b}:inbox\r\n"
-        + b"".join(b"$%%d\r\n{%%b}:inbox:%s\r\n" % p for p in (b"meta", b"ids", b"idt", b"keys"))
-        + b"$%d\r\n%b\r\n"
-    )
+    _HEAD = b"$7\r\nEVALSHA\r\n$40\r\n" + NOTIFY_SCRIPT.sha_bytes + b"\r\n"
+    _KEYS = b"$%d\r\n{%b}:inbox\r\n$%d\r\n{%b}:inbox:meta\r\n"
+    _MORE = b"".join(b"$%%d\r\n{%%b}:inbox:%s\r\n" % p for p in (b"ids", b"idt", b"keys"))
 
     def __init__(self, size: int, inbox_ttl: float, sharded: bool) -> None:
         self.size, self.inbox_ttl, self.sharded = size, inbox_ttl, sharded
@@ -673,11 +669,9 @@ class NotifyCommands:
         if len(self._users) >= self.LIMIT:
             self._users.clear()
         n = len(name) + 8  # "{" name "}:inbox"
-        head = self._HEAD + self._USER % (
-            n, name, n + 5, name, n + 4, name, n + 4, name, n + 5, name, len(name), name
-        )  # fmt: skip
-        self._users[name] = head
-        return head
+        keys = self._KEYS % (n, name, n + 5, name)
+        self._users[name] = keys
+        return keys
 
     def packed(
         self,
@@ -688,26 +682,31 @@ class NotifyCommands:
         ttl: float | None = None,
     ) -> tuple[bytes, bytes]:
         """The packed command for user channel ``name`` and its epoch candidate."""
-        head = self._users.get(name) or self._user(name)
+        keys = self._users.get(name) or self._user(name)
         epoch = _epochs.next()
+        flag = b"$1\r\n1\r\n" if self.sharded else b"$1\r\n0\r\n"
         if id is None and collapse_key is None and ttl is None:
-            fields = b"$0\r\n\r\n$0\r\n\r\n$1\r\n0\r\n"
-        else:
-            ident = id.encode() if id else b""
-            ckey = collapse_key.encode() if collapse_key else b""
-            life = b"%d" % _ms(ttl) if ttl else b"0"
-            fields = b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
-                len(ident), ident, len(ckey), ckey, len(life), life
+            return (
+                b"*10\r\n%b$1\r\n2\r\n%b$%d\r\n%b\r\n%b$8\r\n%b\r\n%b"
+                % (self._HEAD, keys, len(envelope), envelope, self._tail, epoch, flag),
+                epoch,
+            )
+        ident = id.encode() if id else b""
+        ckey = collapse_key.encode() if collapse_key else b""
+        life = b"%d" % _ms(ttl) if ttl else b"0"
+        if ident or ckey:
+            n = len(name) + 8
+            count, keys = b"*16\r\n%b$1\r\n5\r\n" % self._HEAD, keys + self._MORE % (
+                n + 4, name, n + 4, name, n + 5, name
             )  # fmt: skip
-        command = b"%b$%d\r\n%b\r\n%b%b$8\r\n%b\r\n%b" % (
-            head,
-            len(envelope),
-            envelope,
-            fields,
-            self._tail,
-            epoch,
-            b"$1\r\n1\r\n" if self.sharded else b"$1\r\n0\r\n",
-        )
+        else:
+            count = b"*13\r\n%b$1\r\n2\r\n" % self._HEAD
+        command = (
+            b"%b%b$%d\r\n%b\r\n%b$8\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+        ) % (
+            count, keys, len(envelope), envelope, self._tail, epoch, flag,
+            len(ident), ident, len(ckey), ckey, len(life), life,
+        )  # fmt: skip
         return command, epoch
 
 

@@ -481,9 +481,10 @@ def test_a_read_drops_the_expired_entries_it_meets_and_counts_each_once(
 def test_a_stored_entry_keeps_its_times_as_integer_milliseconds(
     redis_server: RedisServer,
 ) -> None:
-    """Each stream entry holds ``t`` (ms stored, Redis's clock) and ``x`` (ms it expires,
-    "0": never) as plain integers, whatever the script passes them as, and the stream is cut
-    by the size it was given (whole nodes: at most one node of 100 more)."""
+    """Each stream entry holds ``t`` (ms stored, Redis's clock) and, with a ttl, ``x`` (ms it
+    expires) as plain integers, whatever the script passes them as; an entry without a ttl has
+    no ``x``; and the stream is cut by the size it was given (whole nodes: at most one node of
+    100 more)."""
 
     async def main() -> None:
         async with redis_store(redis_server.url, 150, 3600) as store:
@@ -495,13 +496,85 @@ def test_a_stored_entry_keeps_its_times_as_integer_milliseconds(
             await inbox.notify("alice", envelope("short"), ttl=2.5)
             after = int(time.time() * 1000) + 5
             (_, plain), (_, timed) = r.xrange(stream)
-            assert plain[b"x"] == b"0" and timed[b"x"].isdigit()
+            assert set(plain) == {b"e", b"t"} and set(timed) == {b"e", b"t", b"x"}
+            assert timed[b"x"].isdigit()
             for fields in (plain, timed):
                 assert fields[b"t"].isdigit() and before <= int(fields[b"t"]) <= after
             assert int(timed[b"x"]) == int(timed[b"t"]) + 2500
             for n in range(400):
                 await inbox.notify("alice", envelope(n))
             assert 150 <= r.xlen(stream) <= 250
+
+    run(main)
+
+
+def test_the_script_takes_two_keys_and_five_arguments_unless_the_notify_names_more(
+    redis_server: RedisServer,
+) -> None:
+    """The documented layout from another language's point of view: a plain notify is 2 keys
+    and 5 arguments, the channel taken from the stream's name; an id or a collapse key needs
+    the 5 keys; a call laid out wrongly (too few keys, the older 9-argument layout, no size) is
+    refused with a clear error before it writes anything."""
+    from hub.inbox import NOTIFY_SCRIPT
+
+    r = redis.Redis.from_url(redis_server.url)
+    script = r.register_script(NOTIFY_SCRIPT.text)
+    base = "{hub:user:carol}:inbox"
+    keys2 = [base, base + ":meta"]
+    keys5 = [*keys2, base + ":ids", base + ":idt", base + ":keys"]
+    pubsub = r.pubsub()
+    pubsub.subscribe("hub:user:carol")
+    assert pubsub.get_message(timeout=1)["type"] == "subscribe"
+    try:
+        reply = script(keys2, [envelope("plain"), 10, 60_000, "ep0ch-01", 0])
+        assert reply == [1, b"ep0ch-01", 1, 0, 0, 0, 1]
+        push = pubsub.get_message(timeout=1)
+        assert push["channel"] == b"hub:user:carol"
+        assert unpack(push["data"]) == {"data": "plain", "inbox": {"seq": 1, "epoch": "ep0ch-01"}}
+        script(keys2, [envelope("timed"), 10, 60_000, "other", 0, "", "", 5_000])
+        assert [set(f) for _, f in r.xrange(base)] == [{b"e", b"t"}, {b"e", b"t", b"x"}]
+        assert script(keys5, [envelope("i"), 10, 60_000, "x", 0, "n-1", "badge"])[0] == 3
+        assert script(keys5, [envelope("i"), 10, 60_000, "x", 0, "n-1", "badge"])[3] == 1
+
+        wrong = [
+            (keys2, [envelope("no keys"), 10, 60_000, "x", 0, "n-2"], "needs 5 keys"),
+            (keys2, [envelope("no keys"), 10, 60_000, "x", 0, "", "badge"], "needs 5 keys"),
+            (keys5, ["hub:user:carol", envelope("old"), "", "", 0, 10, 60_000, "x", 0], "map"),
+            (keys2, [envelope("no size"), "", 60_000, "x", 0], "integers"),
+            (keys2, [envelope("short")], "integers"),
+            (keys2, [], "map"),
+        ]
+        for keys, args, why in wrong:
+            with pytest.raises(redis.ResponseError, match=why):
+                script(keys, args)
+        assert r.hget(base + ":meta", "seq") == b"3" and r.xlen(base) == 3
+    finally:
+        pubsub.close()
+        r.close()
+
+
+def test_ids_of_a_lost_epoch_are_swept_by_the_first_notify_that_names_one(
+    redis_server: RedisServer,
+) -> None:
+    """A plain notify that finds no meta starts a new epoch without the id and collapse-key
+    keys (it does not declare them); ids and keys left from the lost epoch then must not make
+    a new notify look like a retry, or collapse an entry that is not there."""
+
+    async def main() -> None:
+        async with redis_store(redis_server.url, 100, 3600) as store:
+            inbox, r = store.inbox, store.redis
+            assert r is not None
+            base = "{hub:user:dave}:inbox"
+            first = await inbox.notify("dave", envelope("a"), id="n-1", collapse_key="k")
+            r.delete(base + ":meta")  # evicted, say; ids and keys stay
+            second = await inbox.notify("dave", envelope("b"))
+            assert second.epoch != first.epoch and second.seq == 1
+            third = await inbox.notify("dave", envelope("c"), id="n-1", collapse_key="k")
+            assert (third.seq, third.duplicate, third.collapsed) == (2, False, False)
+            assert r.hgetall(base + ":ids") == {b"n-1": b"2"}
+            assert not r.hexists(base + ":meta", "sweep")
+            fourth = await inbox.notify("dave", envelope("d"), id="n-1")
+            assert (fourth.seq, fourth.duplicate) == (2, True)
 
     run(main)
 
