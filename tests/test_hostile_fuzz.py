@@ -21,7 +21,7 @@ from servefix import API_KEY, SECRET, Served, hub_serve, raw_http
 from wshelp import run
 
 from hub.errors import BadEnvelope, BadSignature
-from hub.redis.wire import Envelopes, open_control, open_join_leave, seal
+from hub.redis.wire import Envelopes, inbox_mark, open_control, open_join_leave, seal
 from hub.tokens import mint_token
 
 if TYPE_CHECKING:
@@ -89,18 +89,35 @@ def packable(obj: Any) -> bytes | None:
         return None
 
 
-payloads = st.one_of(
+inner_payloads = st.one_of(
     st.binary(max_size=64),
     envelopes.map(packable).filter(lambda b: b is not None),
     values.map(packable).filter(lambda b: b is not None),
 )
+#: A plain notify's push (docs/inbox.md): 0xc1, "<seq>-0 <epoch> ", the envelope; near misses
+#: (another seq, an epoch too long or not text, a head cut short, a second head) and garbage.
+headed = st.one_of(
+    st.builds(
+        lambda seq, epoch, inner: b"\xc1" + seq + b" " + epoch + b" " + inner,
+        st.sampled_from([b"1-0", b"7-0", b"0-0", b"-1-0", b"7-1", b"7", b"", b"9" * 30 + b"-0"])
+        | st.binary(max_size=24),
+        st.sampled_from([b"e", b"x" * 64, b"x" * 65, b"\xff\xfe"]) | st.binary(max_size=70),
+        inner_payloads | inner_payloads.map(lambda p: b"\xc1" + p),
+    ),
+    st.binary(max_size=40).map(lambda b: b"\xc1" + b),
+)
+payloads = st.one_of(inner_payloads, headed)
 
 
 # -- straight into hub.redis.wire --------------------------------------------------------------
 
 
 @fuzz(100)
-@given(payload=payloads, keyed=st.booleans(), name=st.sampled_from([b"hub:ch:x", b"hub:ctl"]))
+@given(
+    payload=payloads,
+    keyed=st.booleans(),
+    name=st.sampled_from([b"hub:ch:x", b"hub:ctl", b"hub:user:u"]),
+)
 def test_any_payload_opens_to_a_checked_map_or_a_bad_envelope(
     payload: bytes, keyed: bool, name: bytes
 ) -> None:
@@ -109,7 +126,13 @@ def test_any_payload_opens_to_a_checked_map_or_a_bad_envelope(
     try:
         envelope = opener.open(name, payload)
         assert type(envelope) is dict
-        if name == b"hub:ctl":
+        if "inbox" in envelope and name == b"hub:user:u":
+            mark = inbox_mark(envelope)
+            assert type(mark["epoch"]) is str and 0 < len(mark["epoch"]) <= 64
+            assert "seq" in mark or "read" in mark
+            if "seq" in mark:
+                assert type(mark["seq"]) is int and mark["seq"] > 0 and "data" in envelope
+        elif name == b"hub:ctl":
             kind, args = open_control(envelope)
             if kind == "disconnect":
                 user, code, reason = args

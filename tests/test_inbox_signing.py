@@ -161,7 +161,9 @@ def test_payload_of_a_signed_notify_is_the_signed_array_with_the_mark_beside_it(
     redis_server: RedisServer,
 ) -> None:
     """What other languages need to know (docs/publish-api.md "Signed payloads"): the script
-    leaves ``[envelope, mac]`` as it is and adds ``{"inbox": {...}}`` as a third element."""
+    leaves ``[envelope, mac]`` as it is and, for a notify with an id, adds ``{"inbox": {...}}``
+    as a third element; a plain notify's push is ``\\xc1<seq>-0 <epoch> `` then the signed
+    array, untouched."""
     r = redis_server.client()
     sub = r.pubsub()
     sub.subscribe("hub:user:u")
@@ -176,3 +178,17 @@ def test_payload_of_a_signed_notify_is_the_signed_array_with_the_mark_beside_it(
     assert extra == {"inbox": {"seq": done.seq, "epoch": done.epoch, "id": "x"}}
     stored = r.xrange(STREAM)[0][1][b"e"]
     assert stored == message["data"]
+
+    sub = r.pubsub()
+    sub.subscribe("hub:user:u")
+    assert sub.get_message(timeout=2)["type"] == "subscribe"
+    with Publisher(redis_server.url, signing_key=KEY) as signed:
+        plain = signed.notify("u", {"title": "plain"})
+    message = sub.get_message(timeout=2)
+    sub.close()
+    head = b"\xc1%d-0 %s " % (plain.seq, plain.epoch.encode())
+    assert message["data"].startswith(head)
+    envelope, mac = msgpack.unpackb(message["data"][len(head) :])
+    assert msgpack.unpackb(envelope) == {"data": {"title": "plain"}}
+    assert seal(KEY.encode(), b"hub:user:u", envelope) == msgpack.packb([envelope, mac])
+    assert r.xrange(STREAM)[1][1][b"e"] == message["data"]

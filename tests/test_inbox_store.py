@@ -32,6 +32,14 @@ def envelope(data: Any) -> bytes:
 
 
 def unpack(push: bytes) -> dict[str, Any]:
+    """A push as docs/inbox.md describes it: a plain notify's ``\\xc1<seq>-0 <epoch> `` then
+    the envelope, or a msgpack map with ``inbox`` (a notify with an id, the memory store)."""
+    if push[:1] == b"\xc1":
+        sid, epoch, envelope = push[1:].split(b" ", 2)
+        assert sid.endswith(b"-0"), push
+        fields = msgpack.unpackb(envelope, raw=False)
+        assert "inbox" not in fields, push
+        return {**fields, "inbox": {"seq": int(sid[:-2]), "epoch": epoch.decode()}}
     return msgpack.unpackb(push, raw=False)
 
 

@@ -79,6 +79,10 @@ _MAX_OFFSET = (1 << 63) - 1
 _MAC_SIZE = 32
 _SIGNED = 0x92  # fixarray of 2: [envelope, mac]
 _SIGNED_STORED = 0x93  # fixarray of 3: [envelope, mac, {"offset", "epoch"} or {"inbox"}]
+#: A plain notify's push: b"\xc1<seq>-0 <epoch> " then the envelope as the backend gave it
+#: (0xc1 is the one byte msgpack never uses, so no envelope starts with it). hub/inbox.lua
+#: writes it so because building the "inbox" map into the envelope costs Redis more.
+_HEADED = 0xC1
 
 #: msgpack as the hub reads it (the options live in ``hub.codec``).
 unpack = unpack_msgpack
@@ -195,9 +199,30 @@ class Envelopes:
         head = payload[0] if payload else -1
         if head == _SIGNED or head == _SIGNED_STORED:
             return self._open_signed(name, payload)
+        if head == _HEADED:
+            return self._open_headed(name, payload)
         if self.key is not None:
             raise BadSignature("not signed")
         return _map(payload)
+
+    def _open_headed(self, name: bytes, payload: bytes) -> dict[str, Any]:
+        """A plain notify's push (``_HEADED``): the envelope, opened as any other, with
+        ``inbox`` = ``{"seq", "epoch"}`` from the head (checked by ``inbox_mark``)."""
+        end = payload.find(b" ", 1, 24)
+        cut = payload.find(b" ", end + 1, end + 2 + MAX_EPOCH_LENGTH) if end > 0 else -1
+        sid = payload[1:end]
+        if cut < 0 or not sid.endswith(b"-0") or not sid[:-2].isdigit():
+            raise BadEnvelope("a notify's push is <0xc1><seq>-0 <epoch> <envelope>")
+        try:
+            epoch = payload[end + 1 : cut].decode()
+        except UnicodeDecodeError:
+            raise BadEnvelope("inbox.epoch must be a string") from None
+        inner = payload[cut + 1 :]
+        if inner[:1] == b"\xc1":
+            raise BadEnvelope("a notify's push holds one envelope")
+        envelope = self.open(name, inner)
+        envelope["inbox"] = {"seq": int(sid[:-2]), "epoch": epoch}
+        return envelope
 
     def _open_signed(self, name: bytes, payload: bytes) -> dict[str, Any]:
         try:
