@@ -2,7 +2,8 @@
 # System packages the test suite drives for real: redis-server (private Redis instances), nginx and
 # prometheus (the deploy end-to-end test), docker-compose (validates docker-compose.yml without an
 # engine), chromium (the browser tests), node with npm (hub.js under Node, tests/test_node.py, and
-# the docs' examples) and curl (the docs' examples, run as written).
+# the docs' examples), curl (the docs' examples, run as written) and valgrind (callgrind counts
+# Redis's instructions per notify in bench/inbox_redis.py, which a test runs).
 # Installs only what is missing, with apt-get (Debian).
 set -euo pipefail
 declare -A package=(
@@ -14,6 +15,8 @@ declare -A package=(
   [node]=nodejs
   [npm]=npm
   [curl]=curl
+  [valgrind]=valgrind
+  [callgrind_control]=valgrind
 )
 missing=()
 for cmd in "${!package[@]}"; do
