@@ -2,8 +2,9 @@
 
 Why this exists: on a shared 2-core VM the CPU a script costs Redis moves by 10-20% between
 runs of ``bench/inbox.py`` (four processes share the cores), so a change worth a few percent of
-a notify cannot be seen there. Instructions counted by callgrind do not move: the same script,
-arguments and Redis give the same count, whatever else the machine does. So each change to the
+a notify cannot be seen there. Instructions counted by callgrind hardly move: the same script,
+arguments and Redis give the same count to within about 1% (what varies is how many commands
+each read brings), whatever else the machine does. So each change to the
 script is measured here first, then in ``bench/inbox.py`` for what it does to the rates.
 
 A private ``redis-server`` runs under ``valgrind --tool=callgrind``; a redis-py pipeline sends
@@ -190,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table, right={1, 2}))
     if args.json:
         write_json(args.json, {"meta": meta, "results": results, "table": table})
-        print(f"wrote {args.json}")
     return 0
 
 

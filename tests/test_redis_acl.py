@@ -5,10 +5,12 @@ recovery, presence, join/leave, client publish), and nothing beyond the list is 
 from __future__ import annotations
 
 import shlex
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import pytest
 import redis
 from hubfix import ANY_CLIENT, client, running, secure_settings
@@ -120,5 +122,38 @@ def test_the_documented_acl_users_run_everything(redis_server: RedisServer) -> N
             await hub.node.presence.refresh()  # the periodic rewrite, now
             # Presence writes fail quietly (counted, retried): none may have failed here.
             assert hub.node.presence.write_errors == 0
+
+    run(main)
+
+
+def test_the_documented_acl_users_run_the_inbox(redis_server: RedisServer) -> None:
+    """Inboxes are on by default, so the documented users cover them too: a backend's notifies
+    (plain, with an id and a collapse key, with a ttl, with a fallback), a client's catch-up,
+    live push, ack and read through the hub, the hub's own notify and its fallback claim."""
+    hub_url, backend_url = apply_acl(redis_server)
+    with pytest.raises(redis.exceptions.NoPermissionError):  # still only the hub's keys
+        redis.Redis.from_url(backend_url).hset("{other:user:a}:inbox:meta", "seq", 1)
+
+    async def main() -> None:
+        settings = secure_settings("", redis_url=hub_url)
+        async with running(settings) as hub:
+            with Publisher(backend_url) as pub:
+                first = pub.notify("alice", {"n": 1})
+                pub.notify("alice", {"n": 2}, id="order-2", collapse_key="badge")
+                assert pub.notify("alice", {"n": 2}, id="order-2").duplicate
+                pub.notify("alice", {"n": 3}, ttl=3600, fallback_after=0.01)
+            token = mint_token("alice", settings.token_secret)
+            async with client(hub, token=token) as alice:
+                reply = await alice.call("inbox")
+                assert reply["result"]["seq"] == 3 and reply["result"]["epoch"] == first.epoch
+                caught_up = [(await alice.push())["data"] for _ in range(3)]
+                assert caught_up == [{"n": 1}, {"n": 2}, {"n": 3}]
+                await hub.node.inbox.store.notify("alice", msgpack.packb({"data": {"n": 4}}))
+                assert (await alice.push())["data"] == {"n": 4}
+                assert (await alice.call("ack", seq=2))["result"] == {"acked": 2}
+                assert (await alice.call("read", seq=3))["result"] == {"read": 3}
+                assert (await alice.push())["inbox"]["read"] == 3
+            due = await hub.node.inbox.store.claim_due(time.time() + 60)
+            assert [(d.user, d.seq) for d in due] == [("alice", 3)], due
 
     run(main)
