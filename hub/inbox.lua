@@ -54,9 +54,13 @@ local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
 -- meta "due": no entry at the head of the stream dies (its own ttl, or older than the inbox
 -- TTL) before this ms, so until then the head is not looked at. meta "renewed": when a notify
 -- last set the stream's and meta's TTL (to inbox_ttl + slack); an ack or a read clears it.
+-- meta "next": the earlier of due and renewed + slack, so never past now + slack when it is
+-- true; an ack or a read clears it too. Before it, a notify reads neither due nor renewed
+-- (each field read costs about as much as a small command).
 local slack = math.floor(inbox_ttl / 64)
-local got = redis.call('HMGET', meta, 'epoch', 'due', 'renewed')
-local epoch, due, renewed = got[1], tonumber(got[2]) or 0, tonumber(got[3])
+local got = redis.call('HMGET', meta, 'epoch', 'next')
+local epoch, next_at = got[1], tonumber(got[2])
+local due, renewed = 0, nil
 if not epoch then
   -- A new (or lost) inbox: a new epoch, and nothing left over from an old one. The epoch
   -- goes into pushes between spaces: letters, digits, '-' and '_' only.
@@ -64,8 +68,7 @@ if not epoch then
   if #epoch > 64 or not string.find(epoch, '^[%w_%-]+$') then
     return redis.error_reply('ERR the epoch candidate must be 1 to 64 letters, digits, - or _')
   end
-  due = now + inbox_ttl
-  renewed = nil
+  due, next_at = now + inbox_ttl, nil
   if KEYS[5] then
     redis.call('DEL', stream, KEYS[3], KEYS[4], KEYS[5])
     redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'read', 0, 'acked', 0, 'due', due)
@@ -168,61 +171,79 @@ if id ~= '' then
   redis.call('PEXPIRE', idt, inbox_ttl)
 end
 
--- The oldest entries: dropped once older than the inbox TTL or past their own ttl (at most 64
--- per call; the next calls go on), looked at when "due" has come. Expired entries further on
--- are skipped by readers.
+-- The slow path, when "next" has come (or is missing, or not true): the oldest entries are
+-- dropped once older than the inbox TTL or past their own ttl (at most 64 per call; the next
+-- calls go on), looked at when "due" has come; expired entries further on are skipped by
+-- readers. And the renew (below).
 local expired = 0
-if due <= now then
-  local oldest = now - inbox_ttl
-  local function times(row)
-    local f, t, x = row[2], 0, 0
-    for i = 1, #f, 2 do
-      if f[i] == 't' then
-        t = tonumber(f[i + 1])
-      elseif f[i] == 'x' then
-        x = tonumber(f[i + 1])
+local slow = not next_at or next_at <= now or next_at > now + slack
+if slow then
+  if got[1] then
+    local more = redis.call('HMGET', meta, 'due', 'renewed')
+    due, renewed = tonumber(more[1]) or 0, tonumber(more[2])
+  end
+  if due <= now then
+    local oldest = now - inbox_ttl
+    local function times(row)
+      local f, t, x = row[2], 0, 0
+      for i = 1, #f, 2 do
+        if f[i] == 't' then
+          t = tonumber(f[i + 1])
+        elseif f[i] == 'x' then
+          x = tonumber(f[i + 1])
+        end
       end
+      return t, x
     end
-    return t, x
-  end
-  local rows = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-  local t, x = times(rows[1])
-  if (x ~= 0 and x <= now) or t < oldest then
-    rows = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
-  end
-  local drop = {}
-  due = now  -- all 64 dropped: the next call goes on
-  for _, row in ipairs(rows) do
-    t, x = times(row)
-    if x ~= 0 and x <= now then
-      expired = expired + 1
-    elseif t >= oldest then
-      due = t + inbox_ttl
-      if x ~= 0 and x < due then
-        due = x
+    local rows = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+    local t, x = times(rows[1])
+    if (x ~= 0 and x <= now) or t < oldest then
+      rows = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
+    end
+    local drop = {}
+    due = now  -- all 64 dropped: the next call goes on
+    for _, row in ipairs(rows) do
+      t, x = times(row)
+      if x ~= 0 and x <= now then
+        expired = expired + 1
+      elseif t >= oldest then
+        due = t + inbox_ttl
+        if x ~= 0 and x < due then
+          due = x
+        end
+        break
       end
-      break
+      drop[#drop + 1] = row[1]
     end
-    drop[#drop + 1] = row[1]
+    if #drop > 0 then
+      redis.call('XDEL', stream, unpack(drop))
+    end
+  elseif expires ~= 0 and expires < due then
+    due = expires
   end
-  if #drop > 0 then
-    redis.call('XDEL', stream, unpack(drop))
+  -- renew: the stream and meta live at least inbox_ttl past this notify. Setting their TTL on
+  -- every notify costs two calls; set to inbox_ttl + slack, it needs renewing only once slack
+  -- has gone by, so the inbox expires between inbox_ttl and inbox_ttl + slack after the last
+  -- notify. An ack or a read sets it to inbox_ttl and clears "renewed" and "next", so the next
+  -- notify renews.
+  if not renewed or renewed + slack <= now or renewed > now then
+    redis.call('PEXPIRE', stream, inbox_ttl + slack)
+    redis.call('PEXPIRE', meta, inbox_ttl + slack)
+    renewed = now
   end
-  redis.call('HSET', meta, 'due', due)
-elseif expires ~= 0 and expires < due then
-  redis.call('HSET', meta, 'due', expires)
+  redis.call('HSET', meta, 'due', due, 'renewed', renewed, 'next',
+    math.min(due, renewed + slack))
+elseif expires ~= 0 then
+  -- An entry that dies before "next" moves "due" and "next" to when it does (due is not
+  -- earlier: next is the earlier of the two); one that dies later may still move "due".
+  if expires < next_at then
+    redis.call('HSET', meta, 'due', expires, 'next', expires)
+  elseif expires < (tonumber(redis.call('HGET', meta, 'due')) or 0) then
+    redis.call('HSET', meta, 'due', expires)
+  end
 end
 local length = math.min(redis.call('XLEN', stream), size)
 
--- renew: the stream and meta live at least inbox_ttl past this notify. Setting their TTL on
--- every notify costs two calls; set to inbox_ttl + slack, it needs renewing only once slack
--- has gone by, so the inbox expires between inbox_ttl and inbox_ttl + slack after the last
--- notify. An ack or a read sets it to inbox_ttl and clears "renewed", so the next notify renews.
-if not renewed or renewed + slack <= now or renewed > now then
-  redis.call('PEXPIRE', stream, inbox_ttl + slack)
-  redis.call('PEXPIRE', meta, inbox_ttl + slack)
-  redis.call('HSET', meta, 'renewed', now)
-end
 local channel, receivers = string.sub(stream, 2, -8), nil
 if ARGV[5] == '1' then
   receivers = redis.call('SPUBLISH', channel, env)

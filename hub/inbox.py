@@ -499,7 +499,7 @@ end
 for _, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ARGV[4])
 end
-redis.call('HDEL', KEYS[2], 'renewed')  -- the next notify sets the TTL again (inbox.lua)
+redis.call('HDEL', KEYS[2], 'renewed', 'next')  -- the next notify sets the TTL again (inbox.lua)
 return cursor
 """
 
@@ -531,7 +531,7 @@ end
 for _, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ARGV[4])
 end
-redis.call('HDEL', KEYS[2], 'renewed')  -- the next notify sets the TTL again (inbox.lua)
+redis.call('HDEL', KEYS[2], 'renewed', 'next')  -- the next notify sets the TTL again (inbox.lua)
 return {read, epoch, moved}
 """
 

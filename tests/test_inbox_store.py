@@ -369,9 +369,9 @@ def test_the_inbox_ttl_is_renewed_once_per_slack_and_never_cut_short(
 
 
 def test_a_forged_renewed_mark_cannot_hold_off_the_ttl(redis_server: RedisServer) -> None:
-    """Meta ``renewed`` is read back by every notify: garbage, a time in the future or a
-    negative one (someone else writing the hash) makes the notify renew the TTL, never skip it,
-    and the notify still stores and pushes."""
+    """Meta ``next`` is read back by every notify, and ``renewed`` when next has come: garbage,
+    a time in the future or a negative one in them (someone else writing the hash) makes the
+    notify renew the TTL, never skip it, and the notify still stores and pushes."""
     ttl_ms, slack_ms = 6400, 100
 
     async def main() -> None:
@@ -381,7 +381,7 @@ def test_a_forged_renewed_mark_cannot_hold_off_the_ttl(redis_server: RedisServer
             stream, meta = "{hub:user:alice}:inbox", "{hub:user:alice}:inbox:meta"
             await inbox.notify("alice", envelope(0))
             for n, forged in enumerate((b"garbage", b"", b"1e300", b"-5", b"99999999999999"), 1):
-                r.hset(meta, "renewed", forged)
+                r.hset(meta, mapping={"next": forged, "renewed": forged})
                 r.pexpire(stream, 1000)
                 r.pexpire(meta, 1000)
                 done = await inbox.notify("alice", envelope(n))
@@ -390,6 +390,54 @@ def test_a_forged_renewed_mark_cannot_hold_off_the_ttl(redis_server: RedisServer
             page = await inbox.read("alice", since=0)
             assert [unpack(e)["data"] for e in page.entries] == list(range(6))
             assert len(await store.pushed(6)) == 6
+
+    run(main)
+
+
+def test_meta_next_holds_off_the_slow_path_but_not_an_earlier_expiry(
+    redis_server: RedisServer,
+) -> None:
+    """A notify reads meta ``due`` and ``renewed`` only once ``next`` has come (the earlier of
+    the two deadlines, never past now + 1/64 of the inbox TTL). An entry whose ttl ends before
+    ``next`` brings both ``due`` and ``next`` forward to its end; one ending after ``next`` but
+    before ``due`` brings ``due`` forward only; and the notify after ``next`` renews."""
+    ttl_ms, slack_ms = 64_000, 1000
+
+    async def main() -> None:
+        async with redis_store(redis_server.url, 10, ttl_ms / 1000) as store:
+            inbox, r = store.inbox, store.redis
+            assert r is not None
+            stream, meta = "{hub:user:alice}:inbox", "{hub:user:alice}:inbox:meta"
+
+            def fields() -> dict[str, int]:
+                got = r.hmget(meta, "due", "renewed", "next")
+                return dict(zip(("due", "renewed", "next"), map(int, got), strict=True))
+
+            def expiry(index: int) -> int:
+                return int(r.xrange(stream)[index][1][b"x"])
+
+            await inbox.notify("alice", envelope("plain"))
+            start = fields()
+            assert start["next"] == start["renewed"] + slack_ms
+            assert start["due"] > start["next"]
+            await inbox.notify("alice", envelope("later"), ttl=2)  # after next, before due
+            later = fields()
+            assert later["due"] == expiry(1) and later["next"] == start["next"]
+            await inbox.notify("alice", envelope("soon"), ttl=0.01)  # before next
+            soon = fields()
+            assert soon["due"] == soon["next"] == expiry(2) < start["next"]
+            await asyncio.sleep(0.05)
+            await inbox.notify("alice", envelope("after"))  # next has come: the head looked at
+            after = fields()
+            assert after["renewed"] == start["renewed"]  # within the slack: not renewed
+            assert after["due"] == int(r.xrange(stream)[0][1][b"t"]) + ttl_ms  # the head lives
+            assert after["next"] == after["renewed"] + slack_ms
+            await asyncio.sleep((after["next"] - int(time.time() * 1000) + 20) / 1000)
+            r.pexpire(stream, 5000)
+            await inbox.notify("alice", envelope("renewed"))  # the slack has gone by
+            last = fields()
+            assert last["renewed"] > start["renewed"] and r.pttl(stream) > ttl_ms
+            assert last["next"] == min(last["due"], last["renewed"] + slack_ms)
 
     run(main)
 
