@@ -652,10 +652,12 @@ class NotifyCommands:
     the user (keys) is packed once per user and kept, what depends only on the inbox settings
     once. The common notify (no id, no collapse key, no ttl) is 2 keys and 5 arguments."""
 
-    __slots__ = ("_tail", "_users", "inbox_ttl", "sharded", "size")
+    __slots__ = ("_flag", "_mid", "_tail", "_users", "inbox_ttl", "sharded", "size")
 
     LIMIT = 10_000  # users remembered; the cache starts over beyond that
     _HEAD = b"$7\r\nEVALSHA\r\n$40\r\n" + NOTIFY_SCRIPT.sha_bytes + b"\r\n"
+    #: A plain notify up to its keys: 10 parts, 2 keys.
+    _PLAIN = b"*10\r\n" + _HEAD + b"$1\r\n2\r\n"
     _KEYS = b"$%d\r\n{%b}:inbox\r\n$%d\r\n{%b}:inbox:meta\r\n"
     _MORE = b"".join(b"$%%d\r\n{%%b}:inbox:%s\r\n" % p for p in (b"ids", b"idt", b"keys"))
 
@@ -664,14 +666,18 @@ class NotifyCommands:
         self._users: dict[bytes, bytes] = {}
         parts = (b"%d" % size, b"%d" % _ms(inbox_ttl))
         self._tail = b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in parts)
+        self._flag = b"$1\r\n1\r\n" if sharded else b"$1\r\n0\r\n"
+        # What follows the envelope: the end of its bulk, size, ttl and the epoch's length;
+        # then the epoch and what follows it.
+        self._mid = b"\r\n" + self._tail + b"$8\r\n"
 
     def _user(self, name: bytes) -> bytes:
         if len(self._users) >= self.LIMIT:
             self._users.clear()
         n = len(name) + 8  # "{" name "}:inbox"
-        keys = self._KEYS % (n, name, n + 5, name)
-        self._users[name] = keys
-        return keys
+        head = self._PLAIN + self._KEYS % (n, name, n + 5, name)
+        self._users[name] = head
+        return head
 
     def packed(
         self,
@@ -682,15 +688,14 @@ class NotifyCommands:
         ttl: float | None = None,
     ) -> tuple[bytes, bytes]:
         """The packed command for user channel ``name`` and its epoch candidate."""
-        keys = self._users.get(name) or self._user(name)
+        head = self._users.get(name) or self._user(name)
         epoch = _epochs.next()
-        flag = b"$1\r\n1\r\n" if self.sharded else b"$1\r\n0\r\n"
         if id is None and collapse_key is None and ttl is None:
-            return (
-                b"*10\r\n%b$1\r\n2\r\n%b$%d\r\n%b\r\n%b$8\r\n%b\r\n%b"
-                % (self._HEAD, keys, len(envelope), envelope, self._tail, epoch, flag),
-                epoch,
-            )
+            command = b"%b$%d\r\n%b%b%b\r\n%b" % (
+                head, len(envelope), envelope, self._mid, epoch, self._flag
+            )  # fmt: skip
+            return command, epoch
+        keys = head[len(self._PLAIN) :]
         ident = id.encode() if id else b""
         ckey = collapse_key.encode() if collapse_key else b""
         life = b"%d" % _ms(ttl) if ttl else b"0"
@@ -702,9 +707,9 @@ class NotifyCommands:
         else:
             count = b"*13\r\n%b$1\r\n2\r\n" % self._HEAD
         command = (
-            b"%b%b$%d\r\n%b\r\n%b$8\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+            b"%b%b$%d\r\n%b%b%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
         ) % (
-            count, keys, len(envelope), envelope, self._tail, epoch, flag,
+            count, keys, len(envelope), envelope, self._mid, epoch, self._flag,
             len(ident), ident, len(ckey), ckey, len(life), life,
         )  # fmt: skip
         return command, epoch

@@ -609,6 +609,31 @@ def test_the_script_takes_two_keys_and_five_arguments_unless_the_notify_names_mo
         r.close()
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"id": "n-1"}, {"collapse_key": "badge"}, {"ttl": 2.5}, {"id": "é", "collapse_key": "k"}],
+)
+def test_the_hand_packed_notify_is_the_documented_call_byte_for_byte(
+    fields: dict[str, Any], sharded: bool
+) -> None:
+    """``NotifyCommands`` packs a notify's ``EVALSHA`` by hand (a hot path); it must be what the
+    general packer makes of ``notify_args`` (the documented keys and arguments), for every kind
+    of notify and for a cluster, with the user cache cold and warm."""
+    from hub.inbox import NOTIFY_SCRIPT, NotifyCommands, notify_args
+    from hub.redis.resp import pack_command
+    from hub.redis.wire import Names
+
+    commands = NotifyCommands(1000, 3600.0, sharded)
+    for _ in range(2):
+        packed, epoch = commands.packed(b"hub:user:carol", ENVELOPE, **fields)
+        args = notify_args(
+            Names("hub"), "carol", ENVELOPE, size=1000, inbox_ttl=3600.0, sharded=sharded,
+            epoch=epoch, **fields,
+        )  # fmt: skip
+        assert packed == pack_command(b"EVALSHA", NOTIFY_SCRIPT.sha_bytes, *args)
+
+
 def test_ids_of_a_lost_epoch_are_swept_by_the_first_notify_that_names_one(
     redis_server: RedisServer,
 ) -> None:
