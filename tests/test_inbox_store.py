@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 pytest_plugins = ["redisfix"]
 
 ENVELOPE = msgpack.packb({"data": {"unread": 1}})
+#: Alice's inbox stream and meta keys, which the Redis-only tests look into.
+STREAM, META = "{hub:user:alice}:inbox", "{hub:user:alice}:inbox:meta"
 
 
 def envelope(data: Any) -> bytes:
@@ -339,9 +341,8 @@ def test_the_inbox_ttl_is_renewed_once_per_slack_and_never_cut_short(
 
     async def main() -> None:
         async with redis_store(redis_server.url, 10, ttl_ms / 1000) as store:
-            inbox, r = store.inbox, store.redis
+            inbox, r, stream, meta = store.inbox, store.redis, STREAM, META
             assert r is not None
-            stream, meta = "{hub:user:alice}:inbox", "{hub:user:alice}:inbox:meta"
 
             def ttls() -> list[int]:
                 return [r.pttl(stream), r.pttl(meta)]
@@ -376,9 +377,8 @@ def test_a_forged_renewed_mark_cannot_hold_off_the_ttl(redis_server: RedisServer
 
     async def main() -> None:
         async with redis_store(redis_server.url, 10, ttl_ms / 1000) as store:
-            inbox, r = store.inbox, store.redis
+            inbox, r, stream, meta = store.inbox, store.redis, STREAM, META
             assert r is not None
-            stream, meta = "{hub:user:alice}:inbox", "{hub:user:alice}:inbox:meta"
             await inbox.notify("alice", envelope(0))
             for n, forged in enumerate((b"garbage", b"", b"1e300", b"-5", b"99999999999999"), 1):
                 r.hset(meta, mapping={"next": forged, "renewed": forged})
@@ -405,9 +405,8 @@ def test_meta_next_holds_off_the_slow_path_but_not_an_earlier_expiry(
 
     async def main() -> None:
         async with redis_store(redis_server.url, 10, ttl_ms / 1000) as store:
-            inbox, r = store.inbox, store.redis
+            inbox, r, stream, meta = store.inbox, store.redis, STREAM, META
             assert r is not None
-            stream, meta = "{hub:user:alice}:inbox", "{hub:user:alice}:inbox:meta"
 
             def fields() -> dict[str, int]:
                 got = r.hmget(meta, "due", "renewed", "next")
