@@ -723,6 +723,13 @@ def format_table(table: Sequence[tuple[str, ...]], right: Collection[int]) -> st
     return "\n".join(lines)
 
 
+def free_port() -> int:
+    """A port the kernel just handed out; a fresh one per server keeps TIME_WAIT tuples apart."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
 def git_rev() -> str:
     """Which hub was measured: the commit, and whether the tree had local changes."""
     try:

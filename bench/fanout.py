@@ -71,6 +71,7 @@ from benchlib import (
     commands,
     cpu_info,
     emit,
+    free_port,
     git_rev,
     machine_busy_s,
     proc_cpu_s,
@@ -105,12 +106,6 @@ def push_data(seq: int, size: int) -> Json:
     data: Json = {"seq": seq, "ts": time.time(), "pad": ""}
     data["pad"] = "x" * max(0, size - len(_dumps({"channel": CHANNEL, "data": data})))
     return data
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------------------------

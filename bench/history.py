@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from benchlib import (
     cpu_info,
     fmt_num,
     format_table,
+    free_port,
     git_rev,
     run_timed,
     write_json,
@@ -73,12 +73,6 @@ history_ttl = {HISTORY_TTL}
 PLAIN, HIST = "bench:plain", "hist:feed"
 MISSED = 100
 TARGET_RATIO = 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def ws_url(port: int, user: str) -> str:

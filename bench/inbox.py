@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -58,6 +57,7 @@ from benchlib import (
     cpu_info,
     fmt_num,
     format_table,
+    free_port,
     git_rev,
     proc_cpu_s,
     run_timed,
@@ -73,12 +73,6 @@ PAYLOAD = {"title": "New message", "from": "alice", "unread": 3}
 HUB_TOML = "outbound_buffer = 268435456\n"
 #: Where the CPU of a call goes, each process's user + sys over the round, per call.
 CPU_PARTS = ("backend", "redis", "hub", "client")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 async def ws_connect(port: int, user: str) -> Any:

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,17 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib.py sits nex
 
 import msgpack
 import redis
-from benchlib import HOST, REPO, BenchError, command_line, cpu_info, format_table, write_json
+from benchlib import (
+    HOST,
+    REPO,
+    BenchError,
+    command_line,
+    cpu_info,
+    format_table,
+    free_port,
+    write_json,
+)
 
 Json = dict[str, Any]
 PAYLOAD = {"title": "New message", "from": "alice", "unread": 3}
 USER = "alice"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -46,17 +46,14 @@ from websockets.asyncio.client import connect
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # benchlib.py sits next to this file
+
+from benchlib import free_port  # noqa: E402
 
 from hub.tokens import mint_token  # noqa: E402
 
 SECRET = "bench-token-secret-0123456789abcdef0123456789"
 PROXY_SECRET = "bench-proxy-secret-0123456789abcdef0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the backend (its own process: `python bench/proxy.py _backend PORT`) ----------------------

@@ -58,6 +58,7 @@ from benchlib import (
     cpu_info,
     emit,
     format_table,
+    free_port,
     git_rev,
     machine_busy_s,
     proc_cpu_s,
@@ -743,12 +744,6 @@ class Run:
             publisher = Publisher(client=client)
             return publisher.broadcast, client.close
         return lambda data: client.publish(ALL_CHANNEL, json.dumps({"data": data})), client.close
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:

@@ -65,6 +65,7 @@ from benchlib import (  # the shared client, process and report pieces
     emit,
     fmt_num,
     format_table,
+    free_port,
     git_rev,
     machine_busy_s,
     mask_frame,
@@ -226,13 +227,6 @@ def floor_broadcast(connections: Iterable[FloorConn], message: str) -> None:
     for conn in connections:
         if conn.transport is not None and not conn.closed.done():
             conn.transport.write(frame)
-
-
-def free_port() -> int:
-    """A port the kernel just handed out; a fresh one per server keeps TIME_WAIT tuples apart."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 async def server_main(impl: str, compression: str, messages: int) -> None:
