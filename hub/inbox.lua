@@ -60,24 +60,24 @@ local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
 local slack = math.floor(inbox_ttl / 64)
 local got = redis.call('HMGET', meta, 'epoch', 'next')
 local epoch, next_at = got[1], tonumber(got[2])
-local due, renewed = 0, nil
-if not epoch then
+local due, renewed, fresh = 0, nil, not epoch
+if fresh then
   -- A new (or lost) inbox: a new epoch, and nothing left over from an old one. The epoch
   -- goes into pushes between spaces: letters, digits, '-' and '_' only.
   epoch = ARGV[4]
   if #epoch > 64 or not string.find(epoch, '^[%w_%-]+$') then
     return redis.error_reply('ERR the epoch candidate must be 1 to 64 letters, digits, - or _')
   end
+  -- due, renewed and next are written by the slow path below, which a fresh inbox takes.
   due, next_at = now + inbox_ttl, nil
   if KEYS[5] then
     redis.call('DEL', stream, KEYS[3], KEYS[4], KEYS[5])
-    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'read', 0, 'acked', 0, 'due', due)
+    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'read', 0, 'acked', 0)
   else
     -- Ids and collapse keys of a lost epoch (its meta evicted, say) may be left: "sweep"
     -- has the first notify that names one delete them before it looks.
     redis.call('DEL', stream)
-    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'read', 0, 'acked', 0, 'due', due,
-      'sweep', 1)
+    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'read', 0, 'acked', 0, 'sweep', 1)
   end
 elseif KEYS[5] and (id ~= '' or ckey ~= '') and redis.call('HDEL', meta, 'sweep') == 1 then
   redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
@@ -178,7 +178,7 @@ end
 local expired = 0
 local slow = not next_at or next_at <= now or next_at > now + slack
 if slow then
-  if got[1] then
+  if not fresh then
     local more = redis.call('HMGET', meta, 'due', 'renewed')
     due, renewed = tonumber(more[1]) or 0, tonumber(more[2])
   end

@@ -656,8 +656,11 @@ class NotifyCommands:
 
     LIMIT = 10_000  # users remembered; the cache starts over beyond that
     _HEAD = b"$7\r\nEVALSHA\r\n$40\r\n" + NOTIFY_SCRIPT.sha_bytes + b"\r\n"
-    #: A plain notify up to its keys: 10 parts, 2 keys.
+    #: A notify up to its keys: plain (10 parts, 2 keys), with a ttl (13 parts, 2 keys), with
+    #: an id or a collapse key (16 parts, 5 keys).
     _PLAIN = b"*10\r\n" + _HEAD + b"$1\r\n2\r\n"
+    _TWO_KEYS = b"*13\r\n" + _HEAD + b"$1\r\n2\r\n"
+    _FIVE_KEYS = b"*16\r\n" + _HEAD + b"$1\r\n5\r\n"
     _KEYS = b"$%d\r\n{%b}:inbox\r\n$%d\r\n{%b}:inbox:meta\r\n"
     _MORE = b"".join(b"$%%d\r\n{%%b}:inbox:%s\r\n" % p for p in (b"ids", b"idt", b"keys"))
 
@@ -701,11 +704,11 @@ class NotifyCommands:
         life = b"%d" % _ms(ttl) if ttl else b"0"
         if ident or ckey:
             n = len(name) + 8
-            count, keys = b"*16\r\n%b$1\r\n5\r\n" % self._HEAD, keys + self._MORE % (
+            count, keys = self._FIVE_KEYS, keys + self._MORE % (
                 n + 4, name, n + 4, name, n + 5, name
             )  # fmt: skip
         else:
-            count = b"*13\r\n%b$1\r\n2\r\n" % self._HEAD
+            count = self._TWO_KEYS
         command = (
             b"%b%b$%d\r\n%b%b%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
         ) % (
@@ -735,9 +738,8 @@ async def run_notify(
         envelope = seal(signing_key, raw, envelope)
     command, epoch = commands.packed(raw, envelope, id, collapse_key, ttl)
     # Routed by the channel name: the keys' hash tag, so the same slot as every inbox key.
-    key = name
     try:
-        reply = await router.execute_packed(key, command)
+        reply = await router.execute_packed(name, command)
     except NoScriptError:
         args = notify_args(
             names,
@@ -752,7 +754,7 @@ async def run_notify(
             epoch=epoch,
         )
         reply = await router.execute_packed(
-            key, pack_command(b"EVAL", NOTIFY_SCRIPT.text_bytes, *args)
+            name, pack_command(b"EVAL", NOTIFY_SCRIPT.text_bytes, *args)
         )
     return notified(reply)
 
