@@ -12,6 +12,8 @@ A private ``redis-server`` runs under ``valgrind --tool=callgrind``; a redis-py 
 would be), after ``--warm`` of the same kind, with the counters zeroed in between
 (``callgrind_control``). Each row is the server's instructions per command: everything Redis
 does for it (reading, the Lua run, the stream, the publish to the subscriber, the reply).
+The last row is a plain notify in the script's batch form, ``NOTIFY_BATCH`` of them in one
+call (what concurrent notifies become, ``hub.inbox.NotifyQueue``), per notify.
 
     .venv/bin/python bench/inbox_redis.py            # ~20 s
     .venv/bin/python bench/inbox_redis.py --json out.json
@@ -118,6 +120,22 @@ def run(client: redis.Redis, command: list[Any], n: int) -> None:
             raise BenchError(f"{command[0]} failed: {reply}")
 
 
+def batched(names: Any, envelope: bytes, n: int) -> list[Any]:
+    """``EVALSHA`` of the batch form with ``n`` plain notifies to the user, laid out as
+    docs/inbox.md says (each notify's keys, then ``many``, the shared arguments, the layout
+    and each notify's envelope and epoch candidate)."""
+    from hub.inbox import NOTIFY_SCRIPT, notify_args
+
+    keys: list[Any] = []
+    args: list[Any] = []
+    for i in range(n):
+        one = notify_args(names, USER, envelope, epoch=b"e%07d" % i)
+        count, (env, size, ttl, candidate, flag) = one[0], one[1 + one[0] :]
+        keys += one[1 : 1 + count]
+        args += [env, candidate]
+    return ["EVALSHA", NOTIFY_SCRIPT.sha, len(keys), *keys, "many", size, ttl, flag, "p" * n, *args]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="inbox_redis.py", description="Redis instructions per notify (callgrind)."
@@ -134,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--tree: no hub/inbox.lua under {tree}")
     sys.path.insert(0, str(tree))
     import hub
+    import hub.inbox
     from hub.inbox import NOTIFY_SCRIPT, notify_args
     from hub.redis.wire import Names
+
+    batch_size = getattr(hub.inbox, "NOTIFY_BATCH", 0)  # none in trees before the batch form
 
     rev = subprocess.run(
         ["git", "-C", str(tree), "describe", "--always", "--dirty"],
@@ -174,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 "notify with a ttl": notify(ttl=3600),
                 "notify with a collapse key": notify(collapse_key="badge"),
             }  # fmt: skip
+            batch = batched(names, envelope, batch_size) if batch_size else None
             listener = client.pubsub()  # a subscriber on the user's channel, as a hub is
             listener.subscribe(channel)
             try:
@@ -184,6 +206,15 @@ def main(argv: list[str] | None = None) -> int:
                     subprocess.run(zero, capture_output=True, check=True)
                     run(client, command, args.calls)
                     results[label] = round(counted(proc, out) / args.calls)
+                if batch is not None:  # what hub.inbox.NotifyQueue sends for concurrent ones
+                    label = f"notify, plain, {batch_size} in one call (batch form), each"
+                    print(f"  .. {label}", flush=True)
+                    calls = max(1, args.calls // batch_size)
+                    run(client, batch, max(1, args.warm // batch_size))
+                    zero = ["callgrind_control", "-z", str(proc.pid)]
+                    subprocess.run(zero, capture_output=True, check=True)
+                    run(client, batch, calls)
+                    results[label] = round(counted(proc, out) / (calls * batch_size))
             finally:
                 listener.close()
     publish = results["PUBLISH of the envelope (a plain per-user send)"]

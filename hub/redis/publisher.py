@@ -38,11 +38,11 @@ from ..inbox import (
     NOTIFY_SCRIPT,
     Notified,
     NotifyCommands,
+    NotifyQueue,
     check_notify,
     fallback_entry,
     notified,
     publisher_notify_args,
-    run_notify,
 )
 from ..rules import user_problem
 from .cluster import Router, SlotMap, is_cluster_url, parse_cluster_url
@@ -422,7 +422,7 @@ class AsyncPublisher(_Publishing):
         else:
             raise ValueError("give a redis url or a client")
         self._commands = PublishCommands()
-        self._notify_commands: dict[tuple[int, float, bool], NotifyCommands] = {}
+        self._notify_queues: dict[tuple[int, float, bool], NotifyQueue] = {}
 
     async def _publish(self, name: str, payload: bytes) -> int:
         """PUBLISH (SPUBLISH) ``payload``, signed first when there is a key."""
@@ -513,24 +513,24 @@ class AsyncPublisher(_Publishing):
         inbox_size: int = INBOX_SIZE,
         inbox_ttl: float = INBOX_TTL,
     ) -> Notified:
-        """See :meth:`Publisher.notify`; notifies made concurrently share round trips, and
-        those of one task to one user arrive in order."""
+        """See :meth:`Publisher.notify`; notifies made concurrently share script calls
+        (:class:`hub.inbox.NotifyQueue`), and those of one task to one user arrive in order."""
         sharded = self._router.sharded
         settings = (inbox_size, inbox_ttl, sharded)
-        commands = self._notify_commands.get(settings)
-        if commands is None:  # settings not seen yet: checked, then kept
+        queue = self._notify_queues.get(settings)
+        if queue is None:  # settings not seen yet: checked, then kept
             check_notify(user, id, collapse_key, ttl, fallback_after, inbox_size, inbox_ttl)
-            if len(self._notify_commands) >= 64:
-                self._notify_commands.clear()
-            commands = self._notify_commands[settings] = NotifyCommands(*settings)
+            if len(self._notify_queues) >= 64:
+                self._notify_queues.clear()
+            commands = NotifyCommands(*settings)
+            queue = NotifyQueue(self._router, self.names, commands, self._key)
+            self._notify_queues[settings] = queue
         elif user_problem(user) is not None or not (
             id is None and collapse_key is None and ttl is None and fallback_after is None
         ):
             check_notify(user, id, collapse_key, ttl, fallback_after, inbox_size, inbox_ttl)
         envelope = pack_message(data)
-        done = await run_notify(
-            self._router, self.names, commands, self._key, user, envelope, id, collapse_key, ttl
-        )
+        done = await queue.notify(user, envelope, id, collapse_key, ttl)
         if fallback_after and not done.duplicate:
             key, member, score = fallback_entry(
                 self.names, user, done.seq, time.time() + fallback_after
