@@ -51,9 +51,16 @@
 -- whose keys and arguments are not what its layout names is refused before any of it runs.
 -- The call itself (EVALSHA, TIME, the shared arguments) costs Redis once: about a fifth of a
 -- plain notify shared by the batch.
-local function notify(stream, meta, ids, idt, ckeys, env, size_arg, ttl_arg, candidate, flag,
-                      id, ckey, life, now)
-  local size, inbox_ttl = tonumber(size_arg), tonumber(ttl_arg)
+--
+-- Redis formats a Lua number passed to redis.call as a double (snprintf "%.17g", about 3k
+-- instructions: 3% of a notify), so the arguments of the common path are strings: the size
+-- as it came, "1", and the time as "stamp".
+--
+-- What every notify of a call shares, set once per call (below the function): the inbox size
+-- (as it came, and as a number), the inbox TTL, 1/64 of it (slack), the SPUBLISH flag, and the
+-- time in ms (as a number, and as a string: stamp).
+local size_arg, size, inbox_ttl, slack, flag, now, stamp
+local function notify(stream, meta, ids, idt, ckeys, env, candidate, id, ckey, life)
   -- What is wrong with the call is refused before anything is written.
   local head = string.byte(env, 1) or 0
   if head ~= 0x92 and head ~= 0xde and (head < 0x80 or head > 0x8f) then
@@ -69,7 +76,6 @@ local function notify(stream, meta, ids, idt, ckeys, env, size_arg, ttl_arg, can
   -- meta "next": the earlier of due and renewed + slack, so never past now + slack when it is
   -- true; an ack or a read clears it too. Before it, a notify reads neither due nor renewed
   -- (each field read costs about as much as a small command).
-  local slack = math.floor(inbox_ttl / 64)
   local got = redis.call('HMGET', meta, 'epoch', 'next')
   local epoch, next_at = got[1], tonumber(got[2])
   local due, renewed, fresh = 0, nil, not epoch
@@ -101,7 +107,7 @@ local function notify(stream, meta, ids, idt, ckeys, env, size_arg, ttl_arg, can
     end
   end
 
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  local seq = redis.call('HINCRBY', meta, 'seq', '1')
   local sid = string.format('%d-0', seq)
 
   -- The push, stored as it is pushed. A plain notify's is "\193<seq>-0 <epoch> " then the
@@ -151,15 +157,14 @@ local function notify(stream, meta, ids, idt, ckeys, env, size_arg, ttl_arg, can
   end
 
   -- Past the size, whole stream nodes go (no deleted entries left for the next read to walk).
-  -- Arguments that are already strings are passed as they are: Redis formats a Lua number
-  -- argument as a double, which costs more than the rest of the argument. An entry without a
-  -- ttl has no "x".
+  -- The size and the time go as strings (see "stamp" above). An entry without a ttl has no
+  -- "x".
   local expires = 0
   if life and life ~= '0' then
     expires = now + tonumber(life)
-    redis.call('XADD', stream, 'MAXLEN', '~', size_arg, sid, 'e', env, 't', now, 'x', expires)
+    redis.call('XADD', stream, 'MAXLEN', '~', size_arg, sid, 'e', env, 't', stamp, 'x', expires)
   else
-    redis.call('XADD', stream, 'MAXLEN', '~', size_arg, sid, 'e', env, 't', now)
+    redis.call('XADD', stream, 'MAXLEN', '~', size_arg, sid, 'e', env, 't', stamp)
   end
 
   if id ~= '' then
@@ -262,16 +267,21 @@ local function notify(stream, meta, ids, idt, ckeys, env, size_arg, ttl_arg, can
   return {seq, epoch, receivers, 0, collapsed, expired, length}
 end
 
-local clock = redis.call('TIME')
-local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
-if ARGV[1] ~= 'many' then
-  return notify(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1] or '', ARGV[2], ARGV[3],
-    ARGV[4], ARGV[5], ARGV[6] or '', ARGV[7] or '', ARGV[8], now)
+local many = ARGV[1] == 'many'
+size_arg, flag = ARGV[2], ARGV[many and 4 or 5]
+size, inbox_ttl = tonumber(size_arg or ''), tonumber(ARGV[3] or '')
+slack = inbox_ttl and math.floor(inbox_ttl / 64)
+local clock = redis.call('TIME')  -- seconds and microseconds, as strings
+now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+stamp = clock[1] .. string.sub('00000' .. clock[2], -6, -4)
+if not many then
+  return notify(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1] or '', ARGV[4],
+    ARGV[6] or '', ARGV[7] or '', ARGV[8])
 end
 
 -- Many notifies in one call (see the top): the layout is checked against the keys and
 -- arguments before any of them runs; then each runs as a call of its own would.
-local size_arg, ttl_arg, flag, layout = ARGV[2], ARGV[3], ARGV[4], ARGV[5] or ''
+local layout = ARGV[5] or ''
 local nkeys, nargs = 0, 5
 for i = 1, #layout do
   local kind = string.byte(layout, i)
@@ -285,23 +295,24 @@ for i = 1, #layout do
     return redis.error_reply('ERR a batch layout is made of the letters p, t and f')
   end
 end
-if nkeys ~= #KEYS or nargs ~= #ARGV then
+if not size or not inbox_ttl or not flag then
+  return redis.error_reply('ERR inbox size and ttl must be integers (docs/inbox.md)')
+elseif nkeys ~= #KEYS or nargs ~= #ARGV then
   return redis.error_reply('ERR a batch needs the keys and arguments its layout names')
 end
 local replies, k, a = {}, 1, 6
 for i = 1, #layout do
   local kind, ok, reply = string.byte(layout, i), nil, nil
   if kind == 112 then
-    ok, reply = pcall(notify, KEYS[k], KEYS[k + 1], nil, nil, nil, ARGV[a], size_arg, ttl_arg,
-      ARGV[a + 1], flag, '', '', nil, now)
+    ok, reply = pcall(notify, KEYS[k], KEYS[k + 1], nil, nil, nil, ARGV[a], ARGV[a + 1], '', '')
     k, a = k + 2, a + 2
   elseif kind == 116 then
-    ok, reply = pcall(notify, KEYS[k], KEYS[k + 1], nil, nil, nil, ARGV[a], size_arg, ttl_arg,
-      ARGV[a + 1], flag, ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], now)
+    ok, reply = pcall(notify, KEYS[k], KEYS[k + 1], nil, nil, nil, ARGV[a], ARGV[a + 1],
+      ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
     k, a = k + 2, a + 5
   else
     ok, reply = pcall(notify, KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
-      ARGV[a], size_arg, ttl_arg, ARGV[a + 1], flag, ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], now)
+      ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
     k, a = k + 5, a + 5
   end
   if not ok then

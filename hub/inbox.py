@@ -777,9 +777,10 @@ class NotifyCommands:
 
 
 #: Notifies that one call of ``inbox.lua`` carries at most. Redis pays the call itself (the
-#: ``EVALSHA``, its ``TIME``, three shared arguments) once per call: eight plain notifies in one
-#: call cost it about 80k instructions each against 98k one by one (bench/inbox_redis.py), and
-#: more than eight gain little while a longer script holds Redis longer.
+#: ``EVALSHA``, its ``TIME``, three shared arguments and their conversion) once per call: eight
+#: plain notifies in one call cost it about 72k instructions each against 100k one by one
+#: (bench/inbox_redis.py); more in a call gain less each while a longer script holds Redis
+#: longer, and a burst of 32 goes out as four calls Redis can start on one by one.
 NOTIFY_BATCH = 8
 
 
