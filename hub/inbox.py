@@ -647,6 +647,29 @@ def notify_args(
     return [len(keys), *keys, *args]
 
 
+def batch_args(calls: list[list[Any]]) -> list[Any]:
+    """What follows the sha in ``EVALSHA`` of ``inbox.lua``'s batch form for several notifies,
+    each laid out by :func:`notify_args` with the same inbox settings (docs/inbox.md, "Redis
+    wire format"): the keys of all of them, ``many``, the shared size, TTL and flag, the
+    layout (a letter per notify), then each notify's envelope, epoch candidate and the rest."""
+    keys: list[Any] = []
+    args: list[Any] = []
+    layout = []
+    shared: tuple[Any, ...] | None = None
+    for one in calls:
+        count = one[0]
+        keys += one[1 : 1 + count]
+        envelope, size, inbox_ttl, epoch, flag, *rest = one[1 + count :]
+        if shared is None:
+            shared = (size, inbox_ttl, flag)
+        elif shared != (size, inbox_ttl, flag):
+            raise ValueError("the notifies of a batch must share their inbox settings")
+        args += [envelope, epoch, *rest]
+        layout.append("p" if not rest else "f" if count == 5 else "t")
+    size, inbox_ttl, flag = shared or (INBOX_SIZE, _ms(INBOX_TTL), 0)
+    return [len(keys), *keys, "many", size, inbox_ttl, flag, "".join(layout), *args]
+
+
 #: A notify waiting in a :class:`NotifyQueue`: user channel, envelope, id, collapse key, ttl and
 #: the caller's future.
 _Queued = tuple[bytes, bytes, str | None, str | None, float | None, asyncio.Future[Notified]]

@@ -16,7 +16,14 @@ import redis
 from test_inbox_store import envelope, redis_store, unpack
 from wshelp import run
 
-from hub.inbox import NOTIFY_BATCH, NOTIFY_SCRIPT, NotifyCommands, RedisInbox, notify_args
+from hub.inbox import (
+    NOTIFY_BATCH,
+    NOTIFY_SCRIPT,
+    NotifyCommands,
+    RedisInbox,
+    batch_args,
+    notify_args,
+)
 from hub.redis.cluster import Router
 from hub.redis.resp import pack_command
 from hub.redis.wire import Names
@@ -133,6 +140,12 @@ def test_the_hand_packed_batch_is_the_documented_call_byte_for_byte(sharded: boo
             "many", 1000, 3_600_000, 1 if sharded else 0, layout, *args,
         )  # fmt: skip
         assert packed == expected
+        settings = {"size": 1000, "inbox_ttl": 3600.0, "sharded": sharded}
+        calls = [
+            notify_args(names, u, envelope(d), epoch=epoch, **settings, **f)
+            for (u, d, f), epoch in zip(SEQUENCE, candidates, strict=True)
+        ]
+        assert pack_command(b"EVALSHA", NOTIFY_SCRIPT.sha_bytes, *batch_args(calls)) == expected
         assert commands.as_eval(packed) == pack_command(
             b"EVAL", NOTIFY_SCRIPT.text_bytes, len(keys), *keys,
             "many", 1000, 3_600_000, 1 if sharded else 0, layout, *args,
@@ -285,3 +298,26 @@ def test_on_a_cluster_only_notifies_of_one_user_share_a_call(redis_cluster: Loca
             await router.close()
 
     run(main)
+
+
+def test_the_sync_publishers_batch_sends_script_calls_and_raises_what_redis_refused(
+    redis_server: RedisServer,
+) -> None:
+    """``Publisher.notify_many`` sends the batch form, NOTIFY_BATCH notifies a call, in one
+    round trip: all of them run, and the first that Redis refused is raised. Notifies with
+    other inbox settings cannot share a call."""
+    from hub.redis.publisher import Publisher
+
+    r = redis_server.client()
+    r.set("{hub:user:bad}:inbox:meta", "not a hash")
+    r.script_load(NOTIFY_SCRIPT.text)  # no NOSCRIPT round first: the calls counted are these
+    batch = [{"user": "bad" if n == 11 else "s", "data": n} for n in range(20)]
+    with Publisher(redis_server.url) as publisher:
+        redis_server.reset_stats()
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            publisher.notify_many(batch)
+        assert redis_server.calls("evalsha") == -(-20 // NOTIFY_BATCH)
+        done = publisher.notify_many([{"user": "s", "data": "after"}])
+        assert done[0].seq == 20  # the 19 good ones all ran
+    with pytest.raises(ValueError, match="inbox settings"):
+        batch_args([notify_args(Names("hub"), "s", envelope(1), size=n) for n in (1, 2)])

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 import redis.asyncio
 from redis.cluster import ClusterNode
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from ..history import (
     PUBLISH_SCRIPT,
@@ -35,10 +35,12 @@ from ..history import (
 from ..inbox import (
     INBOX_SIZE,
     INBOX_TTL,
+    NOTIFY_BATCH,
     NOTIFY_SCRIPT,
     Notified,
     NotifyCommands,
     NotifyQueue,
+    batch_args,
     check_notify,
     fallback_entry,
     notified,
@@ -46,7 +48,7 @@ from ..inbox import (
 )
 from ..rules import user_problem
 from .cluster import Router, SlotMap, is_cluster_url, parse_cluster_url
-from .resp import pack_command, pack_publish
+from .resp import pack_command, pack_publish, reply_error
 from .wire import (
     DEFAULT_PREFIX,
     DISCONNECT_CODE,
@@ -299,8 +301,10 @@ class Publisher(_Publishing):
     ) -> list[Notified]:
         """Several notifications, each a map with ``user`` and ``data`` and optionally ``id``,
         ``collapse_key``, ``ttl`` and ``fallback_after`` (the fields of :meth:`notify` and of
-        ``POST /api/notify``), in order, pipelined in one round trip (one per shard on a
-        cluster); every one is checked before any is sent. Returns what each notify did."""
+        ``POST /api/notify``), in order, in one round trip: script calls of up to
+        ``NOTIFY_BATCH`` notifies each (on a cluster, one call per notify, each on its
+        shard); every one is checked before any is sent. Returns what each notify did; a
+        notify Redis refuses raises (the first such error) once all of them ran."""
         items = [_notification(n) for n in notifications]
         calls = [
             publisher_notify_args(
@@ -319,8 +323,13 @@ class Publisher(_Publishing):
             return []
         if isinstance(self.client, redis.RedisCluster):  # each user has its own shard
             replies = [self._evalsha(args) for args in calls]
-        else:
-            replies = self._evalsha_many(calls)
+        else:  # the script's batch form: NOTIFY_BATCH notifies a call
+            chunks = [calls[i : i + NOTIFY_BATCH] for i in range(0, len(calls), NOTIFY_BATCH)]
+            batches = self._evalsha_many([batch_args(chunk) for chunk in chunks])
+            replies = [reply for batch in batches for reply in batch]
+            for reply in replies:  # each notify's error in its place: the first is raised
+                if isinstance(reply, Exception):
+                    raise reply if isinstance(reply, ResponseError) else reply_error(reply)
         done = [notified(reply) for reply in replies]
         due = []
         now = time.time()
