@@ -588,7 +588,8 @@ class Notifications:
         return done
 
     async def notify_many(self, items: list[Notification]) -> list[Notified]:
-        """Several notifications, sent together (pipelined on Redis), in order per user."""
+        """Several notifications, sent together (the Redis store's calls carry up to
+        ``NOTIFY_BATCH`` of them, ``hub.inbox.NotifyQueue``), in order per user."""
         return list(await asyncio.gather(*(self.notify(n) for n in items)))
 
     async def read(
