@@ -585,6 +585,18 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+def _optional(
+    id: str | None, collapse_key: str | None, ttl: float | None
+) -> tuple[bytes, bytes, bytes]:
+    """A notify's optional arguments as the script takes them: id and collapse key (empty
+    for none), ttl in ms (``0`` for none)."""
+    return (
+        id.encode() if id else b"",
+        collapse_key.encode() if collapse_key else b"",
+        b"%d" % _ms(ttl) if ttl else b"0",
+    )
+
+
 def inbox_keys(names: Names, user: str) -> list[str]:
     """A user's inbox keys: stream, meta, ids, idt, collapse keys, acks (docs/inbox.md)."""
     base = "{" + names.user(user) + "}:inbox"
@@ -733,9 +745,7 @@ class NotifyCommands:
             )  # fmt: skip
             return command, epoch
         keys = head[len(self._PLAIN) :]
-        ident = id.encode() if id else b""
-        ckey = collapse_key.encode() if collapse_key else b""
-        life = b"%d" % _ms(ttl) if ttl else b"0"
+        ident, ckey, life = _optional(id, collapse_key, ttl)
         if ident or ckey:
             n = len(name) + 8
             count, keys = self._FIVE_KEYS, keys + self._MORE % (
@@ -765,9 +775,7 @@ class NotifyCommands:
                 layout.append(112)  # p
                 nkeys += 2
                 continue
-            ident = id.encode() if id else b""
-            ckey = collapse_key.encode() if collapse_key else b""
-            life = b"%d" % _ms(ttl) if ttl else b"0"
+            ident, ckey, life = _optional(id, collapse_key, ttl)
             args.append(tail % (len(ident), ident, len(ckey), ckey, len(life), life))
             if ident or ckey:
                 n = len(name) + 8
