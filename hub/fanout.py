@@ -24,7 +24,8 @@ backlog never makes a client a slow consumer.
 
 The module knows recipients only by :class:`Recipient` (a codec and a ``hub.ws`` connection),
 never a session, and writes through the connection's public sink (``frame_key``,
-``pending_bytes``, ``writable``, ``write_frame``, ``fail``).
+``pending_bytes``, ``writable``, ``write_frame``, ``fail``, and ``encode_once.queue_within``,
+which is the first four in one call).
 """
 
 from __future__ import annotations
@@ -106,11 +107,15 @@ class Push:
         self._frames: list[encode_once | None] = [None] * len(CODECS)
 
     def frame_for(self, recipient: Recipient) -> bytes:
-        codec = recipient.codec
-        frames = self._frames[codec.index]
+        index = recipient.codec.index
+        return (self._frames[index] or self.message(index)).for_connection(recipient.connection)
+
+    def message(self, index: int) -> encode_once:
+        """The message as codec ``index`` encodes it (made on first use)."""
+        frames = self._frames[index]
         if frames is None:
-            frames = self._frames[codec.index] = self._encode(codec.index)
-        return frames.for_connection(recipient.connection)
+            frames = self._frames[index] = self._encode(index)
+        return frames
 
     def _encode(self, index: int) -> encode_once:
         """Never raises: a fan-out is all or nothing, so encoding cannot fail halfway through."""
@@ -534,7 +539,21 @@ class Fanout:
         deliver = self.deliver
         delivered = 0
         sent = 0
-        if tracked is None:
+        if tracked is None and route is DIRECT and type(push) is Push:
+            # The common case (a broadcast, a channel of the close policy): deliver() inlined,
+            # one call per recipient into hub.ws; the same checks, the same outcome.
+            budget = self.settings.outbound_buffer
+            messages = push._frames
+            for recipient in recipients:
+                index = recipient.codec.index
+                message = messages[index] or push.message(index)
+                n = message.queue_within(recipient.connection, budget)
+                if n > 0:
+                    delivered += 1
+                    sent += n
+                elif n:
+                    self._close_slow(recipient.connection, -n)
+        elif tracked is None:
             for recipient in recipients:
                 n = deliver(recipient, push, route)
                 if n:

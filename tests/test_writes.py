@@ -24,6 +24,7 @@ from wshelp import STEP, within
 
 from hub.app import Hub
 from hub.ws import ServerConnection, broadcast, serve
+from hub.ws.broadcast import encode_once
 from hub.ws.connection import WriteCoalescer
 
 pytestmark = pytest.mark.skipif(
@@ -91,6 +92,62 @@ def test_held_writes_leave_in_one_send_per_connection() -> None:
                 assert [await within(c.recv()) for _ in range(3)] == ["four", "five", "six"]
             done.set()
             for c in clients:
+                await within(c.close())
+
+    run(main)
+
+
+def test_queue_within_is_write_frame_under_a_budget() -> None:
+    """The fan-out's one call per connection: the frame ``write_frame`` would queue (shared plain
+    or compressed), straight to the kernel as a turn's first frame, buffered after it; over the
+    budget nothing is queued and the pending total comes back negative; a closed connection
+    gets nothing."""
+
+    async def main() -> None:
+        conns: list[ServerConnection] = []
+        done = asyncio.Event()
+
+        async def handler(connection: ServerConnection) -> None:
+            conns.append(connection)
+            await done.wait()
+
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            plain = await within(connect(f"ws://127.0.0.1:{port}", compression=None))
+            while len(conns) < 1:
+                await asyncio.sleep(0.01)
+            deflated = await within(connect(f"ws://127.0.0.1:{port}"))
+            gone = await within(connect(f"ws://127.0.0.1:{port}", compression=None))
+            while len(conns) < 3:
+                await asyncio.sleep(0.01)
+            c_plain, c_deflate, c_gone = conns
+            assert c_plain.protocol.deflate is None and c_deflate.protocol.deflate is not None
+            await within(gone.close())
+            while c_gone.writable:
+                await asyncio.sleep(0.01)
+            text = "hello " * 40  # long enough to be compressed
+            one, two = encode_once(1, text.encode()), encode_once(1, b"two")
+            coalescer = WriteCoalescer.of(asyncio.get_running_loop())
+            coalescer.flush()
+            before = write_syscalls()
+            assert one.queue_within(c_plain, 1 << 20) == len(one.for_connection(c_plain))
+            size = one.queue_within(c_deflate, 1 << 20)
+            assert 0 < size < len(text)  # the compressed frame
+            assert write_syscalls() - before == 2  # a turn's first frames: at once
+            assert one.queue_within(c_gone, 1 << 20) == 0
+            assert c_plain.pending_bytes == 0
+            # Now buffered for this turn; a budget it would pass refuses it, nothing queued.
+            assert two.queue_within(c_plain, 1 << 20) == 5
+            assert c_plain.pending_bytes == 5
+            assert two.queue_within(c_plain, 9) == -10
+            assert c_plain.pending_bytes == 5
+            assert write_syscalls() - before == 2
+            coalescer.flush()
+            assert write_syscalls() - before == 3
+            assert [await within(plain.recv()) for _ in range(2)] == [text, "two"]
+            assert await within(deflated.recv()) == text
+            done.set()
+            for c in (plain, deflated):
                 await within(c.close())
 
     run(main)
