@@ -11,8 +11,9 @@ checked on arrival, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -48,25 +49,39 @@ def write_syscalls() -> int:
     raise AssertionError("no syscw in /proc/self/io")
 
 
+@contextlib.asynccontextmanager
+async def parked_server() -> AsyncIterator[tuple[int, list[ServerConnection]]]:
+    """A hub.ws server whose handlers hold their connections open until the block ends: its
+    port, and its connections in the order they opened."""
+    conns: list[ServerConnection] = []
+    done = asyncio.Event()
+
+    async def handler(connection: ServerConnection) -> None:
+        conns.append(connection)
+        await done.wait()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        try:
+            yield server.sockets[0].getsockname()[1], conns
+        finally:
+            done.set()
+
+
+async def opened(conns: list[ServerConnection], n: int) -> None:
+    while len(conns) < n:
+        await asyncio.sleep(0.01)
+
+
 def test_held_writes_leave_in_one_send_per_connection() -> None:
     """Three broadcasts while the coalescer holds: nothing is written until release, then each
     connection gets all three frames in one send."""
 
     async def main() -> None:
-        conns: list[ServerConnection] = []
-        done = asyncio.Event()
-
-        async def handler(connection: ServerConnection) -> None:
-            conns.append(connection)
-            await done.wait()
-
-        async with serve(handler, "127.0.0.1", 0) as server:
-            port = server.sockets[0].getsockname()[1]
+        async with parked_server() as (port, conns):
             clients = [
                 await within(connect(f"ws://127.0.0.1:{port}", compression=None)) for _ in range(5)
             ]
-            while len(conns) < 5:
-                await asyncio.sleep(0.01)
+            await opened(conns, 5)
             coalescer = WriteCoalescer.of(asyncio.get_running_loop())
             before = write_syscalls()
             coalescer.hold()
@@ -90,7 +105,6 @@ def test_held_writes_leave_in_one_send_per_connection() -> None:
             assert write_syscalls() - before == 10
             for c in clients:
                 assert [await within(c.recv()) for _ in range(3)] == ["four", "five", "six"]
-            done.set()
             for c in clients:
                 await within(c.close())
 
@@ -104,22 +118,13 @@ def test_queue_within_is_write_frame_under_a_budget() -> None:
     gets nothing."""
 
     async def main() -> None:
-        conns: list[ServerConnection] = []
-        done = asyncio.Event()
-
-        async def handler(connection: ServerConnection) -> None:
-            conns.append(connection)
-            await done.wait()
-
-        async with serve(handler, "127.0.0.1", 0) as server:
-            port = server.sockets[0].getsockname()[1]
+        async with parked_server() as (port, conns):
             plain = await within(connect(f"ws://127.0.0.1:{port}", compression=None))
-            while len(conns) < 1:
-                await asyncio.sleep(0.01)
+            await opened(conns, 1)
             deflated = await within(connect(f"ws://127.0.0.1:{port}"))
+            await opened(conns, 2)
             gone = await within(connect(f"ws://127.0.0.1:{port}", compression=None))
-            while len(conns) < 3:
-                await asyncio.sleep(0.01)
+            await opened(conns, 3)
             c_plain, c_deflate, c_gone = conns
             assert c_plain.protocol.deflate is None and c_deflate.protocol.deflate is not None
             await within(gone.close())
@@ -146,7 +151,6 @@ def test_queue_within_is_write_frame_under_a_budget() -> None:
             assert write_syscalls() - before == 3
             assert [await within(plain.recv()) for _ in range(2)] == [text, "two"]
             assert await within(deflated.recv()) == text
-            done.set()
             for c in (plain, deflated):
                 await within(c.close())
 
