@@ -145,6 +145,7 @@ class Hub:
             max_size=s.max_message_size,
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_timeout,
+            open_timeout=s.handshake_timeout,
             # Pongs, close frames and replies count in the same budget as pushes.
             max_pending=s.outbound_buffer,
             on_max_pending=self.node.fanout.overflowed,
@@ -154,7 +155,9 @@ class Hub:
         server = self.server
         if capacity is not None:
             server.socket_limit = capacity.connections
-        self.node.metrics.pull(self.node.metrics.connections_refused, lambda: server.refused)
+        metrics = self.node.metrics
+        metrics.pull(metrics.connections_refused, lambda: server.refused)
+        metrics.pull(metrics.handshake_failures.labels("timeout"), lambda: server.open_timeouts)
         if s.metrics_port:
             await self._serve_metrics()
         if self.node.metrics.multiprocess_dir is not None:

@@ -123,6 +123,7 @@ class Settings:
     write_delay: float = 0.0
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
+    handshake_timeout: float = 10.0
     drain_seconds: float = 10.0
     presence_ttl: float = 60.0
     join_leave_interval: float = 0.5
@@ -401,6 +402,12 @@ def validate(s: Settings) -> None:
             f"redis_url: expected redis://, unix:// or redis+cluster://, got {s.redis_url!r}"
         )
     _check_secret("redis_signing_key", s.redis_signing_key)
+    for key, most in (("ping_interval", 3600), ("ping_timeout", 3600), ("handshake_timeout", 300)):
+        value = getattr(s, key)
+        if not 0 < value <= most:  # NaN too
+            raise ConfigError(f"{key}: expected 0 < seconds <= {most}, got {value}")
+    if not 0 <= s.drain_seconds <= 3600:
+        raise ConfigError(f"drain_seconds: expected 0 to 3600 seconds, got {s.drain_seconds}")
     if not 1.0 <= s.presence_ttl <= 86400:
         raise ConfigError(f"presence_ttl: expected 1 to 86400 seconds, got {s.presence_ttl}")
     if not 0.0 <= s.join_leave_interval <= 60:

@@ -1,7 +1,8 @@
 """Rate and connection limits against real ``hub serve`` processes: a flooding client is refused
 (error 112) and then closed (4504) without touching its neighbours, per-namespace publish rates,
-``max_connections`` counting every open socket with no race (503), and the per-address limit
-(429). Each hub's log must end without a traceback (procfix.hub_serve)."""
+``max_connections`` counting every open socket with no race (503), the per-address limit
+(429), and ``handshake_timeout`` for sockets that never finish their upgrade. Each hub's log must
+end without a traceback (procfix.hub_serve)."""
 
 from __future__ import annotations
 
@@ -196,4 +197,28 @@ def test_max_connections_per_ip_answers_429_to_that_address_only(tmp_path: Path)
         assert metric(samples, "hub_handshake_failures_total", reason="ip_connection_limit") == 1
 
     with hub_serve(tmp_path, "max_connections_per_ip = 2\n", "--insecure") as hub:
+        run(lambda: main(hub))
+
+
+# --- opening handshake --------------------------------------------------------------------------
+
+
+def test_a_handshake_never_finished_is_dropped_and_counted(tmp_path: Path) -> None:
+    """Sockets that send nothing, or stop halfway through the request (slowloris), are dropped
+    after ``handshake_timeout``, each counted as a timeout; a client next to them is untouched."""
+
+    async def main(hub: ServedHub) -> None:
+        async with client(hub, user="calm") as calm:
+            silent = await Upgrade.connect(hub)
+            half = await Upgrade.connect(hub)
+            half.writer.write(b"GET /ws?user=x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: web")
+            for sock in (silent, half):
+                assert await within(sock.reader.read(), 5) == b""  # dropped, nothing written
+            samples = await scrape(hub)
+            assert metric(samples, "hub_handshake_failures_total", reason="timeout") == 2
+            await calm.ok("subscribe", channel="news")
+            for sock in (silent, half):
+                sock.close()
+
+    with hub_serve(tmp_path, "handshake_timeout = 0.5\n", "--insecure") as hub:
         run(lambda: main(hub))

@@ -143,6 +143,7 @@ class Server:
         # sets it from the descriptors it can spare (hub.fdlimit); None: no limit.
         self.socket_limit: int | None = None
         self.refused = 0  # sockets refused for socket_limit, for a metric
+        self.open_timeouts = 0  # connections dropped for open_timeout, for a metric
         self._over: set[ServerConnection] = set()
         # open_timeout: the deadline of each connection still in its opening handshake, oldest
         # first (one timeout for all: insertion order is deadline order), and one timer at the
@@ -248,6 +249,7 @@ class Server:
                 self._opening_timer = self.loop.call_at(deadline, self._open_timeouts)
                 return
             del opening[connection]
+            self.open_timeouts += 1
             connection._open_timed_out()
 
     def _unregister(self, connection: ServerConnection) -> None:
